@@ -1,0 +1,97 @@
+"""``CompileContext``: the one way configuration reaches a pass or a backend.
+
+It is built from the cluster file (``load_cluster``) and the command line, and is frozen:
+passes read it, never change it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One tier of the deployment, in data-flow order.
+
+    Attributes:
+        name: the tier's name in the cluster file ("device", "edge", "cloud", ...).
+        target: hardware description, a key of ``partc.targets.TARGETS``.
+        backend: artifact format, a key of ``partc.targets.BACKENDS``.
+        nodes: how many machines of this kind the tier has (edge tiling uses them).
+    """
+
+    name: str
+    target: str
+    backend: str
+    nodes: int = 1
+
+
+@dataclass(frozen=True)
+class Link:
+    """A network link between two tiers; data moves only from ``src`` to ``dst``.
+
+    Attributes:
+        bandwidth: bytes per second.
+        latency: one-way latency in seconds.
+    """
+
+    src: str
+    dst: str
+    bandwidth: float
+    latency: float
+
+    def transfer_time(self, nbytes: int) -> float:
+        """Seconds to move ``nbytes`` over this link: latency + bytes / bandwidth."""
+        return self.latency + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """User constraints on the plan.
+
+    Attributes:
+        pin: tier name -> node names or glob patterns that must run on that tier.
+        forbid: tiers that must run no node.
+        max_link_bytes: (src, dst) -> most bytes that may cross that link per inference.
+        max_memory: tier name -> most bytes of parameters + activations on that tier.
+    """
+
+    pin: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    forbid: tuple[str, ...] = ()
+    max_link_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
+    max_memory: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompileContext:
+    """Everything a pass or backend may know about the deployment.
+
+    Attributes:
+        tiers: tiers in data-flow order (data only moves down this tuple).
+        links: links between tiers.
+        objective: "latency" or "throughput".
+        constraints: user constraints.
+        profiles: target name -> measured profile file (``partc profile`` output).
+        source: where the configuration came from, for error messages.
+    """
+
+    tiers: tuple[Tier, ...]
+    links: tuple[Link, ...] = ()
+    objective: str = "latency"
+    constraints: Constraints = field(default_factory=Constraints)
+    profiles: dict[str, Path] = field(default_factory=dict)
+    source: str = "<cluster>"
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        """Tier names in data-flow order."""
+        return tuple(t.name for t in self.tiers)
+
+    def tier(self, name: str) -> Tier:
+        """Return the tier called ``name``."""
+        return next(t for t in self.tiers if t.name == name)
+
+    def link(self, src: str, dst: str) -> Link | None:
+        """Return the link from ``src`` to ``dst``, or None if the cluster has none."""
+        return next((lk for lk in self.links if (lk.src, lk.dst) == (src, dst)), None)
