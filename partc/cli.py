@@ -64,6 +64,63 @@ def _run_inspect(args) -> int:
     return 0
 
 
+def _add_profile(sub) -> None:
+    p = sub.add_parser(
+        "profile", help="measure every layer of a model on this host",
+        description="Trace MODEL, then time every node of its IR on this host (warm-up runs, then "
+        "repeated runs; median, p10 and p90 per node) and the whole model, and write a versioned JSON "
+        "profile. Run it on a real target (a Raspberry Pi, a GPU server) and pass the file to later "
+        "commands with --profile TARGET=FILE.",
+        epilog=EPILOG_MODEL + "\nexample:\n  partc profile torchvision:resnet50 --input-shape 1,3,224,224 "
+        "-o host.profile.json\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(p)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="profile file to write")
+    p.add_argument("--repeats", type=int, default=15, metavar="N", help="timed runs (default 15)")
+    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs first (default 3)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads (default: torch's default, all cores)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_run_profile)
+
+
+def _run_profile(args) -> int:
+    from partc.profile import profile_model, write_profile
+    from partc.report import trace_model
+
+    gm = trace_model(args.model, args.input_shape)
+
+    def bar(done: int, total: int) -> None:
+        filled = 30 * done // total
+        print(f"\rprofiling [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="", file=sys.stderr)
+        if done == total:
+            print(file=sys.stderr)
+
+    profile = profile_model(
+        gm, model=args.model, warmup=args.warmup, repeats=args.repeats, threads=args.threads, progress=bar
+    )
+    write_profile(profile, args.output)
+    top = sorted(profile.nodes, key=lambda n: n.median_s, reverse=True)[:5]
+    summary = {
+        "file": str(args.output),
+        "threads": profile.threads,
+        "whole_model_median_ms": profile.whole_median_s * 1e3,
+        "sum_node_median_ms": profile.sum_node_median_s * 1e3,
+        "top_nodes": [{"name": n.name, "op": n.op, "median_ms": n.median_s * 1e3} for n in top],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"wrote {args.output}: {len(profile.nodes)} nodes, {profile.threads} threads, "
+          f"{profile.repeats} runs after {profile.warmup} warm-up")
+    print(f"whole model (median)   {profile.whole_median_s * 1e3:9.2f} ms")
+    print(f"sum of node medians    {profile.sum_node_median_s * 1e3:9.2f} ms")
+    for n in top:
+        print(f"  {n.name:<28} {n.op:<18} {n.median_s * 1e3:9.2f} ms")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``partc`` command."""
     parser = argparse.ArgumentParser(
@@ -76,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_inspect(sub)
+    _add_profile(sub)
     return parser
 
 
@@ -86,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
         format="%(levelname)s %(name)s: %(message)s",
     )
+    _quiet_torch(args.verbose)
     try:
         return args.func(args)
     except PartcError as err:
@@ -93,6 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.exception("traceback")
         print(f"partc: error: {err}", file=sys.stderr)
         return err.exit_code
+
+
+def _quiet_torch(verbose: int) -> None:
+    """Keep torch's own loggers (tracing warnings, graph dumps) off stderr unless -vv."""
+    import torch._logging
+
+    torch._logging.set_logs(all=logging.DEBUG if verbose >= 2 else logging.CRITICAL)
 
 
 def entry() -> None:

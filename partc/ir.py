@@ -24,6 +24,7 @@ META_PARAM_BYTES = "partc.param_bytes"  # bytes of the parameters and buffers th
 # Written by passes.
 META_PROFILE = "partc.profile"  # dict[tier name, predicted seconds] (annotate-profile)
 META_TIER = "partc.tier"  # tier name (select-cuts)
+META_TILE = "partc.tile"  # (run index, tile index) of a vertical-tiling node; tile None: the stitch
 
 KINDS = ("input", "output", "conv", "matmul", "pool", "norm", "elementwise", "data", "other")
 

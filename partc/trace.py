@@ -7,9 +7,11 @@ fixed seed with random weights (``weights=None``) and put in eval mode.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.util
+import io
 import logging
 import math
 import operator
@@ -180,9 +182,12 @@ def trace(model: nn.Module, inputs: Sequence[InputSpec]) -> fx.GraphModule:
         tracer = "torch.fx"
     except Exception as fx_err:
         log.info("torch.fx could not trace the model (%s); trying torch.export", _first_line(fx_err))
+        printed = io.StringIO()  # torch.export prints partial graphs to stderr when it fails
         try:
-            gm = torch.export.export(model, tuple(examples)).module()
+            with contextlib.redirect_stderr(printed):
+                gm = torch.export.export(model, tuple(examples)).module()
         except Exception as export_err:
+            log.debug("torch.export output:\n%s", printed.getvalue())
             raise TraceError(
                 f"{type(model).__name__} cannot be traced: torch.fx: {_first_line(fx_err)}; "
                 f"torch.export: {_first_line(export_err)}"
@@ -196,9 +201,25 @@ def trace(model: nn.Module, inputs: Sequence[InputSpec]) -> fx.GraphModule:
         )
     gm.meta["partc.tracer"] = tracer
     gm.meta["partc.inputs"] = tuple(inputs)
-    with torch.no_grad():
-        _Annotator(gm).run(*examples)
+    annotate(gm)
     return gm
+
+
+def annotate(gm: fx.GraphModule) -> None:
+    """(Re)compute ``META_OP`` .. ``META_PARAM_BYTES`` of every node of ``gm``.
+
+    Runs ``gm`` once on the seeded example inputs that ``trace`` recorded, so a pass that
+    adds nodes can annotate them the way tracing does.
+
+    Raises:
+        TraceError: if ``gm`` was not made by ``trace`` (no recorded inputs), or a layer
+            rejects its input.
+    """
+    inputs = gm.meta.get("partc.inputs")
+    if inputs is None:
+        raise TraceError("the GraphModule has no recorded example inputs; build it with partc.trace.trace")
+    with torch.no_grad():
+        _Annotator(gm).run(*[spec.example() for spec in inputs])
 
 
 class _Annotator(fx.Interpreter):
@@ -271,7 +292,7 @@ _KINDS = {
     "batch_norm layer_norm group_norm _native_batch_norm_legit_no_training native_layer_norm layernorm2d",
     "elementwise": "relu relu6 hardswish hardsigmoid hardtanh silu gelu sigmoid tanh softmax stochasticdepth "
     "add sub mul truediv div neg exp sqrt rsqrt pow clamp dropout_ abs",
-    "data": "flatten view reshape permute transpose contiguous size getitem getattr cat concat chunk split "
+    "data": "flatten view reshape permute transpose contiguous size getitem getattr cat concat chunk split pad "
     "unsqueeze squeeze expand identity flatten dropout t clone stack unbind narrow slice select "
     "expand_as to type_as _assert_tensor_metadata alias",
 }

@@ -4,8 +4,9 @@ Each pass has the signature ``(gm: GraphModule, ctx: CompileContext) -> PassResu
 never mutates its input (it ``clone``s it), and records its results in node metadata.
 """
 
+from partc.passes.cut import select_cuts
 from partc.pipeline import Pass
 
-PASSES: dict[str, Pass] = {}
+PASSES: dict[str, Pass] = {"select-cuts": select_cuts}
 
-DEFAULT_PIPELINE: tuple[str, ...] = ()
+DEFAULT_PIPELINE: tuple[str, ...] = ("select-cuts",)

@@ -1,0 +1,365 @@
+"""Exact device → edge → cloud partitioning of a DAG, on a plain cost graph.
+
+The solver works on ``CostGraph`` (arrays, no torch), built from the IR by
+``partc.passes.cut.cost_graph``. Tiers are numbered 0..K-1 in data-flow order; link ``b``
+joins tier ``b`` to tier ``b + 1``.
+
+Cost model (the same for the solver, the baselines and the brute-force tests):
+
+- A node on tier ``k`` costs ``compute[v, k]`` seconds.
+- A tensor produced on tier ``i`` whose last consumer runs on tier ``j > i`` crosses every
+  link ``i .. j-1`` once (hop by hop, through the intermediate tiers), however many
+  consumers it has; on link ``b`` it costs ``nbytes / bandwidth[b]``. Links that skip a
+  tier are not used.
+- Link ``b``'s one-way ``latency[b]`` is paid once per inference when the pipeline reaches
+  past it, i.e. when some node runs on a tier beyond ``b``.
+- The model input originates on tier 0 (placeholders may only be on tier 0). Results are
+  delivered where they are computed: there is no return trip.
+- Latency = compute on every tier + transfer on every link (a request runs the tiers one
+  after the other). Throughput bottleneck = the slowest stage in steady state:
+  ``max(compute on each tier, bytes on each link / bandwidth)``; link latency is
+  propagation delay and does not limit a pipelined stream.
+- Memory of a tier = parameter bytes + output bytes of the nodes it runs (every
+  activation counted as held: an upper bound on the peak).
+
+``solve`` is exact. Latency with only pin/forbid constraints is a minimum s-t cut of an
+Ishikawa-style layered graph (``LayeredCut``) solved by scipy's C max-flow; any other case
+is a mixed-integer program (``partc.milp``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy import sparse
+from scipy.sparse.csgraph import breadth_first_order, maximum_flow
+
+from partc.errors import ClusterError
+
+OBJECTIVES = ("latency", "throughput")
+
+_UNITS = 2**29  # a finite cut is scaled into [0, 2**29]; scipy's max-flow works in int32
+_INF = 2**30  # capacity of edges that must never be cut
+
+
+@dataclass(frozen=True)
+class CostGraph:
+    """A DAG with per-tier costs: what the partitioner optimises.
+
+    Attributes:
+        names: node names, in a topological order.
+        tiers: tier names in data-flow order.
+        compute: (n, K) seconds of each node on each tier.
+        nbytes: (n,) bytes of each node's output (0: free to move).
+        memory: (n,) parameter + output bytes of each node.
+        edges: (E, 2) int array of (producer, consumer) node indices, without duplicates.
+        inputs: (n,) bool, the model inputs (they originate on tier 0 and stay there).
+        latency: (K-1,) one-way latency of link b (tier b -> b+1), seconds.
+        bandwidth: (K-1,) bandwidth of link b, bytes per second.
+        allowed: (n, K) bool, the tiers each node may run on (pins, forbids, input origin).
+        max_link_bytes: (K-1,) most bytes per inference on each link (inf: no cap).
+        max_memory: (K,) most memory on each tier (inf: no cap).
+    """
+
+    names: tuple[str, ...]
+    tiers: tuple[str, ...]
+    compute: np.ndarray
+    nbytes: np.ndarray
+    memory: np.ndarray
+    edges: np.ndarray
+    inputs: np.ndarray
+    latency: np.ndarray
+    bandwidth: np.ndarray
+    allowed: np.ndarray
+    max_link_bytes: np.ndarray
+    max_memory: np.ndarray
+
+    @property
+    def links(self) -> tuple[str, ...]:
+        """Link names, ``"src->dst"``, in order."""
+        return tuple(f"{a}->{b}" for a, b in zip(self.tiers, self.tiers[1:], strict=False))
+
+    @property
+    def has_caps(self) -> bool:
+        """Whether a byte or memory cap constrains the plan."""
+        return bool(np.isfinite(self.max_link_bytes).any() or np.isfinite(self.max_memory).any())
+
+    def with_bandwidth(self, bandwidth) -> CostGraph:
+        """Return a copy with other link bandwidths (bytes per second)."""
+        return replace(self, bandwidth=np.asarray(bandwidth, dtype=float))
+
+    def last_consumer(self, tiers: np.ndarray) -> np.ndarray:
+        """Return, per node, the highest tier among itself and its consumers."""
+        reach = np.array(tiers, dtype=np.int64)
+        np.maximum.at(reach, self.edges[:, 0], reach[self.edges[:, 1]])
+        return reach
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The predicted cost of one assignment.
+
+    Attributes:
+        compute: seconds of compute on each tier.
+        transfer: seconds on each link (its latency when used + bytes / bandwidth).
+        link_bytes: bytes crossing each link per inference.
+        memory: bytes of parameters + activations on each tier.
+        latency: end-to-end seconds: all compute plus all transfer.
+        bottleneck: seconds of the slowest pipeline stage (tier compute or link bytes).
+    """
+
+    compute: tuple[float, ...]
+    transfer: tuple[float, ...]
+    link_bytes: tuple[int, ...]
+    memory: tuple[int, ...]
+    latency: float
+    bottleneck: float
+
+    def value(self, objective: str) -> float:
+        """The figure ``objective`` minimises: latency or bottleneck."""
+        return self.latency if objective == "latency" else self.bottleneck
+
+
+@dataclass(frozen=True)
+class Partition:
+    """An assignment of every node to a tier, with its cost.
+
+    Attributes:
+        tiers: (n,) tier index of each node.
+        cost: its predicted cost.
+        method: how it was found ("min-cut", "milp", or a baseline's name).
+        gap: proven bound on how far ``cost`` may be above the optimum, in seconds of the
+            objective (0 for a proven optimum; rounding of min-cut capacities otherwise).
+    """
+
+    tiers: np.ndarray
+    cost: Cost
+    method: str
+    gap: float = 0.0
+
+
+def evaluate(graph: CostGraph, tiers: np.ndarray) -> Cost:
+    """Return the cost of ``tiers`` (a tier index per node) under the cost model above."""
+    tiers = np.asarray(tiers, dtype=np.int64)
+    n_tiers = len(graph.tiers)
+    compute = np.bincount(tiers, weights=graph.compute[np.arange(len(tiers)), tiers], minlength=n_tiers)
+    memory = np.bincount(tiers, weights=graph.memory, minlength=n_tiers)
+    reach = graph.last_consumer(tiers)
+    top = tiers.max(initial=0)
+    link_bytes = [int(graph.nbytes[(tiers <= b) & (reach > b)].sum()) for b in range(n_tiers - 1)]
+    stream = [nb / bw for nb, bw in zip(link_bytes, graph.bandwidth, strict=True)]
+    transfer = [s + (lat if top > b else 0.0) for b, (s, lat) in enumerate(zip(stream, graph.latency, strict=True))]
+    return Cost(
+        compute=tuple(float(c) for c in compute),
+        transfer=tuple(float(t) for t in transfer),
+        link_bytes=tuple(link_bytes),
+        memory=tuple(int(m) for m in memory),
+        latency=float(compute.sum() + sum(transfer)),
+        bottleneck=float(max([*compute, *stream])),
+    )
+
+
+def violations(graph: CostGraph, tiers: np.ndarray) -> list[str]:
+    """Return the constraints ``tiers`` breaks (empty when it is a valid plan)."""
+    tiers = np.asarray(tiers, dtype=np.int64)
+    found = []
+    u, w = graph.edges[:, 0], graph.edges[:, 1]
+    back = np.flatnonzero(tiers[u] > tiers[w])
+    if back.size:
+        i = back[0]
+        found.append(f"{graph.names[u[i]]} feeds {graph.names[w[i]]} on an earlier tier")
+    bad = np.flatnonzero(~graph.allowed[np.arange(len(tiers)), tiers])
+    if bad.size:
+        found.append(f"{graph.names[bad[0]]} may not run on {graph.tiers[tiers[bad[0]]]}")
+    cost = evaluate(graph, tiers)
+    found += [
+        f"max_link_bytes[{link}]"
+        for link, nb, cap in zip(graph.links, cost.link_bytes, graph.max_link_bytes, strict=True)
+        if nb > cap
+    ]
+    found += [
+        f"max_memory[{tier}]" for tier, m, cap in zip(graph.tiers, cost.memory, graph.max_memory, strict=True) if m > cap
+    ]
+    return found
+
+
+def check_labels(graph: CostGraph) -> tuple[np.ndarray, np.ndarray]:
+    """Check that pins and forbids leave every node a tier consistent with data flow.
+
+    Returns:
+        (lo, hi): per node, the lowest and highest tier it can take.
+
+    Raises:
+        ClusterError: naming a node left without a tier.
+    """
+    n, n_tiers = graph.allowed.shape
+    preds: list[list[int]] = [[] for _ in range(n)]
+    succs: list[list[int]] = [[] for _ in range(n)]
+    for a, b in graph.edges.tolist():
+        preds[b].append(a)
+        succs[a].append(b)
+    order = _topological_order(n, preds, succs)
+    lo = np.zeros(n, dtype=np.int64)
+    hi = np.full(n, n_tiers - 1, dtype=np.int64)
+    for v in order:
+        start = max((lo[p] for p in preds[v]), default=0)
+        ok = np.flatnonzero(graph.allowed[v, start:])
+        if not ok.size:
+            raise _no_tier(graph, v, f"its inputs run on {graph.tiers[start]} or later")
+        lo[v] = start + ok[0]
+    for v in reversed(order):
+        stop = min((hi[s] for s in succs[v]), default=n_tiers - 1)
+        ok = np.flatnonzero(graph.allowed[v, : stop + 1])
+        if not ok.size or ok[-1] < lo[v]:
+            raise _no_tier(graph, v, f"its consumers must run on {graph.tiers[stop]} or earlier")
+        hi[v] = ok[-1]
+    return lo, hi
+
+
+def _no_tier(graph: CostGraph, v: int, why: str) -> ClusterError:
+    allowed = ", ".join(t for t, ok in zip(graph.tiers, graph.allowed[v], strict=True) if ok) or "none"
+    return ClusterError(
+        f"constraints.pin/forbid: node {graph.names[v]!r} has no tier left: it may run on {allowed}, "
+        f"but {why}; relax constraints.pin or constraints.forbid"
+    )
+
+
+def _topological_order(n: int, preds: list[list[int]], succs: list[list[int]]) -> list[int]:
+    indegree = [len(p) for p in preds]
+    ready = [v for v in range(n) if not indegree[v]]
+    order = []
+    while ready:
+        v = ready.pop()
+        order.append(v)
+        for s in succs[v]:
+            indegree[s] -= 1
+            if not indegree[s]:
+                ready.append(s)
+    if len(order) != n:
+        raise ValueError("the cost graph has a cycle")
+    return order
+
+
+def solve(graph: CostGraph, objective: str = "latency", *, time_limit: float = 60.0) -> Partition:
+    """Return an optimal partition of ``graph`` for ``objective``.
+
+    Latency with pin/forbid constraints only: a min-cut, optimal up to ``Partition.gap``
+    (rounding of capacities to integers; about 1e-9 of the total cost per cut edge).
+    Throughput, or any byte or memory cap: an exact MILP (HiGHS); if it stops at
+    ``time_limit`` seconds, the best plan found is returned with its proven gap.
+
+    Raises:
+        ClusterError: if the constraints cannot be met; the message names the constraint.
+        ValueError: for an unknown objective.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
+    check_labels(graph)
+    if objective == "latency" and not graph.has_caps:
+        return LayeredCut(graph).solve(graph.bandwidth)
+    from partc.milp import solve_milp
+
+    return solve_milp(graph, objective, time_limit=time_limit)
+
+
+class LayeredCut:
+    """The latency problem as a minimum s-t cut, built once and re-solved per bandwidth.
+
+    Every node v has K-1 boundary variables y[v, b] = [tier(v) > b], vertex (v, b) on the
+    source side. Edges: a chain s -> (v, 0) -> ... -> (v, K-2) -> t whose k-th edge costs
+    compute[v, k] (infinite where tier k is not allowed), infinite reverse chain edges
+    (labels stay ordered), infinite (u, b) -> (w, b) per data edge u -> w (no backward flow),
+    per produced tensor and boundary an edge (w, b) -> (u, b) of nbytes / bandwidth[b], via
+    an auxiliary vertex with infinite in-edges when u has several consumers (paid once),
+    and per link an auxiliary vertex fed by every (v, b) with an edge of latency[b] to t.
+    """
+
+    def __init__(self, graph: CostGraph):
+        self.graph = graph
+        n, n_tiers = graph.compute.shape
+        self.n_links = n_links = n_tiers - 1
+        var = 2 + np.arange(n * n_links).reshape(n, n_links)
+        self._var = var
+        src, dst, cap = [], [], []
+        chain = np.column_stack([np.zeros(n, dtype=np.int64), var, np.ones(n, dtype=np.int64)])
+        unary = np.where(graph.allowed, graph.compute, np.inf)
+        src.append(chain[:, :-1].ravel())
+        dst.append(chain[:, 1:].ravel())
+        cap.append(unary.ravel())
+        src.append(var[:, 1:].ravel())
+        dst.append(var[:, :-1].ravel())
+        cap.append(np.full(n * max(n_links - 1, 0), np.inf))
+        u, w = graph.edges[:, 0], graph.edges[:, 1]
+        src.append(var[u].ravel())
+        dst.append(var[w].ravel())
+        cap.append(np.full(u.size * n_links, np.inf))
+        next_id = 2 + n * n_links
+        t_src, t_dst, t_bytes, t_link = [], [], [], []
+        consumers: dict[int, list[int]] = {}
+        for a, b in graph.edges.tolist():
+            if graph.nbytes[a] > 0:
+                consumers.setdefault(a, []).append(b)
+        for a, ws in sorted(consumers.items()):
+            for b in range(n_links):
+                if len(ws) == 1:
+                    tail = var[ws[0], b]
+                else:
+                    tail = next_id
+                    next_id += 1
+                    src.append(var[ws, b])
+                    dst.append(np.full(len(ws), tail))
+                    cap.append(np.full(len(ws), np.inf))
+                t_src.append(tail)
+                t_dst.append(var[a, b])
+                t_bytes.append(graph.nbytes[a])
+                t_link.append(b)
+        for b in range(n_links):
+            src.append(var[:, b])
+            dst.append(np.full(n, next_id))
+            cap.append(np.full(n, np.inf))
+            t_src.append(next_id)
+            t_dst.append(1)
+            t_bytes.append(-1)
+            t_link.append(b)
+            next_id += 1
+        self._fixed = (np.concatenate(src), np.concatenate(dst), np.concatenate(cap))
+        self._transfer = (
+            np.array(t_src, dtype=np.int64),
+            np.array(t_dst, dtype=np.int64),
+            np.array(t_bytes, dtype=float),
+            np.array(t_link, dtype=np.int64),
+        )
+        self.n_vertices = next_id
+        # A finite cut cuts one chain edge per node, plus transfer and latency edges.
+        self._unary_bound = float(np.where(np.isfinite(unary), unary, 0.0).max(axis=1).sum())
+        self._finite_edges = n + len(t_src)
+
+    def solve(self, bandwidth) -> Partition:
+        """Return the min-cut partition for these link bandwidths (bytes per second)."""
+        graph = self.graph
+        bandwidth = np.asarray(bandwidth, dtype=float)
+        f_src, f_dst, f_cap = self._fixed
+        t_src, t_dst, t_bytes, t_link = self._transfer
+        t_cap = np.where(t_bytes < 0, graph.latency[t_link], t_bytes / bandwidth[t_link])
+        cap = np.concatenate([f_cap, t_cap])
+        finite = np.isfinite(cap)
+        bound = self._unary_bound + float(t_cap.sum())
+        scale = (_UNITS - self._finite_edges) / bound if bound > 0 else 1.0
+        units = np.where(finite, np.rint(np.where(finite, cap, 0.0) * scale), _INF).astype(np.int32)
+        src = np.concatenate([f_src, t_src])
+        dst = np.concatenate([f_dst, t_dst])
+        keep = units > 0
+        size = self.n_vertices
+        capacity = sparse.csr_array((units[keep], (src[keep], dst[keep])), shape=(size, size))
+        capacity.sum_duplicates()
+        flow = maximum_flow(capacity, 0, 1).flow
+        residual = (capacity - flow).tocsr()
+        residual.data = (residual.data > 0).astype(np.int8)
+        residual.eliminate_zeros()
+        reached = breadth_first_order(residual, 0, directed=True, return_predecessors=False)
+        source_side = np.zeros(size, dtype=bool)
+        source_side[reached] = True
+        tiers = source_side[self._var].sum(axis=1)
+        solved = graph.with_bandwidth(bandwidth)
+        return Partition(tiers, evaluate(solved, tiers), "min-cut", gap=self._finite_edges / scale)

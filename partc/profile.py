@@ -1,0 +1,326 @@
+"""``partc profile``: measure every IR node on this host, and read measured profiles back.
+
+Each node is timed by an ``fx.Interpreter`` whose ``run_node`` wraps the node in
+``time.perf_counter`` calls: a few warm-up runs of the whole graph, then ``repeats`` timed
+runs, from which each node gets its median, 10th and 90th percentile. The whole model is
+timed separately, by calling the GraphModule directly, with the same warm-up and repeats;
+the two kinds of run alternate, so that both see the same load on a shared host.
+Times depend on the thread count, so it is fixed for the measurement and recorded.
+
+A profile file is JSON, ``schema_version`` 1. Every field:
+
+- ``schema_version`` (int): 1. Readers reject any other value.
+- ``model`` (str): the MODEL spec profiled (``torchvision:resnet50``), or the module's
+  class name when a module object was given.
+- ``inputs`` (list of str): one ``--input-shape`` per model input (``1,3,224,224``).
+- ``tracer`` (str): ``torch.fx`` or ``torch.export``.
+- ``created`` (str): UTC time of the measurement, ISO 8601.
+- ``host`` (object): where it was measured: ``cpu`` (CPU model name), ``machine``
+  (``x86_64``, ``aarch64``, ...), ``system`` (``Linux``), ``cores`` (``os.cpu_count()``),
+  ``python`` and ``torch`` (versions).
+- ``settings`` (object): ``threads`` (torch intra-op threads), ``warmup`` and
+  ``repeats`` (runs of the whole graph before and during timing).
+- ``whole_model`` (object): the GraphModule called directly: ``median_s``, ``p10_s``,
+  ``p90_s`` (seconds per inference).
+- ``sum_node_median_s`` (float): the sum of the nodes' ``median_s``.
+- ``nodes`` (list of objects), one per compute node of the IR (no placeholders or
+  outputs), in graph order: ``name`` (IR node name), ``op`` and ``kind`` (``partc.op`` and
+  ``partc.kind``), ``shape`` (output shape or null), ``flops``, ``bytes`` (output bytes),
+  ``input_bytes`` (bytes of the tensors it reads from other nodes), ``param_bytes``, and
+  the measured ``median_s``, ``p10_s``, ``p90_s``.
+
+Files written by this module are written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from partc.errors import PartcError
+from partc.ir import META_BYTES, META_FLOPS, META_KIND, META_OP, META_PARAM_BYTES, META_SHAPE, compute_nodes
+from partc.trace import InputSpec
+
+SCHEMA_VERSION = 1
+
+Progress = Callable[[int, int], None]  # (runs done, runs in all)
+
+
+@dataclass(frozen=True)
+class NodeTiming:
+    """Measured time of one IR node, in seconds."""
+
+    name: str
+    op: str
+    kind: str
+    shape: tuple[int, ...] | None
+    flops: int
+    bytes: int
+    input_bytes: int
+    param_bytes: int
+    median_s: float
+    p10_s: float
+    p90_s: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A measured profile: one host, one model, one input shape. See the module docstring."""
+
+    model: str
+    inputs: tuple[str, ...]
+    tracer: str
+    created: str
+    host: dict[str, str | int]
+    threads: int
+    warmup: int
+    repeats: int
+    whole_median_s: float
+    whole_p10_s: float
+    whole_p90_s: float
+    nodes: tuple[NodeTiming, ...]
+
+    @property
+    def sum_node_median_s(self) -> float:
+        """The sum of the nodes' median times."""
+        return sum(n.median_s for n in self.nodes)
+
+    def median_of(self) -> dict[str, float]:
+        """Return node name -> median seconds."""
+        return {n.name: n.median_s for n in self.nodes}
+
+    def to_json(self) -> dict:
+        """Return the profile as the schema-version-1 JSON dict."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "inputs": list(self.inputs),
+            "tracer": self.tracer,
+            "created": self.created,
+            "host": dict(self.host),
+            "settings": {"threads": self.threads, "warmup": self.warmup, "repeats": self.repeats},
+            "whole_model": {
+                "median_s": self.whole_median_s, "p10_s": self.whole_p10_s, "p90_s": self.whole_p90_s,
+            },
+            "sum_node_median_s": self.sum_node_median_s,
+            "nodes": [
+                {
+                    "name": n.name, "op": n.op, "kind": n.kind,
+                    "shape": list(n.shape) if n.shape is not None else None,
+                    "flops": n.flops, "bytes": n.bytes, "input_bytes": n.input_bytes,
+                    "param_bytes": n.param_bytes,
+                    "median_s": n.median_s, "p10_s": n.p10_s, "p90_s": n.p90_s,
+                }
+                for n in self.nodes
+            ],
+        }
+
+
+def host_fingerprint() -> dict[str, str | int]:
+    """Return what identifies this host in a profile: CPU model, cores, versions."""
+    return {
+        "cpu": _cpu_model(),
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "cores": os.cpu_count() or 1,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model"):
+                return value.strip()
+    return platform.processor() or "unknown"
+
+
+def profile_model(
+    gm: fx.GraphModule,
+    *,
+    model: str | None = None,
+    warmup: int = 3,
+    repeats: int = 15,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> Profile:
+    """Python twin of ``partc profile``: time every node of ``gm`` on this host.
+
+    ``gm`` is the annotated IR (``partc.report.trace_model``); its example inputs are
+    rebuilt from ``gm.meta["partc.inputs"]``. Reads ``META_OP``, ``META_KIND``,
+    ``META_SHAPE``, ``META_FLOPS``, ``META_BYTES``, ``META_PARAM_BYTES``; writes no
+    metadata. ``threads`` (default: torch's current setting) is set for the measurement
+    and restored afterwards. ``progress(done, total)`` is called after every run.
+
+    Raises:
+        PartcError: if ``warmup`` < 0, ``repeats`` < 1 or ``threads`` < 1.
+    """
+    if warmup < 0 or repeats < 1:
+        raise PartcError(f"profile: need --warmup >= 0 and --repeats >= 1, got {warmup} and {repeats}")
+    if threads is not None and threads < 1:
+        raise PartcError(f"profile: --threads must be at least 1, got {threads}")
+    specs: tuple[InputSpec, ...] = gm.meta["partc.inputs"]
+    examples = [spec.example() for spec in specs]
+    total = 2 * (warmup + repeats)
+    report = progress or (lambda done, total: None)
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        used_threads = torch.get_num_threads()
+        timer = _NodeTimer(gm)
+        whole = []
+        with torch.no_grad():
+            for i in range(warmup + repeats):
+                timer.record = i >= warmup
+                timer.run(*examples)
+                report(2 * i + 1, total)
+                start = time.perf_counter()
+                gm(*examples)
+                if i >= warmup:
+                    whole.append(time.perf_counter() - start)
+                report(2 * i + 2, total)
+    finally:
+        torch.set_num_threads(saved_threads)
+    nodes = tuple(
+        NodeTiming(
+            n.name, n.meta[META_OP], n.meta[META_KIND], n.meta[META_SHAPE], n.meta[META_FLOPS],
+            n.meta[META_BYTES], sum(a.meta[META_BYTES] for a in n.all_input_nodes), n.meta[META_PARAM_BYTES],
+            *_stats(timer.times[n.name]),
+        )
+        for n in compute_nodes(gm)
+    )
+    return Profile(
+        model=model or type(gm).__name__,
+        inputs=tuple(map(str, specs)),
+        tracer=gm.meta.get("partc.tracer", "torch.fx"),
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        host=host_fingerprint(),
+        threads=used_threads,
+        warmup=warmup,
+        repeats=repeats,
+        whole_median_s=_stats(whole)[0],
+        whole_p10_s=_stats(whole)[1],
+        whole_p90_s=_stats(whole)[2],
+        nodes=nodes,
+    )
+
+
+class _NodeTimer(fx.Interpreter):
+    """Runs the graph, recording each compute node's wall time while ``record`` is set."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.record = False
+        self.times: dict[str, list[float]] = {n.name: [] for n in compute_nodes(gm)}
+
+    def run_node(self, n: fx.Node):
+        start = time.perf_counter()
+        result = super().run_node(n)
+        elapsed = time.perf_counter() - start
+        if self.record and n.name in self.times:
+            self.times[n.name].append(elapsed)
+        return result
+
+
+def _stats(samples: Sequence[float]) -> tuple[float, float, float]:
+    """Median, 10th and 90th percentile of ``samples``."""
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    deciles = statistics.quantiles(samples, n=10, method="inclusive")
+    return statistics.median(samples), deciles[0], deciles[-1]
+
+
+def write_profile(profile: Profile, path: Path) -> None:
+    """Write ``profile`` to ``path`` as JSON, atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(profile.to_json(), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_profile(path: Path) -> Profile:
+    """Read a profile file written by ``partc profile`` (on this host or another).
+
+    Raises:
+        PartcError: if the file is missing, not JSON, of another schema version, or a
+            field is missing or of the wrong type; the message names the file and field.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PartcError(
+            f"{path}: profile file not found; write one with 'partc profile MODEL -o {path}'"
+        ) from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise PartcError(f"{path}: not a readable JSON profile: {err}") from None
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        found = data.get("schema_version") if isinstance(data, dict) else None
+        raise PartcError(f"{path}: schema_version: expected {SCHEMA_VERSION}, found {found!r}")
+    try:
+        settings, whole = data["settings"], data["whole_model"]
+        nodes = tuple(
+            NodeTiming(
+                str(n["name"]), str(n["op"]), str(n["kind"]),
+                tuple(int(d) for d in n["shape"]) if n["shape"] is not None else None,
+                int(n["flops"]), int(n["bytes"]), int(n["input_bytes"]), int(n["param_bytes"]),
+                float(n["median_s"]), float(n["p10_s"]), float(n["p90_s"]),
+            )
+            for n in data["nodes"]
+        )
+        return Profile(
+            model=str(data["model"]), inputs=tuple(map(str, data["inputs"])), tracer=str(data["tracer"]),
+            created=str(data["created"]), host=dict(data["host"]), threads=int(settings["threads"]),
+            warmup=int(settings["warmup"]), repeats=int(settings["repeats"]),
+            whole_median_s=float(whole["median_s"]), whole_p10_s=float(whole["p10_s"]),
+            whole_p90_s=float(whole["p90_s"]), nodes=nodes,
+        )
+    except KeyError as err:
+        raise PartcError(
+            f"{path}: missing field {err.args[0]!r} (profile schema_version {SCHEMA_VERSION})"
+        ) from None
+    except (TypeError, ValueError) as err:
+        raise PartcError(f"{path}: malformed field: {err}") from None
+
+
+def check_matches(profile: Profile, gm: fx.GraphModule, path: Path) -> None:
+    """Check that ``profile`` was measured on the model and inputs that ``gm`` holds.
+
+    Nodes are matched by name; op and output shape must agree too.
+
+    Raises:
+        PartcError: naming ``path`` and the first IR node without a matching measurement.
+    """
+    measured = {n.name: n for n in profile.nodes}
+    for node in compute_nodes(gm):
+        timing = measured.get(node.name)
+        shape = node.meta[META_SHAPE]
+        if timing is None:
+            why = "has no measurement for it"
+        elif timing.op != node.meta[META_OP] or timing.shape != (tuple(shape) if shape is not None else None):
+            why = (
+                f"measured it as {timing.op} {list(timing.shape or [])}, "
+                f"not {node.meta[META_OP]} {list(shape or [])}"
+            )
+        else:
+            continue
+        raise PartcError(
+            f"{path}: node {node.name!r}: the profile {why}; it was measured on {profile.model} with inputs "
+            f"{' '.join(profile.inputs)}; profile this model and input shape with 'partc profile'"
+        )
+

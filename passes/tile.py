@@ -1,0 +1,358 @@
+"""Vertical tiling (``tile-conv-stages``): spatially local runs as parallel tiles with halos.
+
+Each maximal run of spatially local layers on a tier with several nodes (see
+``partc.regions``) is rewritten into: slice every run input into overlapping tiles ->
+per-tile copies of the run's layers, padding only at true image borders -> crop each
+tile's outputs to its share -> stitch (``torch.cat`` along W, then H). The copies share the
+original weights (``get_attr`` of the same parameters, ``call_module`` of the same norm and
+activation modules), and the result equals the untiled one.
+
+Cost model for choosing a grid, per run, among 1x1 (no tiling) and every R x C grid with
+R*C <= the tier's node count (ties go to fewer tiles):
+
+    latency(grid) = T_run * max_t F_t / F_run + scatter + gather
+
+``T_run`` is the sum of the run's ``META_PROFILE[tier]`` seconds, ``F_t`` a tile's FLOPs
+(each node's FLOPs scaled by the share of its output map the tile computes, halo
+included) and ``F_run`` the untiled FLOPs: tiles run in parallel, one per node. When the
+cluster has a link from the tier to itself, ``scatter`` is its transfer time for the input
+bytes of every tile but the first (which stays where the input is) and ``gather`` the
+same for their output bytes. Without a profile for every node of the run, the model
+falls back to ``max_t F_t`` and ignores transfers (no unit to add them in).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from partc.context import CompileContext, Link, Tier
+from partc.errors import PartcError, UnsupportedLayerError
+from partc.ir import (
+    META_BYTES,
+    META_DTYPE,
+    META_FLOPS,
+    META_OP,
+    META_PROFILE,
+    META_TIER,
+    META_TILE,
+    clone,
+    compute_nodes,
+)
+from partc.pipeline import PassResult
+from partc.regions import Box, TileRegions, find_runs, hw, is_inplace, plan_regions, run_outputs, spatial_op
+from partc.trace import annotate
+
+Grid = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TiledRun:
+    """One tiled run: what was tiled, how, and what the halos cost.
+
+    Attributes:
+        index: the run's index, the first element of ``META_TILE`` on its nodes.
+        tier: the tier of its nodes (None when the nodes carry no ``META_TIER``).
+        nodes: names of the run's original nodes, in graph order.
+        grid: (rows, cols); tile t is row t // cols, column t % cols.
+        flops: FLOPs of the untiled run.
+        tile_flops: FLOPs of each tile, halo included.
+    """
+
+    index: int
+    tier: str | None
+    nodes: tuple[str, ...]
+    grid: Grid
+    flops: int
+    tile_flops: tuple[int, ...]
+
+    @property
+    def overhead(self) -> float:
+        """FLOPs of all tiles over those of the untiled run, minus one (0.1: 10% more)."""
+        return sum(self.tile_flops) / self.flops - 1 if self.flops else 0.0
+
+
+def tile_conv_stages(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+    """Tile the spatially local runs of every tier with more than one node.
+
+    For each such tier, finds the maximal runs among its nodes and rewrites each with the
+    grid the cost model (module docstring) predicts fastest; runs it cannot tile are left
+    alone. When no node carries a tier and the cluster has one tier, every node is on it.
+
+    Reads meta[META_TIER], meta[META_PROFILE], meta[META_FLOPS], meta[META_BYTES],
+    meta[META_SHAPE]. Writes meta[META_TILE] on every node it adds; re-annotates the
+    graph (``partc.trace.annotate``); gives new nodes the run's META_TIER, and each
+    per-tile copy of a layer the layer's META_PROFILE scaled by its share of the FLOPs.
+    """
+    tiers = [t for t in ctx.tiers if t.nodes > 1]
+    if not tiers:
+        return PassResult(gm, "no tier has more than one node; nothing tiled")
+    gm = clone(gm)
+    untiered = len(ctx.tiers) == 1 and all(META_TIER not in n.meta for n in compute_nodes(gm))
+    plans, untiled = [], 0
+    for tier in tiers:
+        for run in find_runs(gm, partial(_on_tier, tier=tier.name, untiered=untiered)):
+            grid, regions = choose_grid(run, gm, tier, ctx.link(tier.name, tier.name))
+            if grid == (1, 1):
+                untiled += 1
+            else:
+                plans.append((run, grid, regions))
+    if not plans:
+        return PassResult(gm, f"no run worth tiling on {', '.join(t.name for t in tiers)} ({untiled} left untiled)")
+    tiled = _rewrite(gm, plans)
+    parts = [
+        f"run {r.index} ({r.tier}, {len(r.nodes)} nodes): {r.grid[0]}x{r.grid[1]}, halo +{r.overhead:.1%} FLOPs"
+        for r in tiled
+    ]
+    return PassResult(gm, f"{len(tiled)} run(s) tiled, {untiled} left untiled: " + "; ".join(parts))
+
+
+def _on_tier(node: fx.Node, tier: str, untiered: bool) -> bool:
+    return untiered or node.meta.get(META_TIER) == tier
+
+
+def candidate_grids(nodes: int) -> list[Grid]:
+    """Return 1x1 and every R x C grid with R*C <= ``nodes``, fewer tiles first."""
+    return [(r, count // r) for count in range(1, nodes + 1) for r in range(1, count + 1) if count % r == 0]
+
+
+def choose_grid(
+    run: Sequence[fx.Node], gm: fx.GraphModule, tier: Tier, link: Link | None
+) -> tuple[Grid, list[TileRegions]]:
+    """Return the grid with the lowest ``predict_latency`` for ``run`` on ``tier``, and its regions."""
+    best = None
+    for grid in candidate_grids(tier.nodes):
+        try:
+            regions = plan_regions(run, gm, grid)
+        except ValueError:  # an output map smaller than the grid
+            continue
+        cost = predict_latency(run, regions, tier.name, link)
+        if best is None or cost < best[0]:
+            best = (cost, grid, regions)
+    return best[1], best[2]
+
+
+def predict_latency(run: Sequence[fx.Node], regions: Sequence[TileRegions], tier: str, link: Link | None) -> float:
+    """Predict the latency of ``run`` tiled as ``regions`` on ``tier`` (module docstring).
+
+    Seconds when every node of the run has a META_PROFILE for ``tier``, else FLOPs.
+    """
+    flops = sum(n.meta[META_FLOPS] for n in run)
+    per_tile = tile_flops(run, regions)
+    profiles = [n.meta.get(META_PROFILE, {}).get(tier) for n in run]
+    if not flops or any(p is None for p in profiles):
+        return float(max(per_tile))
+    latency = sum(profiles) * max(per_tile) / flops
+    if len(regions) > 1 and link is not None:
+        scatter = sum(_share(x, box) for tile in regions[1:] for x, box in tile.inputs.items())
+        gather = sum(_share(o, box) for tile in regions[1:] for o, box in tile.stitched.items())
+        latency += link.transfer_time(scatter) + link.transfer_time(gather)
+    return latency
+
+
+def tile_flops(run: Sequence[fx.Node], regions: Sequence[TileRegions]) -> tuple[int, ...]:
+    """Return each tile's FLOPs: every node's META_FLOPS scaled by the share of its map computed."""
+    return tuple(
+        round(sum(n.meta[META_FLOPS] * box.area / math.prod(hw(n)) for n, box in tile.computed.items()))
+        for tile in regions
+    )
+
+
+def _share(node: fx.Node, box: Box) -> float:
+    return node.meta[META_BYTES] * box.area / math.prod(hw(node))
+
+
+def tile_graph(
+    gm: fx.GraphModule, grid: Grid, select: Callable[[fx.Node], bool] | None = None
+) -> tuple[fx.GraphModule, list[TiledRun]]:
+    """Tile every maximal spatially local run among the nodes ``select`` accepts (default:
+    all) with ``grid``, whatever the cost model would choose. ``gm`` is not changed.
+
+    Raises:
+        UnsupportedLayerError: if an output map of a run is smaller than ``grid``.
+    """
+    gm = clone(gm)
+    plans = []
+    for run in find_runs(gm, select or (lambda node: True)):
+        try:
+            plans.append((run, grid, plan_regions(run, gm, grid)))
+        except ValueError as err:
+            raise UnsupportedLayerError(f"cannot tile with a {grid[0]}x{grid[1]} grid: {err}; use fewer tiles") from None
+    return gm, _rewrite(gm, plans)
+
+
+def tile_nodes(gm: fx.GraphModule, names: Sequence[str], grid: Grid) -> tuple[fx.GraphModule, TiledRun]:
+    """Tile exactly the nodes ``names`` as one run with ``grid``. ``gm`` is not changed.
+
+    Raises:
+        UnsupportedLayerError: naming every node that is not spatially local, or if the
+            nodes are not a convex set (a path leaves them and comes back), or an output
+            map is smaller than ``grid``.
+        PartcError: if a name is not a node of ``gm``.
+    """
+    gm = clone(gm)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    unknown = sorted(set(names) - set(by_name))
+    if unknown:
+        raise PartcError(f"cannot tile {', '.join(unknown)}: no such node; see `partc inspect` for node names")
+    members = {by_name[name] for name in names}
+    run = [n for n in gm.graph.nodes if n in members]
+    reasons = [(n, spatial_op(n, gm)) for n in run]
+    bad = [f"{n.name} ({n.meta.get(META_OP, n.op)}): {why}" for n, why in reasons if isinstance(why, str)]
+    if bad:
+        raise UnsupportedLayerError("cannot tile: " + "; ".join(bad) + "; leave these layers out of the tiled run")
+    outside = _reentry(run)
+    if outside is not None:
+        raise UnsupportedLayerError(
+            f"cannot tile {', '.join(names)} as one run: {outside.name} is outside it but on a path from it back "
+            "into it; include it or split the run"
+        )
+    try:
+        regions = plan_regions(run, gm, grid)
+    except ValueError as err:
+        raise UnsupportedLayerError(f"cannot tile with a {grid[0]}x{grid[1]} grid: {err}; use fewer tiles") from None
+    return gm, _rewrite(gm, [(run, grid, regions)])[0]
+
+
+def _reentry(run: Sequence[fx.Node]) -> fx.Node | None:
+    members = set(run)
+    frontier = [u for n in run for u in n.users if u not in members]
+    seen = set()
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if user in members:
+                return node
+            frontier.append(user)
+    return None
+
+
+def _rewrite(gm: fx.GraphModule, plans: Sequence[tuple[list[fx.Node], Grid, list[TileRegions]]]) -> list[TiledRun]:
+    """Rewrite every planned run of ``gm`` in place, then re-annotate ``gm``."""
+    tiled, origins = [], {}
+    for index, (run, grid, regions) in enumerate(plans):
+        flops = sum(n.meta[META_FLOPS] for n in run)
+        tier = run[0].meta.get(META_TIER)
+        tiled.append(TiledRun(index, tier, tuple(n.name for n in run), grid, flops, tile_flops(run, regions)))
+        _RunRewriter(gm, index, run, grid, regions, origins).rewrite()
+    gm.graph.lint()
+    gm.recompile()
+    annotate(gm)
+    for node, (profile, flops, nbytes) in origins.items():
+        share = node.meta[META_FLOPS] / flops if flops else node.meta[META_BYTES] / max(nbytes, 1)
+        node.meta[META_PROFILE] = {tier: seconds * share for tier, seconds in profile.items()}
+    return tiled
+
+
+class _RunRewriter:
+    """Replaces one run of a graph with its tiles; ``values[t][n]`` is tile t's copy of n."""
+
+    def __init__(self, gm, index: int, run: list[fx.Node], grid: Grid, regions: list[TileRegions], origins: dict):
+        self.gm, self.graph, self.index, self.run, self.grid, self.regions = gm, gm.graph, index, run, grid, regions
+        self.origins = origins  # per-tile copy -> (original META_PROFILE, FLOPs, bytes)
+        self.tier = run[0].meta.get(META_TIER)
+        self.values: list[dict[fx.Node, fx.Node]] = [{} for _ in regions]
+        self.slices: dict[tuple[int, fx.Node], fx.Node] = {}
+        self.inplace_read = {s for n in run if is_inplace(n, gm) for s in n.all_input_nodes}
+
+    def rewrite(self) -> None:
+        members = set(self.run)
+        outputs = set(run_outputs(self.run))
+        for n in self.run:
+            with self.graph.inserting_before(n):
+                for t, tile in enumerate(self.regions):
+                    if n in tile.computed:
+                        self.values[t][n] = self._copy(n, t)
+                if n in outputs:
+                    n.replace_all_uses_with(self._stitch(n), delete_user_cb=lambda user: user not in members)
+        for n in reversed(self.run):
+            self.graph.erase_node(n)
+
+    def _new(self, tile: int | None, op: str, target, args: tuple, kwargs: dict | None = None, name=None) -> fx.Node:
+        node = self.graph.create_node(op, target, args, kwargs or {}, name=name)
+        node.meta = {META_TILE: (self.index, tile)}
+        if self.tier is not None:
+            node.meta[META_TIER] = self.tier
+        return node
+
+    def _crop(self, tile: int, value: fx.Node, have: Box, want: Box) -> fx.Node:
+        if want == have:
+            return value
+        rows = slice(want.h0 - have.h0, want.h1 - have.h0)
+        cols = slice(want.w0 - have.w0, want.w1 - have.w0)
+        return self._new(tile, "call_function", operator.getitem, (value, (slice(None), slice(None), rows, cols)))
+
+    def _read(self, tile: int, source: fx.Node, box: Box) -> fx.Node:
+        """Return ``source`` restricted to ``box``, as tile ``tile`` sees it."""
+        if source in self.values[tile]:
+            return self._crop(tile, self.values[tile][source], self.regions[tile].computed[source], box)
+        if (tile, source) not in self.slices:
+            height, width = hw(source)
+            value = self._crop(tile, source, Box(0, height, 0, width), self.regions[tile].inputs[source])
+            if source in self.inplace_read:  # a layer overwrites its input: keep the input intact for other tiles
+                value = self._new(tile, "call_method", "clone", (value,))
+            self.slices[tile, source] = value
+        return self._crop(tile, self.slices[tile, source], self.regions[tile].inputs[source], box)
+
+    def _copy(self, n: fx.Node, tile: int) -> fx.Node:
+        window = spatial_op(n, self.gm)
+        out = self.regions[tile].computed[n]
+        name = f"{n.name}_tile{tile}"
+        if window.kind == "pointwise":
+            inputs = {source: self._read(tile, source, out) for source in n.all_input_nodes}
+            args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a: inputs[a])
+            return self._layer(n, self._new(tile, n.op, n.target, args, kwargs, name))
+        (source,) = n.all_input_nodes
+        box, (top, bottom, left, right) = window.input_box(out, hw(source))
+        x = self._read(tile, source, box)
+        if top or bottom or left or right:
+            fill = -math.inf if window.kind == "max" else 0.0
+            x = self._new(tile, "call_function", F.pad, (x, (left, right, top, bottom)), {"value": fill})
+        if window.kind == "conv":
+            conv = self.gm.get_submodule(n.target)
+            weight = self._new(tile, "get_attr", f"{n.target}.weight", ())
+            bias = None if conv.bias is None else self._new(tile, "get_attr", f"{n.target}.bias", ())
+            args = (x, weight, bias, conv.stride, 0, conv.dilation, conv.groups)
+            return self._layer(n, self._new(tile, "call_function", F.conv2d, args, name=name))
+        if window.kind == "max":
+            args = (x, window.kernel, window.stride, 0, window.dilation)
+            return self._layer(n, self._new(tile, "call_function", F.max_pool2d, args, name=name))
+        divisors = window.divisors(out, hw(source))
+        uniform = window.divisor_override or {d for row in divisors for d in row} == {math.prod(window.kernel)}
+        override = window.divisor_override if uniform else 1  # 1: a sum, divided below
+        args = (x, window.kernel, window.stride, 0, False, True, override)
+        pooled = self._layer(n, self._new(tile, "call_function", F.avg_pool2d, args, name=name))
+        if uniform:
+            return pooled
+        buffer = f"_partc_tile{self.index}_{tile}_{n.name}_divisor"
+        dtype = getattr(torch, source.meta.get(META_DTYPE) or "float32")
+        self.gm.register_buffer(buffer, torch.tensor(divisors, dtype=dtype)[None, None])
+        divisor = self._new(tile, "get_attr", buffer, ())
+        return self._new(tile, "call_function", operator.truediv, (pooled, divisor))
+
+    def _layer(self, original: fx.Node, copy: fx.Node) -> fx.Node:
+        if META_PROFILE in original.meta:
+            self.origins[copy] = (original.meta[META_PROFILE], original.meta[META_FLOPS], original.meta[META_BYTES])
+        return copy
+
+    def _stitch(self, output: fx.Node) -> fx.Node:
+        rows, cols = self.grid
+        pieces = [
+            self._crop(t, self.values[t][output], tile.computed[output], tile.stitched[output])
+            for t, tile in enumerate(self.regions)
+        ]
+        strips = [
+            pieces[r * cols] if cols == 1 else self._new(None, "call_function", torch.cat, (pieces[r * cols : (r + 1) * cols],), {"dim": 3})
+            for r in range(rows)
+        ]  # fmt: skip
+        return strips[0] if rows == 1 else self._new(None, "call_function", torch.cat, (strips,), {"dim": 2})
