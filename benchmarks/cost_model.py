@@ -4,6 +4,7 @@ Run from the repository root::
 
     python benchmarks/cost_model.py              # profile (cached), fit, write results
     python benchmarks/cost_model.py --remeasure  # profile every model again
+    python benchmarks/cost_model.py --remeasure --threads 1  # on a busy shared host
 
 Steps:
 
@@ -22,17 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from partc.targets import TARGETS, TargetDesc
 
 from partc.costmodel import Calibration, fit_calibration, predict_profile_total, write_calibration
 from partc.profile import host_fingerprint, profile_model, read_profile, write_profile
 from partc.report import trace_model
-from partc.targets import TARGETS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -41,7 +43,7 @@ MODELS = (
     "resnet18", "resnet50", "googlenet", "mobilenet_v2", "mobilenet_v3_large", "densenet121",
     "squeezenet1_0", "vgg16", "efficientnet_b0", "shufflenet_v2_x1_0",
 )
-THREADS = 2
+THREADS = 2  # the default; --threads overrides it
 WARMUP = 3
 REPEATS = 15
 SCISSION_MS = {  # PRIOR_ART.md section 3: measured totals (Keras) on Scission's machines
@@ -52,7 +54,7 @@ SCISSION_MS = {  # PRIOR_ART.md section 3: measured totals (Keras) on Scission's
 }
 
 
-def measure_profiles(remeasure: bool) -> dict:
+def measure_profiles(remeasure: bool, threads: int) -> dict:
     """Profile every model (unless cached); return name -> Profile."""
     out = {}
     for name in MODELS:
@@ -61,7 +63,7 @@ def measure_profiles(remeasure: bool) -> dict:
             gm = trace_model(f"torchvision:{name}", ["1,3,224,224"])
             start = time.perf_counter()
             profile = profile_model(gm, model=f"torchvision:{name}", warmup=WARMUP, repeats=REPEATS,
-                                    threads=THREADS)
+                                    threads=threads)
             write_profile(profile, path)
             print(f"profiled {name}: whole {profile.whole_median_s * 1e3:.1f} ms, "
                   f"sum of nodes {profile.sum_node_median_s * 1e3:.1f} ms ({time.perf_counter() - start:.0f} s)",
@@ -89,3 +91,146 @@ def measure_host(threads: int) -> dict:
     finally:
         torch.set_num_threads(saved)
     return {"peak_gflops": max(gemm), "memory_bandwidth_gbs": max(copy)}
+
+
+def reference_target(host: dict, threads: int) -> TargetDesc:
+    """This host as a target description: attainable peak and bandwidth as measured."""
+    measured = measure_host(threads)
+    clock = _clock_ghz()
+    return TargetDesc(
+        name="calibration-host",
+        summary=f"{host['cpu']}, {threads} threads (the host partc's cost model was calibrated on)",
+        kind="cpu", cores=threads, clock_ghz=clock,
+        peak_gflops=round(measured["peak_gflops"], 1),
+        memory_bandwidth_gbs=round(measured["memory_bandwidth_gbs"], 2),
+        memory_bytes=0, launch_overhead_us=0.0, triple=f"{host['machine']}-linux-gnu", mcpu="", mattr="",
+        source=f"measured by benchmarks/cost_model.py: best of 10 runs of a 1024x1024 sgemm and of a "
+        f"256 MB tensor copy at {threads} threads; clock from /proc/cpuinfo",
+    )
+
+
+def _clock_ghz() -> float:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "cpu MHz":
+            return round(float(value) / 1000, 2)
+    return 1.0
+
+
+def leave_one_out(profiles: dict, reference: TargetDesc) -> list[dict]:
+    """Fit on all models but one, predict the left-out model's whole-model latency."""
+    rows = []
+    for name, profile in profiles.items():
+        others = [p for other, p in profiles.items() if other != name]
+        cal = fit_calibration(others, reference)
+        predicted = predict_profile_total(cal, profile)
+        measured = profile.whole_median_s
+        rows.append({
+            "model": name, "nodes": len(profile.nodes), "measured_ms": measured * 1e3,
+            "sum_node_median_ms": profile.sum_node_median_s * 1e3, "predicted_ms": predicted * 1e3,
+            "error_pct": (predicted - measured) / measured * 100,
+            "error_vs_nodes_pct": (predicted - profile.sum_node_median_s) / profile.sum_node_median_s * 100,
+        })
+    return rows
+
+
+def target_table(cal: Calibration, profiles: dict) -> list[dict]:
+    """Predicted whole-model ms on every target, next to Scission's measurements where they exist."""
+    rows = []
+    for name, profile in profiles.items():
+        row = {"model": name}
+        for target_name, desc in sorted(TARGETS.items()):
+            row[target_name] = predict_profile_total(cal, profile, desc) * 1e3
+            row[f"{target_name}_scission"] = SCISSION_MS.get(name, {}).get(target_name)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], targets: list[dict], cal: Calibration, meta: dict) -> str:
+    """The results as Markdown tables."""
+    errors = [abs(r["error_pct"]) for r in rows]
+    node_errors = [abs(r["error_vs_nodes_pct"]) for r in rows]
+    lines = [
+        "# Cost model: leave-one-model-out error on the calibration host",
+        "",
+        f"Host: {meta['host']['cpu']}, {meta['host']['cores']} cores, torch {meta['host']['torch']}; "
+        f"{meta['threads']} threads, {WARMUP} warm-up + {REPEATS} timed runs per model; load average "
+        f"before/after profiling {meta['load_before']} / {meta['load_after']}.",
+        f"Reference peak (measured): {cal.reference.peak_gflops} GFLOP/s sgemm, "
+        f"{cal.reference.memory_bandwidth_gbs} GB/s copy, {cal.reference.clock_ghz} GHz.",
+        "",
+        "Each row: the model's measured whole-model median (the GraphModule called directly), the sum "
+        "of its per-node medians (fx.Interpreter), and the cost model's prediction when fitted on the "
+        "*other* models only; the error is against the measured whole-model median, and (last column) "
+        "against the sum of node medians, the quantity the model is fitted to.",
+        "",
+        "| model | nodes | measured ms | sum of node medians ms (vs measured) | predicted ms | error % "
+        "| error vs node sum % |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        gap = (r["sum_node_median_ms"] / r["measured_ms"] - 1) * 100
+        lines.append(
+            f"| {r['model']} | {r['nodes']} | {r['measured_ms']:.1f} | {r['sum_node_median_ms']:.1f} ({gap:+.1f}%) "
+            f"| {r['predicted_ms']:.1f} | {r['error_pct']:+.1f} | {r['error_vs_nodes_pct']:+.1f} |"
+        )
+    lines += [
+        "",
+        f"Mean absolute error {statistics.mean(errors):.1f}%, median {statistics.median(errors):.1f}%, "
+        f"max {max(errors):.1f}% over {len(rows)} models (against the sum of node medians: mean "
+        f"{statistics.mean(node_errors):.1f}%, max {max(node_errors):.1f}%).",
+        "",
+        "## Fitted classes (all models)",
+        "",
+        "| class | compute efficiency | memory efficiency | overhead us |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {k} | {v.compute_efficiency:.3f} | {v.memory_efficiency:.3f} | {v.overhead_us:.1f} |"
+        for k, v in sorted(cal.classes.items())
+    ]
+    names = sorted(TARGETS)
+    lines += [
+        "",
+        "## Predicted whole-model ms per target (Scission's measured ms in brackets)",
+        "",
+        "Scission's numbers are Keras/TensorFlow on its own machines (PRIOR_ART.md section 3): compare the "
+        "ratios between targets, not the absolute values.",
+        "",
+        "| model | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for row in targets:
+        cells = [
+            f"{row[n]:.1f}" + (f" ({row[n + '_scission']})" if row[n + "_scission"] is not None else "")
+            for n in names
+        ]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--remeasure", action="store_true", help="profile every model again")
+    parser.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS})")
+    args = parser.parse_args()
+    load_before = round(os.getloadavg()[0], 2)
+    profiles = measure_profiles(args.remeasure, args.threads)
+    load_after = round(os.getloadavg()[0], 2)
+    host = host_fingerprint()
+    reference = reference_target(host, args.threads)
+    cal = fit_calibration(list(profiles.values()), reference, host)
+    write_calibration(cal, CALIBRATION)
+    rows = leave_one_out(profiles, reference)
+    targets = target_table(cal, profiles)
+    meta = {"host": host, "load_before": load_before, "load_after": load_after, "threads": args.threads}
+    (RESULTS / "cost_model.md").write_text(markdown(rows, targets, cal, meta))
+    (RESULTS / "cost_model.json").write_text(json.dumps(
+        {**meta, "warmup": WARMUP, "repeats": REPEATS, "leave_one_out": rows,
+         "targets": targets}, indent=1) + "\n")
+    print((RESULTS / "cost_model.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,7 @@ from dataclasses import replace
 import numpy as np
 
 from partc.errors import ClusterError
-from partc.partition import CostGraph, LayeredCut, Partition, check_labels, evaluate, violations
+from partc.partition import CostGraph, LayeredCut, Partition, evaluate, violations
 
 
 class ChainCosts:
@@ -135,14 +135,23 @@ def _single_cuts(n: int, n_links: int) -> np.ndarray:
 
 
 def _scission(chain: ChainCosts, objective: str) -> np.ndarray | None:
+    """The best pair of chain cuts (first <= second), searched in blocks of about a million."""
+    n = chain.n
     best, best_value = None, np.inf
-    for first in range(chain.n + 1):
-        rows = np.column_stack([np.full(chain.n + 1 - first, first), np.arange(first, chain.n + 1)])
+    start = 0
+    while start <= n:
+        stop = start + 1
+        while stop <= n and (stop - start) * (n + 1 - start) < 1_000_000:
+            stop += 1
+        first, second = np.meshgrid(np.arange(start, stop), np.arange(start, n + 1), indexing="ij")
+        rows = np.column_stack([first.ravel(), second.ravel()])
+        rows = rows[rows[:, 0] <= rows[:, 1]]
         value, feasible = chain.costs(rows, objective)
         value = np.where(feasible, value, np.inf)
         i = int(np.argmin(value))
         if value[i] < best_value:
             best, best_value = rows[i], value[i]
+        start = stop
     return best
 
 
@@ -180,10 +189,9 @@ def _dads(graph: CostGraph, objective: str) -> Partition | None:
             allowed = graph.allowed & (pair[None, :] | graph.inputs[:, None])
             restricted = replace(graph, allowed=allowed)
             try:
-                check_labels(restricted)
+                tiers = LayeredCut(restricted).solve(graph.bandwidth).tiers
             except ClusterError:
                 continue
-            tiers = LayeredCut(restricted).solve(graph.bandwidth).tiers
             if violations(graph, tiers):
                 continue
             plan = Partition(tiers, evaluate(graph, tiers), "dads")

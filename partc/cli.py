@@ -121,6 +121,122 @@ def _run_profile(args) -> int:
     return 0
 
 
+def _add_compile(sub) -> None:
+    p = sub.add_parser(
+        "compile", help="compile a model for a cluster into per-stage artifacts and a manifest",
+        description="Trace MODEL, choose where every layer runs on the cluster (the default pass "
+        "pipeline), emit one artifact per stage with the backend its tier names, check the artifacts "
+        "against the model on a seeded input, time them on this machine, and write OUTPUT/manifest.json "
+        "last. OUTPUT is replaced only when everything succeeded.",
+        epilog=EPILOG_MODEL + "\nexample:\n  partc compile torchvision:resnet50 --input-shape 1,3,224,224 "
+        "--cluster examples/cluster.yaml -o build/resnet50\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(p)
+    p.add_argument("--cluster", type=Path, required=True, help="cluster file (tiers, links, constraints)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="build folder to write")
+    p.add_argument("--profile", action="append", default=[], metavar="TARGET=FILE",
+                   help="measured profile of TARGET (from 'partc profile' on that machine); repeatable")
+    p.add_argument("--tvm-trials", type=int, default=0, metavar="N",
+                   help="MetaSchedule trials per task for TVM stages (default 0: untuned, slow)")
+    p.add_argument("--tuning-db", type=Path, metavar="DIR", help="TVM tuning database, reused across builds")
+    p.add_argument("--depfile", type=Path, metavar="FILE", help="write a Makefile-syntax dependency file")
+    p.set_defaults(func=_run_compile)
+
+
+def _run_compile(args) -> int:
+    from partc.build import compile_model
+    from partc.context import parse_profile_args
+
+    build = compile_model(
+        args.model, args.input_shape, args.cluster, args.output, profiles=parse_profile_args(args.profile),
+        tvm_trials=args.tvm_trials, tuning_db=args.tuning_db, dump_after=args.dump_after, dump_dir=args.dump_dir,
+        depfile=args.depfile, progress=lambda line: print(f"partc: {line}", file=sys.stderr),
+    )
+    manifest = build.manifest
+    rows = [("stage", "backend", "target", "artifact", "MB", "predicted ms", "measured ms")]
+    for s in manifest["stages"]:
+        measured = f"{s['measured_s'] * 1e3:.2f}" if s["measured_s"] is not None else "-"
+        rows.append((s["name"], s["backend"], s["target"], s["artifact"], f"{s['bytes'] / 1e6:.2f}",
+                     f"{s['predicted_s'] * 1e3:.2f}", measured))
+    print(_table(rows))
+    predicted = manifest["plan"]["predicted"]
+    for link, nbytes in predicted["link_bytes"].items():
+        print(f"link {link}: {nbytes / 1e6:.3f} MB, predicted {predicted['transfer'][link] * 1e3:.2f} ms")
+    check = manifest["verification"]
+    print(f"predicted end-to-end latency {predicted['latency'] * 1e3:.2f} ms; artifacts match the model "
+          f"within {check['max_abs_diff']:.2e} (output scale {check['output_scale']:.3g})")
+    print(f"wrote {build.path}/manifest.json")
+    return 0
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    """Align ``rows`` (the first is the header) into a text table; numbers right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+    def cell(value: str, width: int) -> str:
+        return value.rjust(width) if value.replace(".", "").replace("-", "").isdigit() else value.ljust(width)
+
+    lines = ["  ".join(cell(v, w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join([lines[0], "-" * max(map(len, lines)), *lines[1:]])
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run", help="run a compiled build on this machine, through its artifacts",
+        description="Load BUILD (checking every artifact against the manifest's sha256), run its stages "
+        "in order in this process and write the model's output. Without --input, a seeded example input "
+        "of the compiled shape is used.",
+        epilog="example:\n  partc run build/resnet50 --input x.npy --output y.npy\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("build", type=Path, metavar="BUILD", help="folder written by 'partc compile'")
+    p.add_argument("--input", action="append", default=[], type=Path, metavar="FILE",
+                   help=".npy file of one model input, in the model's input order; repeatable")
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="where to write the output: .npy for one output, .npz for several")
+    p.set_defaults(func=_run_run)
+
+
+def _run_run(args) -> int:
+    import numpy as np
+
+    from partc.errors import PartcError
+    from partc.runtime.local import load
+    from partc.trace import parse_input_spec
+
+    pipeline = load(args.build)
+    specs = pipeline.model_inputs
+    if args.input and len(args.input) != len(specs):
+        raise PartcError(f"--input: the model takes {len(specs)} input(s), {len(args.input)} given")
+    if args.input:
+        inputs = {spec.name: _read_npy(path) for spec, path in zip(specs, args.input, strict=True)}
+    else:
+        inputs = {s.name: parse_input_spec(",".join(map(str, s.shape)) + f":{s.dtype}").example().numpy()
+                  for s in specs}
+    outputs = pipeline(inputs)
+    if args.output:
+        if len(outputs) == 1 and args.output.suffix == ".npy":
+            np.save(args.output, next(iter(outputs.values())))
+        else:
+            np.savez(args.output, **outputs)
+    for name, value in outputs.items():
+        print(f"{name}: {'x'.join(map(str, value.shape))} {value.dtype}, "
+              f"min {value.min():.4g} max {value.max():.4g} mean {value.mean():.4g}")
+    return 0
+
+
+def _read_npy(path: Path):
+    import numpy as np
+
+    from partc.errors import PartcError
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise PartcError(f"--input {path}: cannot read a .npy array ({err})") from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``partc`` command."""
     parser = argparse.ArgumentParser(
@@ -134,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_inspect(sub)
     _add_profile(sub)
+    _add_compile(sub)
+    _add_run(sub)
     return parser
 
 

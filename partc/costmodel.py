@@ -38,13 +38,13 @@ from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
-from partc.targets import TargetDesc
 from scipy.optimize import least_squares
 from torch import fx
 
 from partc.errors import PartcError
 from partc.ir import META_BYTES, META_FLOPS, META_KIND, META_PARAM_BYTES
 from partc.profile import NodeTiming, Profile
+from partc.targets import TargetDesc
 
 SCHEMA_VERSION = 1
 DEFAULT = "default"  # the class used for cost classes without their own fit

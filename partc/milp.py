@@ -180,8 +180,10 @@ def smallest(graph: CostGraph, kind: str, index: int) -> float:
         cols, coefs, const = program.tier_load(index, graph.memory.astype(float))
     np.add.at(c, cols, coefs)
     result = program.run(c, 60.0)
-    return float(evaluate(graph, program.tiers(result.x)).link_bytes[index]) if kind == "link" else float(
-        result.fun + const
+    return (
+        float(evaluate(graph, program.tiers(result.x)).link_bytes[index])
+        if kind == "link"
+        else float(result.fun + const)
     )
 
 
@@ -204,11 +206,11 @@ def _infeasible_caps(graph: CostGraph) -> ClusterError:
                     f"constraints.max_memory[{graph.tiers[k]}]: {_mb(cap)} cannot be met: every feasible plan "
                     f"needs at least {_mb(least)} on {graph.tiers[k]}; raise the cap or relax constraints.pin"
                 )
-    caps = [f"max_link_bytes[{lk}]" for lk, cap in zip(graph.links, graph.max_link_bytes, strict=True) if np.isfinite(cap)]
+    caps = [
+        f"max_link_bytes[{lk}]" for lk, cap in zip(graph.links, graph.max_link_bytes, strict=True) if np.isfinite(cap)
+    ]
     caps += [f"max_memory[{t}]" for t, cap in zip(graph.tiers, graph.max_memory, strict=True) if np.isfinite(cap)]
-    return ClusterError(
-        f"constraints {', '.join(caps)} cannot be met together (each can alone); raise one of them"
-    )
+    return ClusterError(f"constraints {', '.join(caps)} cannot be met together (each can alone); raise one of them")
 
 
 def _uncapped(graph: CostGraph) -> CostGraph:

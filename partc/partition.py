@@ -179,7 +179,9 @@ def violations(graph: CostGraph, tiers: np.ndarray) -> list[str]:
         if nb > cap
     ]
     found += [
-        f"max_memory[{tier}]" for tier, m, cap in zip(graph.tiers, cost.memory, graph.max_memory, strict=True) if m > cap
+        f"max_memory[{tier}]"
+        for tier, m, cap in zip(graph.tiers, cost.memory, graph.max_memory, strict=True)
+        if m > cap
     ]
     return found
 
@@ -188,33 +190,37 @@ def check_labels(graph: CostGraph) -> tuple[np.ndarray, np.ndarray]:
     """Check that pins and forbids leave every node a tier consistent with data flow.
 
     Returns:
-        (lo, hi): per node, the lowest and highest tier it can take.
+        (lo, hi): per node, the lowest and highest tier it can take; both are valid
+        assignments as far as pins, forbids and data flow go.
 
     Raises:
         ClusterError: naming a node left without a tier.
+        ValueError: if the graph's nodes are not in topological order.
     """
     n, n_tiers = graph.allowed.shape
+    if graph.edges.size and not (graph.edges[:, 0] < graph.edges[:, 1]).all():
+        raise ValueError("cost graph nodes must be in topological order (every edge from a lower index)")
+    allowed = [[k for k, ok in enumerate(row) if ok] for row in graph.allowed.tolist()]
     preds: list[list[int]] = [[] for _ in range(n)]
     succs: list[list[int]] = [[] for _ in range(n)]
     for a, b in graph.edges.tolist():
         preds[b].append(a)
         succs[a].append(b)
-    order = _topological_order(n, preds, succs)
-    lo = np.zeros(n, dtype=np.int64)
-    hi = np.full(n, n_tiers - 1, dtype=np.int64)
-    for v in order:
+    lo = [0] * n
+    hi = [n_tiers - 1] * n
+    for v in range(n):
         start = max((lo[p] for p in preds[v]), default=0)
-        ok = np.flatnonzero(graph.allowed[v, start:])
-        if not ok.size:
+        ok = [k for k in allowed[v] if k >= start]
+        if not ok:
             raise _no_tier(graph, v, f"its inputs run on {graph.tiers[start]} or later")
-        lo[v] = start + ok[0]
-    for v in reversed(order):
+        lo[v] = ok[0]
+    for v in reversed(range(n)):
         stop = min((hi[s] for s in succs[v]), default=n_tiers - 1)
-        ok = np.flatnonzero(graph.allowed[v, : stop + 1])
-        if not ok.size or ok[-1] < lo[v]:
+        ok = [k for k in allowed[v] if lo[v] <= k <= stop]
+        if not ok:
             raise _no_tier(graph, v, f"its consumers must run on {graph.tiers[stop]} or earlier")
         hi[v] = ok[-1]
-    return lo, hi
+    return np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
 
 
 def _no_tier(graph: CostGraph, v: int, why: str) -> ClusterError:
@@ -223,22 +229,6 @@ def _no_tier(graph: CostGraph, v: int, why: str) -> ClusterError:
         f"constraints.pin/forbid: node {graph.names[v]!r} has no tier left: it may run on {allowed}, "
         f"but {why}; relax constraints.pin or constraints.forbid"
     )
-
-
-def _topological_order(n: int, preds: list[list[int]], succs: list[list[int]]) -> list[int]:
-    indegree = [len(p) for p in preds]
-    ready = [v for v in range(n) if not indegree[v]]
-    order = []
-    while ready:
-        v = ready.pop()
-        order.append(v)
-        for s in succs[v]:
-            indegree[s] -= 1
-            if not indegree[s]:
-                ready.append(s)
-    if len(order) != n:
-        raise ValueError("the cost graph has a cycle")
-    return order
 
 
 def solve(graph: CostGraph, objective: str = "latency", *, time_limit: float = 60.0) -> Partition:
@@ -255,10 +245,11 @@ def solve(graph: CostGraph, objective: str = "latency", *, time_limit: float = 6
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
-    check_labels(graph)
     if objective == "latency" and not graph.has_caps:
         return LayeredCut(graph).solve(graph.bandwidth)
     from partc.milp import solve_milp
+
+    check_labels(graph)
 
     return solve_milp(graph, objective, time_limit=time_limit)
 
@@ -270,88 +261,85 @@ class LayeredCut:
     source side. Edges: a chain s -> (v, 0) -> ... -> (v, K-2) -> t whose k-th edge costs
     compute[v, k] (infinite where tier k is not allowed), infinite reverse chain edges
     (labels stay ordered), infinite (u, b) -> (w, b) per data edge u -> w (no backward flow),
-    per produced tensor and boundary an edge (w, b) -> (u, b) of nbytes / bandwidth[b], via
-    an auxiliary vertex with infinite in-edges when u has several consumers (paid once),
-    and per link an auxiliary vertex fed by every (v, b) with an edge of latency[b] to t.
+    per produced tensor and link an edge (w, b) -> (u, b) of nbytes / bandwidth[b], via an
+    auxiliary vertex with infinite in-edges when u has several consumers (paid once), and
+    per link an auxiliary vertex fed by every (v, b) with an edge of latency[b] to t.
+
+    Capacities are scaled to integers (scipy's max-flow is int32): with U the cost of a
+    feasible reference plan (so the minimum cut is at most U), 2U maps to 2**29 - E units
+    (E: the most finite edges any cut can hold), capacities above 2U are clamped to 2U
+    (a cut through such an edge costs more than U either way, so it is never minimum),
+    and infinite ones get 2**30. Each cut's value moves by at most E / 2 units under
+    rounding, so the returned plan costs at most E / scale seconds more than the
+    optimum: ``Partition.gap``, about 4e-9 * E * U.
+
+    Raises:
+        ClusterError: (from the constructor) if pins and forbids leave a node no tier.
     """
 
     def __init__(self, graph: CostGraph):
         self.graph = graph
+        self._reference = check_labels(graph)
         n, n_tiers = graph.compute.shape
-        self.n_links = n_links = n_tiers - 1
+        n_links = n_tiers - 1
         var = 2 + np.arange(n * n_links).reshape(n, n_links)
         self._var = var
-        src, dst, cap = [], [], []
         chain = np.column_stack([np.zeros(n, dtype=np.int64), var, np.ones(n, dtype=np.int64)])
         unary = np.where(graph.allowed, graph.compute, np.inf)
-        src.append(chain[:, :-1].ravel())
-        dst.append(chain[:, 1:].ravel())
-        cap.append(unary.ravel())
-        src.append(var[:, 1:].ravel())
-        dst.append(var[:, :-1].ravel())
-        cap.append(np.full(n * max(n_links - 1, 0), np.inf))
+        src = [chain[:, :-1].ravel(), var[:, 1:].ravel()]
+        dst = [chain[:, 1:].ravel(), var[:, :-1].ravel()]
+        cap = [unary.ravel(), np.full(n * max(n_links - 1, 0), np.inf)]
         u, w = graph.edges[:, 0], graph.edges[:, 1]
         src.append(var[u].ravel())
         dst.append(var[w].ravel())
         cap.append(np.full(u.size * n_links, np.inf))
+        moving = graph.nbytes[u] > 0
+        producers, first, counts = np.unique(u[moving], return_index=True, return_counts=True)
+        shared = counts > 1
         next_id = 2 + n * n_links
-        t_src, t_dst, t_bytes, t_link = [], [], [], []
-        consumers: dict[int, list[int]] = {}
-        for a, b in graph.edges.tolist():
-            if graph.nbytes[a] > 0:
-                consumers.setdefault(a, []).append(b)
-        for a, ws in sorted(consumers.items()):
-            for b in range(n_links):
-                if len(ws) == 1:
-                    tail = var[ws[0], b]
-                else:
-                    tail = next_id
-                    next_id += 1
-                    src.append(var[ws, b])
-                    dst.append(np.full(len(ws), tail))
-                    cap.append(np.full(len(ws), np.inf))
-                t_src.append(tail)
-                t_dst.append(var[a, b])
-                t_bytes.append(graph.nbytes[a])
-                t_link.append(b)
-        for b in range(n_links):
-            src.append(var[:, b])
-            dst.append(np.full(n, next_id))
-            cap.append(np.full(n, np.inf))
-            t_src.append(next_id)
-            t_dst.append(1)
-            t_bytes.append(-1)
-            t_link.append(b)
-            next_id += 1
+        aux = next_id + np.arange(shared.sum() * n_links).reshape(-1, n_links)
+        next_id += aux.size
+        tails = np.empty((producers.size, n_links), dtype=np.int64)
+        tails[~shared] = var[w[moving][first[~shared]]]
+        tails[shared] = aux
+        rank = np.full(n, -1)
+        rank[producers[shared]] = np.arange(shared.sum())
+        fan = moving & (rank[u] >= 0)
+        src.append(var[w[fan]].ravel())
+        dst.append(aux[rank[u[fan]]].ravel())
+        cap.append(np.full(fan.sum() * n_links, np.inf))
+        lat_aux = next_id + np.arange(n_links)
+        next_id += n_links
+        src.append(var.T.ravel())
+        dst.append(np.repeat(lat_aux, n))
+        cap.append(np.full(n * n_links, np.inf))
         self._fixed = (np.concatenate(src), np.concatenate(dst), np.concatenate(cap))
         self._transfer = (
-            np.array(t_src, dtype=np.int64),
-            np.array(t_dst, dtype=np.int64),
-            np.array(t_bytes, dtype=float),
-            np.array(t_link, dtype=np.int64),
+            np.concatenate([tails.ravel(), lat_aux]),
+            np.concatenate([var[producers].ravel(), np.ones(n_links, dtype=np.int64)]),
+            np.concatenate([np.repeat(graph.nbytes[producers].astype(float), n_links), np.full(n_links, -1.0)]),
+            np.concatenate([np.tile(np.arange(n_links), producers.size), np.arange(n_links)]),
         )
         self.n_vertices = next_id
-        # A finite cut cuts one chain edge per node, plus transfer and latency edges.
-        self._unary_bound = float(np.where(np.isfinite(unary), unary, 0.0).max(axis=1).sum())
-        self._finite_edges = n + len(t_src)
+        self._finite_edges = n + producers.size * n_links + n_links
 
     def solve(self, bandwidth) -> Partition:
         """Return the min-cut partition for these link bandwidths (bytes per second)."""
-        graph = self.graph
-        bandwidth = np.asarray(bandwidth, dtype=float)
+        graph = self.graph.with_bandwidth(bandwidth)
         f_src, f_dst, f_cap = self._fixed
         t_src, t_dst, t_bytes, t_link = self._transfer
-        t_cap = np.where(t_bytes < 0, graph.latency[t_link], t_bytes / bandwidth[t_link])
+        t_cap = np.where(t_bytes < 0, graph.latency[t_link], t_bytes / graph.bandwidth[t_link])
         cap = np.concatenate([f_cap, t_cap])
+        bound = min(evaluate(graph, tiers).latency for tiers in self._reference)
+        scale = (_UNITS - self._finite_edges) / (2 * bound) if bound > 0 else 1.0
         finite = np.isfinite(cap)
-        bound = self._unary_bound + float(t_cap.sum())
-        scale = (_UNITS - self._finite_edges) / bound if bound > 0 else 1.0
-        units = np.where(finite, np.rint(np.where(finite, cap, 0.0) * scale), _INF).astype(np.int32)
+        units = np.full(cap.size, _INF, dtype=np.int64)
+        units[finite] = np.rint(np.minimum(cap[finite], 2 * bound) * scale)
         src = np.concatenate([f_src, t_src])
         dst = np.concatenate([f_dst, t_dst])
         keep = units > 0
         size = self.n_vertices
-        capacity = sparse.csr_array((units[keep], (src[keep], dst[keep])), shape=(size, size))
+        capacity = sparse.csr_array((units[keep].astype(np.int32), (src[keep], dst[keep])), shape=(size, size))
         capacity.sum_duplicates()
         flow = maximum_flow(capacity, 0, 1).flow
         residual = (capacity - flow).tocsr()
@@ -361,5 +349,4 @@ class LayeredCut:
         source_side = np.zeros(size, dtype=bool)
         source_side[reached] = True
         tiers = source_side[self._var].sum(axis=1)
-        solved = graph.with_bandwidth(bandwidth)
-        return Partition(tiers, evaluate(solved, tiers), "min-cut", gap=self._finite_edges / scale)
+        return Partition(tiers, evaluate(graph, tiers), "min-cut", gap=self._finite_edges / scale)

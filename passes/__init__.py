@@ -5,8 +5,10 @@ never mutates its input (it ``clone``s it), and records its results in node meta
 """
 
 from partc.passes.cut import select_cuts
+from partc.passes.profile import annotate_profile
+
 from partc.pipeline import Pass
 
-PASSES: dict[str, Pass] = {"select-cuts": select_cuts}
+PASSES: dict[str, Pass] = {"annotate-profile": annotate_profile, "select-cuts": select_cuts}
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("select-cuts",)
+DEFAULT_PIPELINE: tuple[str, ...] = ("annotate-profile", "select-cuts")

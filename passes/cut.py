@@ -124,7 +124,9 @@ def _allowed(nodes: list[fx.Node], inputs: np.ndarray, edges: list[tuple[int, in
             for i in hits:
                 name = nodes[i].name
                 if pinned.get(i, tier) != tier:
-                    raise ClusterError(f"{ctx.source}: constraints.pin: {name} is pinned to both {pinned[i]} and {tier}")
+                    raise ClusterError(
+                        f"{ctx.source}: constraints.pin: {name} is pinned to both {pinned[i]} and {tier}"
+                    )
                 if tier in constraints.forbid:
                     raise ClusterError(
                         f"{ctx.source}: constraints.pin: {name} is pinned to {tier}, which constraints.forbid excludes"

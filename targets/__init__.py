@@ -3,16 +3,22 @@
 A *target* is a hardware description (what a tier runs on); a *backend* is an artifact
 format. Each ``descriptions/NAME.yaml`` holds the fields of ``TargetDesc`` and a ``source``
 text that says where its numbers come from (vendor data sheets, measurements).
+
+Backends (``torchscript``, ``onnx``, ``tvm``) are one module each; ``BACKENDS`` maps their
+names to their default instances, and ``backend(name)`` looks one up.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from importlib.resources import files
+from pathlib import Path
+from typing import Protocol
 
 import yaml
 
 from partc.errors import ClusterError
+from partc.plan import Artifact, Stage, StageFn
 
 
 @dataclass(frozen=True)
@@ -76,3 +82,48 @@ def target(name: str) -> TargetDesc:
     if name not in TARGETS:
         raise ClusterError(f"unknown target {name!r}; known targets are: {', '.join(sorted(TARGETS))}")
     return TARGETS[name]
+
+
+class Backend(Protocol):
+    """An artifact format: writes a stage to one file and loads that file back.
+
+    Attributes:
+        name: the key in ``BACKENDS`` and in cluster files ("onnx").
+        suffix: the artifact's file suffix (".onnx"); the file is ``<stage><suffix>``.
+        dynamic_shapes: whether an artifact accepts shapes other than the traced ones.
+        cross_compiles: whether ``emit`` compiles for the target's triple (otherwise the
+            file is portable and ``target`` is not used).
+    """
+
+    name: str
+    suffix: str
+    dynamic_shapes: bool
+    cross_compiles: bool
+
+    def emit(self, stage: Stage, target: TargetDesc, outdir: Path) -> Artifact:
+        """Write ``outdir/<stage.name><suffix>`` atomically and describe it."""
+        ...
+
+    def load(self, artifact: Artifact) -> StageFn:
+        """Load what ``emit`` wrote; the result maps named arrays to named arrays."""
+        ...
+
+
+def _backends() -> dict[str, Backend]:
+    from partc.targets import onnx, torchscript, tvm
+
+    return {b.name: b for b in (torchscript.BACKEND, onnx.BACKEND, tvm.BACKEND)}
+
+
+BACKENDS: dict[str, Backend] = _backends()
+
+
+def backend(name: str) -> Backend:
+    """Return the backend called ``name``, with its default options.
+
+    Raises:
+        ClusterError: if there is none; the message lists the known backends.
+    """
+    if name not in BACKENDS:
+        raise ClusterError(f"unknown backend {name!r}; known backends are: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name]

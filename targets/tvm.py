@@ -116,14 +116,7 @@ class TvmBackend:
         tvm_target = tvm.target.Target(_target_dict(target))
         try:
             mod = from_fx(stage.gm, [(t.shape, t.dtype) for t in stage.inputs])
-            with tvm_target:
-                mod = tvm.transform.Sequential(
-                    [
-                        relax.transform.DecomposeOpsForInference(),
-                        relax.transform.CanonicalizeBindings(),
-                        relax.get_pipeline("zero"),
-                    ]
-                )(mod)
+            mod = relax.transform.DecomposeOpsForInference()(mod)
         except Exception as err:
             raise UnsupportedLayerError(
                 f"stage {stage.name}: TVM cannot import it: {str(err).strip().splitlines()[0]}; "
@@ -167,6 +160,8 @@ class TvmBackend:
         from tvm import relax
         from tvm.s_tir import meta_schedule as ms
 
+        with tvm_target:  # lower to TIR first: tasks and records are TIR functions
+            mod = relax.get_pipeline("zero")(relax.transform.CanonicalizeBindings()(mod))
         self.database.mkdir(parents=True, exist_ok=True)
         db = ms.database.JSONDatabase(work_dir=str(self.database))
         tasks = ms.relax_integration.extract_tasks(mod, tvm_target)

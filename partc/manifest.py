@@ -1,0 +1,145 @@
+"""``manifest.json``: what the runtime reads to run a build, and what humans deploy from.
+
+Schema (``schema_version`` 1; keys sorted; sizes in bytes, times in seconds)::
+
+    schema_version   1
+    partc_version    the partc that wrote it
+    model            {spec, tracer, inputs: [TENSOR], outputs: [TENSOR]}
+    cluster          {source, objective, tiers: [{name, target, backend, nodes}],
+                      links: [{from, to, bandwidth, latency}]}     bandwidth in bytes/s
+    plan             {assignment: {node: tier},                   every IR node
+                      predicted: {latency, bottleneck, compute: {tier: s}, transfer: {link: s},
+                                  link_bytes: {link: bytes}}}     link = "src->dst"
+    stages           [{name, tier, index, backend, target, artifact, sha256, bytes,
+                       inputs: [TENSOR], outputs: [TENSOR], predicted_s, measured_s, info}]
+    transfers        [{tensor: TENSOR, from: stage | null, to: stage, bytes}]
+    verification     {max_abs_diff, output_scale, inputs: "seeded example"}
+
+    TENSOR = {name, shape: [int], dtype}
+
+``stages`` are in the order they run; ``artifact`` is relative to the manifest's folder.
+``measured_s`` is the median time of the emitted artifact on the compiling host, or null
+where the artifact cannot run there (a cross-compiled stage). ``transfers[].from`` is null
+for a model input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from partc.errors import ManifestError
+from partc.plan import Artifact, TensorSpec
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+_STAGE_KEYS = {
+    "name": str, "tier": str, "index": int, "backend": str, "target": str, "artifact": str, "sha256": str,
+    "bytes": int, "inputs": list, "outputs": list, "info": dict,
+}
+_TOP_KEYS = {
+    "schema_version": int, "partc_version": str, "model": dict, "cluster": dict, "plan": dict, "stages": list,
+    "transfers": list, "verification": dict,
+}
+
+
+def tensor_json(spec: TensorSpec) -> dict:
+    """Return a TensorSpec as its manifest form."""
+    return {"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype}
+
+
+@dataclass(frozen=True)
+class ManifestStage:
+    """A stage as the runtime sees it: its artifact and the tensors it reads and writes."""
+
+    name: str
+    tier: str
+    target: str
+    artifact: Artifact
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """Tensors the stage reads, in argument order."""
+        return self.artifact.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """Tensors the stage writes, in return order."""
+        return self.artifact.outputs
+
+
+def write_manifest(manifest: Mapping, folder: Path) -> Path:
+    """Write ``manifest`` to ``folder/manifest.json`` (sorted keys) and return the path."""
+    path = folder / MANIFEST
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read_manifest(path: Path | str) -> dict:
+    """Read and validate a manifest (a file, or the build folder holding it).
+
+    Raises:
+        ManifestError: naming the file and the key at fault.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path}: not found; is this a folder written by 'partc compile'?")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: not valid JSON ({err})") from err
+    _check_keys(path, "", manifest, _TOP_KEYS)
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path}: schema_version: {manifest['schema_version']} is not supported (this partc reads "
+            f"{SCHEMA_VERSION}); recompile with this partc"
+        )
+    for i, stage in enumerate(manifest["stages"]):
+        _check_keys(path, f"stages[{i}].", stage, _STAGE_KEYS)
+        for key in ("inputs", "outputs"):
+            for j, tensor in enumerate(stage[key]):
+                _check_keys(path, f"stages[{i}].{key}[{j}].", tensor, {"name": str, "shape": list, "dtype": str})
+    return manifest
+
+
+def _check_keys(path: Path, prefix: str, value, keys: Mapping[str, type]) -> None:
+    if not isinstance(value, dict):
+        raise ManifestError(f"{path}: {prefix.rstrip('.') or 'top level'}: expected an object")
+    for key, kind in keys.items():
+        if key not in value:
+            raise ManifestError(f"{path}: {prefix}{key}: missing")
+        if not isinstance(value[key], kind) or (kind is int and isinstance(value[key], bool)):
+            raise ManifestError(f"{path}: {prefix}{key}: expected {kind.__name__}, got {type(value[key]).__name__}")
+
+
+def manifest_stages(manifest: Mapping, folder: Path) -> list[ManifestStage]:
+    """Return the manifest's stages with their artifacts, each verified against its sha256.
+
+    Raises:
+        ManifestError: if an artifact is missing or its checksum does not match.
+    """
+    stages = []
+    for i, entry in enumerate(manifest["stages"]):
+        path = folder / entry["artifact"]
+        where = f"{folder / MANIFEST}: stages[{i}].artifact"
+        if not path.is_file():
+            raise ManifestError(f"{where}: {entry['artifact']!r} not found")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != entry["sha256"]:
+            raise ManifestError(
+                f"{where}: {entry['artifact']!r} does not match its sha256 (tampered or rebuilt); recompile"
+            )
+        artifact = Artifact(
+            stage=entry["name"], backend=entry["backend"], path=path, sha256=digest, bytes=entry["bytes"],
+            inputs=tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in entry["inputs"]),
+            outputs=tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in entry["outputs"]),
+            info=entry["info"],
+        )
+        stages.append(ManifestStage(entry["name"], entry["tier"], entry["target"], artifact))
+    return stages

@@ -1,0 +1,182 @@
+"""Feature-map codecs for tensors crossing a link: one implementation of each.
+
+A codec is named ``QUANT[+PACK]``:
+
+- ``QUANT``: ``none`` (raw bytes, lossless), ``fp16`` (half precision), ``int8`` (affine,
+  one scale and zero point per tensor) or ``int8c`` (affine per channel, axis 1);
+- ``PACK`` (optional): ``zstd`` / ``zstd-N`` (level N, default 1) or ``lz4``, applied to
+  the quantised bytes; lossless.
+
+So ``none`` and ``none+zstd`` are lossless, ``int8+zstd-1`` is JALAD-style. Quantisation
+applies to floating-point tensors only; integer and bool tensors always travel as ``none``
+whatever the link's codec says.
+
+Payload layout (little-endian), after any PACK step is undone:
+
+- ``none``, ``fp16``: the elements, C order;
+- ``int8``: float32 scale, float32 zero point, then one uint8 per element;
+- ``int8c``: C float32 scales, C float32 zero points (C = shape[1]), then uint8 elements.
+
+``decode(encode(x, c), c, x.shape, x.dtype)`` restores ``x`` exactly for lossless codecs;
+for the others ``Codec.max_error(x)`` bounds the absolute error of every element.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from partc.errors import PartcError
+
+_NAME = re.compile(r"^(none|fp16|int8|int8c)(?:\+(zstd(?:-(\d+))?|lz4))?$")
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A parsed codec name.
+
+    Attributes:
+        name: the canonical name (``int8+zstd-1``).
+        quant: ``none``, ``fp16``, ``int8`` or ``int8c``.
+        pack: ``zstd``, ``lz4`` or "" (none).
+        level: zstd level.
+    """
+
+    name: str
+    quant: str
+    pack: str
+    level: int
+
+    @property
+    def lossless(self) -> bool:
+        """Whether decoding restores the tensor exactly."""
+        return self.quant == "none"
+
+    def max_error(self, array: np.ndarray) -> float:
+        """The largest absolute error decoding may show on ``array`` (0 if lossless).
+
+        fp16 keeps 11 significant bits: half a unit in the last place, at most 2**-11 of the
+        largest magnitude (inf if a value overflows fp16's 65504). int8 rounds to 255 steps of
+        the tensor's (int8c: each channel's) range: half a step, plus float32 rounding.
+        """
+        if self.lossless or array.size == 0 or array.dtype.kind != "f":
+            return 0.0
+        largest = float(np.abs(array).max())
+        if self.quant == "fp16":
+            return float("inf") if largest > 65504 else largest * 2.0**-11 + 2.0**-25
+        low, high = _ranges(array, per_channel=self.quant == "int8c")
+        return float((high - low).max()) / 255 * 0.5 + largest * 2.0**-22
+
+
+def parse_codec(name: str) -> Codec:
+    """Parse a codec name.
+
+    Raises:
+        PartcError: for an unknown name; the message lists the grammar.
+    """
+    match = _NAME.match(name.strip())
+    if not match:
+        raise PartcError(
+            f"unknown codec {name!r}; use none, fp16, int8 or int8c, optionally followed by +zstd, "
+            "+zstd-LEVEL or +lz4 (e.g. int8+zstd-1)"
+        )
+    quant, pack, level = match.group(1), match.group(2) or "", int(match.group(3) or 1)
+    if pack.startswith("zstd"):
+        if not 1 <= level <= 22:
+            raise PartcError(f"codec {name!r}: zstd level must be 1..22")
+        pack = "zstd"
+    canonical = quant + (f"+zstd-{level}" if pack == "zstd" else f"+{pack}" if pack else "")
+    return Codec(canonical, quant, pack, level if pack == "zstd" else 0)
+
+
+def encode(array: np.ndarray, codec: Codec) -> bytes:
+    """Encode ``array`` with ``codec``; the result holds no shape or dtype (the header does)."""
+    array = np.ascontiguousarray(array)
+    quant = codec.quant if array.dtype.kind == "f" else "none"
+    if quant == "none":
+        payload = array.tobytes()
+    elif quant == "fp16":
+        payload = array.astype(np.float16).tobytes()
+    else:
+        low, high = _ranges(array, per_channel=quant == "int8c")
+        scale = np.where(high > low, (high - low) / 255, 1).astype(np.float32)
+        q = np.rint((array - _broadcast(array, low)) / _broadcast(array, scale))
+        payload = scale.tobytes() + low.astype(np.float32).tobytes() + np.clip(q, 0, 255).astype(np.uint8).tobytes()
+    return _pack(payload, codec)
+
+
+def decode(data: bytes | memoryview, codec: Codec, shape: tuple[int, ...], dtype: str | np.dtype) -> np.ndarray:
+    """Decode what ``encode`` produced for a tensor of ``shape`` and ``dtype``.
+
+    Raises:
+        PartcError: if the payload does not have the size the shape implies.
+    """
+    dtype = np.dtype(dtype)
+    payload = _unpack(data, codec)
+    quant = codec.quant if dtype.kind == "f" else "none"
+    count = int(np.prod(shape))
+    if quant in ("int8", "int8c"):
+        channels = shape[1] if quant == "int8c" else 1
+        _expect(payload, 8 * channels + count, codec)
+        scale = np.frombuffer(payload, np.float32, channels)
+        low = np.frombuffer(payload, np.float32, channels, offset=4 * channels)
+        q = np.frombuffer(payload, np.uint8, count, offset=8 * channels).reshape(shape)
+        if quant == "int8":
+            return (q * scale[0] + low[0]).astype(dtype)
+        view = (1, channels) + (1,) * (len(shape) - 2)
+        return (q * scale.reshape(view) + low.reshape(view)).astype(dtype)
+    stored = np.dtype(np.float16) if quant == "fp16" else dtype
+    _expect(payload, count * stored.itemsize, codec)
+    return np.frombuffer(payload, stored, count).reshape(shape).astype(dtype, copy=quant == "fp16")
+
+
+def _ranges(array: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    if array.size == 0:
+        shape = (array.shape[1],) if per_channel else (1,)
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    if per_channel:
+        if array.ndim < 2:
+            raise PartcError(f"codec int8c needs a tensor with a channel axis, got shape {array.shape}")
+        axes = tuple(i for i in range(array.ndim) if i != 1)
+        return array.min(axis=axes).astype(np.float32), array.max(axis=axes).astype(np.float32)
+    return np.array([array.min()], np.float32), np.array([array.max()], np.float32)
+
+
+def _broadcast(array: np.ndarray, per: np.ndarray) -> np.ndarray:
+    if per.size == 1:
+        return per[0]
+    return per.reshape((1, per.size) + (1,) * (array.ndim - 2))
+
+
+def _pack(payload: bytes, codec: Codec) -> bytes:
+    if codec.pack == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=codec.level).compress(payload)
+    if codec.pack == "lz4":
+        import lz4.frame
+
+        return lz4.frame.compress(payload)
+    return payload
+
+
+def _unpack(data: bytes | memoryview, codec: Codec) -> bytes | memoryview:
+    try:
+        if codec.pack == "zstd":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().decompress(data)
+        if codec.pack == "lz4":
+            import lz4.frame
+
+            return lz4.frame.decompress(data)
+    except Exception as err:  # zstd and lz4 raise their own error types for corrupt input
+        raise PartcError(f"codec {codec.name}: corrupt payload ({err})") from err
+    return data
+
+
+def _expect(payload: bytes | memoryview, size: int, codec: Codec) -> None:
+    if len(payload) != size:
+        raise PartcError(f"codec {codec.name}: payload has {len(payload)} bytes, the tensor needs {size}")

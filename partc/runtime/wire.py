@@ -1,0 +1,304 @@
+"""The wire format: named tensors as raw bytes behind an explicit header, never pickle.
+
+One message between two stages is a *frame*. All integers are little-endian; every
+variable-length part is padded with zero bytes to a multiple of 8, so each tensor payload
+starts 8-byte aligned within the frame and ``np.frombuffer`` views it without a copy.
+
+Frame header, 32 bytes (``struct`` format ``<4sBBHQdI4x``)::
+
+    0   4s   magic            b"PCTF"
+    4   u8   version          1
+    5   u8   flags            0 (reserved)
+    6   u16  n_tensors
+    8   u64  request_id
+    16  f64  elapsed          seconds the replying worker spent on the request (0 in requests)
+    24  u32  n_measurements
+    28  4x   padding
+
+then ``n_measurements`` measurements, then ``n_tensors`` tensors.
+
+Measurement, 32 bytes (``<BBB5xdQQ``) + names::
+
+    0   u8   kind             1 = compute (src: stage), 2 = link (src -> dst)
+    1   u8   src_len
+    2   u8   dst_len
+    3   5x   padding
+    8   f64  seconds
+    16  u64  bytes_sent
+    24  u64  bytes_received
+    32       src (UTF-8), dst (UTF-8), padding to 8
+
+Tensor, 16 bytes (``<HBBB3xQ``) + shape + names + payload::
+
+    0   u16  name_len
+    2   u8   codec_len
+    3   u8   dtype            code in DTYPE_CODES (logical dtype, before the codec)
+    4   u8   ndim             at most MAX_NDIM
+    5   3x   padding
+    8   u64  nbytes           payload length, as the codec wrote it
+    16       shape: ndim x u64
+             name (UTF-8), codec name (ASCII), padding to 8
+             payload (nbytes), padding to 8
+
+The codec named in a tensor's header turns the payload back into an array; ``none``
+(``RAW``) is the array's bytes, C order, little-endian. A ``Codec`` is any object with a
+``name`` and the two methods below; ``decode`` looks codec names up in the mapping it is
+given (``CODECS`` holds only ``none``), so compressing codecs plug in without changing the
+format.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from partc.errors import RunError
+
+MAGIC = b"PCTF"
+VERSION = 1
+MAX_NDIM = 32
+
+_FRAME = struct.Struct("<4sBBHQdI4x")
+_MEASUREMENT = struct.Struct("<BBB5xdQQ")
+_TENSOR = struct.Struct("<HBBB3xQ")
+_DIM = struct.Struct("<Q")
+_PAD = bytes(8)
+
+DTYPE_CODES: dict[str, int] = {
+    "float32": 1,
+    "float16": 2,
+    "float64": 3,
+    "int64": 4,
+    "int32": 5,
+    "int16": 6,
+    "int8": 7,
+    "uint8": 8,
+    "bool": 9,
+}
+_DTYPE_OF_CODE = {code: np.dtype(name).newbyteorder("<") for name, code in DTYPE_CODES.items()}
+_KINDS = {"compute": 1, "link": 2}
+_KIND_OF_CODE = {code: kind for kind, code in _KINDS.items()}
+
+
+class Codec(Protocol):
+    """Turns one array into payload bytes and back; ``name`` goes into the tensor header."""
+
+    name: str
+
+    def encode(self, array: np.ndarray) -> bytes | memoryview | np.ndarray:
+        """Return the payload for a C-contiguous, little-endian ``array``."""
+
+    def decode(self, payload: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """Return the array of ``dtype`` and ``shape`` held by ``payload``.
+
+        Raises:
+            ValueError: if the payload does not hold such an array.
+        """
+
+
+class RawCodec:
+    """Codec ``none``: the array's own bytes, no copy on either side."""
+
+    name = "none"
+
+    def encode(self, array: np.ndarray) -> np.ndarray:
+        """Return a flat uint8 view of ``array`` (no copy)."""
+        return array.reshape(-1).view(np.uint8)
+
+    def decode(self, payload: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """Return a read-only array viewing ``payload`` (no copy).
+
+        Raises:
+            ValueError: if the payload length is not ``prod(shape) * itemsize``.
+        """
+        expected = math.prod(shape) * dtype.itemsize
+        if len(payload) != expected:
+            raise ValueError(f"payload has {len(payload)} bytes, {dtype.name}{list(shape)} needs {expected}")
+        return np.frombuffer(payload, dtype=dtype).reshape(shape)
+
+
+RAW = RawCodec()
+CODECS: Mapping[str, Codec] = {RAW.name: RAW}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One timed step of a request, carried back to the driver in the reply.
+
+    Attributes:
+        kind: "compute" (a stage ran its function) or "link" (a frame crossed src -> dst
+            and the reply came back; seconds exclude the time the receiver spent on it).
+        src: the stage that computed, or the sending end of the link ("driver" for the
+            driver).
+        dst: the receiving stage of a link; "" for compute.
+        seconds: wall-clock seconds.
+        bytes_sent: frame bytes sent src -> dst (0 for compute).
+        bytes_received: reply bytes sent back dst -> src (0 for compute).
+    """
+
+    kind: str
+    src: str
+    dst: str
+    seconds: float
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Named tensors for one request, plus the measurements a reply carries back.
+
+    Attributes:
+        request_id: the driver's sequence number of the request.
+        tensors: name -> array.
+        measurements: compute and link timings, in the order they were taken.
+        elapsed: seconds the replying worker spent on the request (0 in requests).
+    """
+
+    request_id: int
+    tensors: Mapping[str, np.ndarray]
+    measurements: tuple[Measurement, ...] = ()
+    elapsed: float = 0.0
+
+
+def _padding(n: int) -> bytes:
+    return _PAD[: -n % 8]
+
+
+def _wire_array(name: str, array: np.ndarray) -> tuple[np.ndarray, int]:
+    array = np.asarray(array)
+    code = DTYPE_CODES.get(array.dtype.name)
+    if code is None:
+        raise RunError(
+            f"tensor {name!r}: dtype {array.dtype} cannot be sent; supported dtypes: {', '.join(DTYPE_CODES)}"
+        )
+    if array.ndim > MAX_NDIM:
+        raise RunError(f"tensor {name!r}: {array.ndim} dimensions, the wire format allows at most {MAX_NDIM}")
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)  # a 0-d array is always contiguous: it keeps its shape
+    return array, code
+
+
+def encode(frame: Frame, codecs: Mapping[str, Codec] | None = None) -> bytes:
+    """Serialise ``frame`` into one bytes object (one copy of each payload).
+
+    ``codecs`` maps tensor names to the codec to send them with; other tensors go raw.
+
+    Raises:
+        RunError: if a tensor has an unsupported dtype, too many dimensions, or a name or
+            codec name too long for its header field.
+    """
+    if len(frame.tensors) > 0xFFFF:
+        raise RunError(f"request {frame.request_id}: {len(frame.tensors)} tensors, a frame holds at most 65535")
+    parts: list[bytes | memoryview | np.ndarray] = [
+        _FRAME.pack(MAGIC, VERSION, 0, len(frame.tensors), frame.request_id, frame.elapsed, len(frame.measurements))
+    ]
+    for m in frame.measurements:
+        src, dst = m.src.encode(), m.dst.encode()
+        if len(src) > 0xFF or len(dst) > 0xFF:
+            raise RunError(f"measurement {m.src!r} -> {m.dst!r}: stage names are limited to 255 bytes")
+        parts.append(_MEASUREMENT.pack(_KINDS[m.kind], len(src), len(dst), m.seconds, m.bytes_sent, m.bytes_received))
+        parts += [src, dst, _padding(len(src) + len(dst))]
+    for name, value in frame.tensors.items():
+        array, code = _wire_array(name, value)
+        codec = (codecs or {}).get(name, RAW)
+        payload = codec.encode(array)
+        nbytes = payload.nbytes if isinstance(payload, (np.ndarray, memoryview)) else len(payload)
+        name_b, codec_b = name.encode(), codec.name.encode("ascii")
+        if len(name_b) > 0xFFFF or len(codec_b) > 0xFF:
+            raise RunError(f"tensor {name[:80]!r}: name or codec name too long for the wire format")
+        parts.append(_TENSOR.pack(len(name_b), len(codec_b), code, array.ndim, nbytes))
+        parts += [_DIM.pack(d) for d in array.shape]
+        parts += [name_b, codec_b, _padding(len(name_b) + len(codec_b)), payload, _padding(nbytes)]
+    return b"".join(parts)
+
+
+class _Reader:
+    """Bounds-checked reads from a frame; every failure names what was being read."""
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+        self.offset = 0
+
+    def take(self, n: int, what: str) -> memoryview:
+        end = self.offset + n
+        if end > len(self.data):
+            raise RunError(
+                f"malformed frame: truncated in {what}: needs {n} bytes at offset {self.offset}, "
+                f"the frame has {len(self.data)}"
+            )
+        chunk = self.data[self.offset : end]
+        self.offset = end
+        return chunk
+
+    def unpack(self, fmt: struct.Struct, what: str) -> tuple:
+        return fmt.unpack(self.take(fmt.size, what))
+
+    def text(self, n: int, what: str, encoding: str = "utf-8") -> str:
+        try:
+            return bytes(self.take(n, what)).decode(encoding)
+        except UnicodeDecodeError as err:
+            raise RunError(f"malformed frame: {what} is not valid {encoding}: {err}") from err
+
+    def skip_padding(self, n: int, what: str) -> None:
+        self.take(-n % 8, what)
+
+
+def decode(data: bytes | bytearray | memoryview, codecs: Mapping[str, Codec] = CODECS) -> Frame:
+    """Parse a frame written by ``encode``. Raw tensors are read-only views into ``data``.
+
+    ``codecs`` maps codec names (as written in tensor headers) to codecs.
+
+    Raises:
+        RunError: if the frame is truncated, has a bad magic or version, an unknown dtype
+            or codec, a payload that does not match its shape, a duplicate tensor name, or
+            trailing bytes; the message names the tensor and the offset.
+    """
+    reader = _Reader(memoryview(data).cast("B"))
+    magic, version, _flags, n_tensors, request_id, elapsed, n_meas = reader.unpack(_FRAME, "the frame header")
+    if magic != MAGIC:
+        raise RunError(f"malformed frame: magic {bytes(magic)!r}, expected {MAGIC!r} (not a partc frame)")
+    if version != VERSION:
+        raise RunError(f"malformed frame: version {version}, this runtime reads version {VERSION}")
+    measurements = []
+    for i in range(n_meas):
+        what = f"measurement {i}"
+        kind, src_len, dst_len, seconds, sent, received = reader.unpack(_MEASUREMENT, what)
+        if kind not in _KIND_OF_CODE:
+            raise RunError(f"malformed frame: {what} has unknown kind {kind}")
+        src, dst = reader.text(src_len, what), reader.text(dst_len, what)
+        reader.skip_padding(src_len + dst_len, what)
+        measurements.append(Measurement(_KIND_OF_CODE[kind], src, dst, seconds, sent, received))
+    tensors: dict[str, np.ndarray] = {}
+    for i in range(n_tensors):
+        what = f"tensor {i}"
+        name_len, codec_len, code, ndim, nbytes = reader.unpack(_TENSOR, f"the header of {what}")
+        if ndim > MAX_NDIM:
+            raise RunError(f"malformed frame: {what} has {ndim} dimensions, at most {MAX_NDIM} are allowed")
+        shape = tuple(reader.unpack(_DIM, f"the shape of {what}")[0] for _ in range(ndim))
+        name = reader.text(name_len, f"the name of {what}")
+        what = f"tensor {i} ({name!r})"
+        codec_name = reader.text(codec_len, f"the codec name of {what}", "ascii")
+        reader.skip_padding(name_len + codec_len, what)
+        if code not in _DTYPE_OF_CODE:
+            raise RunError(f"malformed frame: {what} has unknown dtype code {code}")
+        if codec_name not in codecs:
+            raise RunError(f"{what} uses codec {codec_name!r}, which this runtime lacks; known: {', '.join(codecs)}")
+        if name in tensors:
+            raise RunError(f"malformed frame: {what} appears twice")
+        payload = reader.take(nbytes, f"the payload of {what}")
+        reader.skip_padding(nbytes, f"the payload of {what}")
+        try:
+            tensors[name] = codecs[codec_name].decode(payload, _DTYPE_OF_CODE[code], shape)
+        except ValueError as err:
+            raise RunError(f"malformed frame: {what}, codec {codec_name!r}: {err}") from err
+    if reader.offset != len(reader.data):
+        raise RunError(f"malformed frame: {len(reader.data) - reader.offset} unexpected bytes after the last tensor")
+    return Frame(request_id, tensors, tuple(measurements), elapsed)

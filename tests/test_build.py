@@ -1,0 +1,159 @@
+"""partc compile / partc run end to end: real models, real artifacts, real ONNX Runtime."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from partc.build import compile_model
+from partc.cli import main
+from partc.errors import ManifestError, PartcError
+from partc.manifest import read_manifest
+from partc.runtime.local import load
+from partc.trace import load_model, parse_input_spec
+
+CLUSTER = """\
+tiers:
+  - {name: device, target: rpi4, backend: torchscript}
+  - {name: edge, target: jetson-nano, backend: onnx}
+  - {name: cloud, target: cloud-cpu, backend: onnx}
+links:
+  - {from: device, to: edge, bandwidth: 20Mbit/s, latency: 5ms}
+  - {from: edge, to: cloud, bandwidth: 50Mbit/s, latency: 20ms}
+constraints:
+  pin: {device: ["layer1*"], edge: ["layer2*"]}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cluster") / "cluster.yaml"
+    path.write_text(CLUSTER)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_cluster(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cluster") / "plain.yaml"
+    path.write_text(CLUSTER.split("constraints:")[0])
+    return path
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory, cluster):
+    out = tmp_path_factory.mktemp("builds") / "resnet18"
+    depfile = out.parent / "resnet18.d"
+    return compile_model("torchvision:resnet18", ["1,3,224,224"], cluster, out, depfile=depfile)
+
+
+def test_three_tier_build_runs_exactly_through_its_artifacts(build):
+    manifest = read_manifest(build.path)
+    assert [s["name"] for s in manifest["stages"]] == ["device.0", "edge.0", "cloud.0"]
+    assert [s["backend"] for s in manifest["stages"]] == ["torchscript", "onnx", "onnx"]
+    assert all((build.path / s["artifact"]).is_file() for s in manifest["stages"])
+    assert all(s["measured_s"] > 0 and s["predicted_s"] > 0 for s in manifest["stages"])
+    assert manifest["plan"]["assignment"]["layer1_0_conv1"] == "device"
+    assert manifest["plan"]["assignment"]["layer2_0_conv1"] == "edge"
+    # the residual skip crosses the layer1 -> layer2 boundary with the block input: the transfers say so
+    assert {t["to"] for t in manifest["transfers"]} >= {"edge.0", "cloud.0"}
+    pipeline = load(build.path)
+    x = parse_input_spec("1,3,224,224").example()
+    with torch.no_grad():
+        want = load_model("torchvision:resnet18")(x).numpy()
+    got = pipeline({"x": x.numpy()})["output"]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert manifest["verification"]["max_abs_diff"] <= 1e-4 * manifest["verification"]["output_scale"]
+
+
+def test_manifest_records_plan_and_links(build):
+    manifest = build.manifest
+    predicted = manifest["plan"]["predicted"]
+    assert set(predicted["link_bytes"]) == {"device->edge", "edge->cloud"}
+    assert predicted["latency"] == pytest.approx(sum(predicted["compute"].values()) + sum(predicted["transfer"].values()))
+    crossing = sum(t["bytes"] for t in manifest["transfers"] if t["to"] == "edge.0" and t["from"] == "device.0")
+    assert crossing == predicted["link_bytes"]["device->edge"]
+    assert manifest["model"]["inputs"] == [{"name": "x", "shape": [1, 3, 224, 224], "dtype": "float32"}]
+    text = (build.path / "manifest.json").read_text()
+    assert json.loads(text) == manifest and text == json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+
+
+def test_depfile_names_model_source_and_cluster(build, cluster):
+    text = (build.path.parent / "resnet18.d").read_text()
+    target, deps = text.split(":", 1)
+    assert target == str((build.path / "manifest.json").resolve())
+    assert "torchvision/models/resnet.py" in deps and str(cluster.resolve()) in deps
+
+
+def test_tampered_and_missing_artifacts_are_refused(build, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(build.path, copy)
+    with open(copy / "edge.0.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ManifestError, match=r"stages\[1\]\.artifact: 'edge.0.onnx' does not match its sha256"):
+        load(copy)
+    (copy / "edge.0.onnx").unlink()
+    with pytest.raises(ManifestError, match=r"stages\[1\]\.artifact: 'edge.0.onnx' not found"):
+        load(copy)
+
+
+def test_malformed_manifest_names_the_key(build, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(build.path, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["stages"][2]["sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=r"manifest.json: stages\[2\]\.sha256: missing$"):
+        load(copy)
+
+
+def test_failed_compile_leaves_previous_build_intact(build, tmp_path, cluster):
+    out = tmp_path / "b"
+    shutil.copytree(build.path, out)
+    before = sorted(p.name for p in out.iterdir())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CLUSTER.replace('edge: ["layer2*"]', 'edge: ["no_such_layer*"]'))
+    with pytest.raises(PartcError, match="no_such_layer"):
+        compile_model("torchvision:resnet18", ["1,3,224,224"], bad, out)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_a_build(tmp_path, plain_cluster):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(PartcError, match="exists and is not a partc build"):
+        compile_model("tests/models.py:conv_stack", ["1,3,32,32"], plain_cluster, tmp_path)
+
+
+def test_cli_run_reads_and_writes_npy(build, tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = main(["run", str(build.path), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")])
+    assert code == 0
+    with torch.no_grad():
+        want = load_model("torchvision:resnet18")(torch.from_numpy(x)).numpy()
+    got = np.load(tmp_path / "y.npy")
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert capsys.readouterr().out.startswith("output: 1x1000 float32")
+
+
+def test_cli_run_wrong_input_shape(build, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 64, 64), dtype=np.float32))
+    code = main(["run", str(build.path), "--input", str(tmp_path / "x.npy")])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "partc: error: input 'x': got 1x3x64x64 float32, but the build was compiled for 1x3x224x224 float32; "
+        "recompile with --input-shape 1,3,64,64\n"
+    )
+
+
+def test_cli_compile_prints_stage_table(tmp_path, plain_cluster, capsys):
+    code = main(["compile", "tests/models.py:conv_stack", "--input-shape", "1,3,32,32", "--cluster",
+                 str(plain_cluster), "-o", str(tmp_path / "b")])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out.splitlines()[0].split() == ["stage", "backend", "target", "artifact", "MB", "predicted", "ms",
+                                           "measured", "ms"]
+    assert "partc: tracing tests/models.py:conv_stack" in err and "partc: pass select-cuts" in err
+    assert f"wrote {tmp_path / 'b'}/manifest.json" in out
