@@ -1,10 +1,34 @@
 """partc: a compiler for distributed DNN inference across device, edge and cloud.
 
-The Python API mirrors the command line: ``partc.inspect`` is ``partc inspect``.
+The Python API mirrors the command line, one function per command:
+
+- ``partc.inspect(model, input_shapes)`` is ``partc inspect``;
+- ``partc.profile(gm, ...)`` is ``partc profile`` (trace first with ``partc.trace_model``);
+- ``partc.compile(model, input_shapes, cluster, output)`` is ``partc compile``;
+- ``partc.load(build)`` loads a build that ``partc run`` runs.
+
+Attributes are imported on first use, so that ``import partc`` (and a runtime worker that
+never traces a model) does not pay for importing torch.
 """
 
-from partc.report import inspect, trace_model
-from partc.trace import load_model
+import importlib
 
-__all__ = ["inspect", "load_model", "trace_model"]
 __version__ = "0.1.0"
+
+_API = {
+    "inspect": ("partc.report", "inspect"),
+    "trace_model": ("partc.report", "trace_model"),
+    "load_model": ("partc.trace", "load_model"),
+    "profile": ("partc.profile", "profile_model"),
+    "compile": ("partc.build", "compile_model"),
+    "load": ("partc.runtime.local", "load"),
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'partc' has no attribute {name!r}")
+    module, attr = _API[name]
+    return getattr(importlib.import_module(module), attr)

@@ -181,13 +181,32 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([lines[0], "-" * max(map(len, lines)), *lines[1:]])
 
 
+def _add_security_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="shared secret (first line) every stage and the driver must present")
+    parser.add_argument("--cert", type=Path, metavar="PEM", help="TLS certificate this worker serves with")
+    parser.add_argument("--key", type=Path, metavar="PEM", help="private key of --cert")
+    parser.add_argument("--root", type=Path, metavar="PEM", help="TLS root certificate to trust when calling a stage")
+
+
+def _security(args):
+    from partc.runtime.transport import Security
+
+    return Security.from_files(args.token_file, args.cert, args.key, args.root)
+
+
 def _add_run(sub) -> None:
     p = sub.add_parser(
-        "run", help="run a compiled build on this machine, through its artifacts",
-        description="Load BUILD (checking every artifact against the manifest's sha256), run its stages "
-        "in order in this process and write the model's output. Without --input, a seeded example input "
-        "of the compiled shape is used.",
-        epilog="example:\n  partc run build/resnet50 --input x.npy --output y.npy\n",
+        "run", help="run a compiled build, in this process or across worker processes",
+        description="Load BUILD (checking every artifact against the manifest's sha256) and run its stages "
+        "through their artifacts. Without --input, a seeded example input of the compiled shape is used. "
+        "With --distributed, every stage runs in its own worker over gRPC: started here on loopback, or "
+        "already serving on other machines (--connect); --requests N streams N requests through the "
+        "pipeline with several in flight and reports latency, throughput and the measured links.",
+        epilog="examples:\n  partc run build/resnet50 --input x.npy --output y.npy\n"
+        "  partc run build/resnet50 --distributed --requests 50\n"
+        "  partc run build/resnet50 --distributed --connect device.0=10.0.0.2:50051 "
+        "--connect edge.0=10.0.0.3:50051 --connect cloud.0=10.0.0.4:50051\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("build", type=Path, metavar="BUILD", help="folder written by 'partc compile'")
@@ -195,6 +214,12 @@ def _add_run(sub) -> None:
                    help=".npy file of one model input, in the model's input order; repeatable")
     p.add_argument("--output", type=Path, metavar="FILE",
                    help="where to write the output: .npy for one output, .npz for several")
+    p.add_argument("--distributed", action="store_true", help="run every stage in its own gRPC worker")
+    p.add_argument("--connect", action="append", default=[], metavar="STAGE=HOST:PORT",
+                   help="with --distributed: a worker already serving STAGE ('partc serve'); repeat for every stage")
+    p.add_argument("--requests", type=int, default=1, metavar="N", help="with --distributed: requests to stream")
+    p.add_argument("--window", type=int, default=4, metavar="N", help="with --distributed: requests in flight")
+    _add_security_args(p)
     p.set_defaults(func=_run_run)
 
 
@@ -202,19 +227,26 @@ def _run_run(args) -> int:
     import numpy as np
 
     from partc.errors import PartcError
-    from partc.runtime.local import load
+    from partc.manifest import read_manifest
     from partc.trace import parse_input_spec
 
-    pipeline = load(args.build)
-    specs = pipeline.model_inputs
+    manifest = read_manifest(args.build)
+    specs = manifest["model"]["inputs"]
     if args.input and len(args.input) != len(specs):
         raise PartcError(f"--input: the model takes {len(specs)} input(s), {len(args.input)} given")
     if args.input:
-        inputs = {spec.name: _read_npy(path) for spec, path in zip(specs, args.input, strict=True)}
+        inputs = {spec["name"]: _read_npy(path) for spec, path in zip(specs, args.input, strict=True)}
     else:
-        inputs = {s.name: parse_input_spec(",".join(map(str, s.shape)) + f":{s.dtype}").example().numpy()
+        inputs = {s["name"]: parse_input_spec(",".join(map(str, s["shape"])) + f":{s['dtype']}").example().numpy()
                   for s in specs}
-    outputs = pipeline(inputs)
+    if args.connect and not args.distributed:
+        raise PartcError("--connect needs --distributed")
+    if args.distributed:
+        outputs = _run_distributed(args, inputs)
+    else:
+        from partc.runtime.local import load
+
+        outputs = load(args.build)(inputs)
     if args.output:
         if len(outputs) == 1 and args.output.suffix == ".npy":
             np.save(args.output, next(iter(outputs.values())))
@@ -223,6 +255,99 @@ def _run_run(args) -> int:
     for name, value in outputs.items():
         print(f"{name}: {'x'.join(map(str, value.shape))} {value.dtype}, "
               f"min {value.min():.4g} max {value.max():.4g} mean {value.mean():.4g}")
+    return 0
+
+
+def _run_distributed(args, inputs):
+    import contextlib
+    import statistics
+    import time
+
+    from partc.runtime.deploy import LocalWorkers, connect_build
+
+    addresses = dict(_pair(text, "--connect", "STAGE=HOST:PORT") for text in args.connect)
+    with contextlib.ExitStack() as stack:
+        if not addresses:
+            print("partc: starting one worker process per stage on 127.0.0.1", file=sys.stderr)
+            addresses = stack.enter_context(LocalWorkers(args.build, args.token_file)).addresses
+        driver = stack.enter_context(connect_build(args.build, addresses, _security(args), window=args.window))
+        driver.check()
+        started, latencies, outputs = time.perf_counter(), [], None
+        sent = []
+        for result in driver.run(_stamped(inputs, args.requests, sent)):
+            latencies.append(time.perf_counter() - sent[len(latencies)])
+            outputs = outputs or result
+        elapsed = time.perf_counter() - started
+        print(f"{args.requests} requests in {elapsed:.2f} s: {args.requests / elapsed:.1f} requests/s, latency "
+              f"median {statistics.median(latencies) * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms")
+        for link, estimate in driver.links.items():
+            rate = estimate.bytes_per_second
+            print(f"link {link}: " + (f"{rate * 8 / 1e6:.1f} Mbit/s measured" if rate else "no transfers"))
+        for stage, ewma in driver.compute.items():
+            print(f"stage {stage}: compute {ewma.value * 1e3:.2f} ms (smoothed)")
+    return outputs
+
+
+def _stamped(inputs, count: int, sent: list):
+    """Yield ``inputs`` ``count`` times, recording when each request is handed to the driver."""
+    import time
+
+    for _ in range(count):
+        sent.append(time.perf_counter())
+        yield inputs
+
+
+def _pair(text: str, flag: str, form: str) -> tuple[str, str]:
+    from partc.errors import PartcError
+
+    key, _, value = text.partition("=")
+    if not key or not value:
+        raise PartcError(f"{flag} {text!r}: expected {form}")
+    return key, value
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve one stage of a build as a gRPC worker",
+        description="Serve STAGE of BUILD over gRPC until SIGTERM or Ctrl-C. The worker checks its artifact "
+        "against the manifest's sha256, loads it, runs it for every request and forwards what later stages "
+        "read to the next stage's worker (--next). Only the manifest and this stage's artifact are needed "
+        "on the machine ('partc bundle').",
+        epilog="example (three machines, last stage first):\n"
+        "  partc serve build/resnet50 --stage cloud.0 --listen 0.0.0.0:50051\n"
+        "  partc serve build/resnet50 --stage edge.0 --listen 0.0.0.0:50051 --next 10.0.0.4:50051\n"
+        "  partc serve build/resnet50 --stage device.0 --listen 0.0.0.0:50051 --next 10.0.0.3:50051\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("build", type=Path, metavar="BUILD", help="folder written by 'partc compile'")
+    p.add_argument("--stage", required=True, metavar="STAGE", help="stage to serve, e.g. edge.0")
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:0, any free port)")
+    p.add_argument("--next", metavar="HOST:PORT", help="address of the next stage's worker")
+    p.add_argument("--ready-file", type=Path, metavar="FILE",
+                   help="write {stage, address} as JSON here once serving (for scripts)")
+    _add_security_args(p)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    import os
+    import signal
+    import threading
+
+    from partc.runtime.deploy import serve
+
+    server = serve(args.build, args.stage, listen=args.listen, next_address=args.next, security=_security(args))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.warning("serving stage %s on %s", args.stage, server.address)
+    if args.ready_file is not None:
+        tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
+        tmp.write_text(json.dumps({"stage": args.stage, "address": server.address}))
+        os.replace(tmp, args.ready_file)
+    stop.wait()
+    server.stop()
     return 0
 
 
@@ -252,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_compile(sub)
     _add_run(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -273,12 +399,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _quiet_torch(verbose: int) -> None:
-    """Keep torch's own loggers (tracing warnings, graph dumps) off stderr unless -vv."""
+    """Keep torch's own loggers and Python warnings (deprecations) off stderr unless -v / -vv."""
     import torch._logging
 
     torch._logging.set_logs(all=logging.DEBUG if verbose >= 2 else logging.CRITICAL)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 def entry() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -20,8 +20,8 @@ The cluster file is YAML::
       max_memory: {device: 512MB}               # most parameter + activation bytes per tier
 
 - ``tiers`` (required, at least one): ``name`` (unique), ``target`` (a key of
-  ``partc.targets.TARGETS``), ``backend`` (``torchscript``, ``onnx`` or ``tvm``), ``nodes``
-  (optional, a positive integer, default 1).
+  ``partc.targets.TARGETS``), ``backend`` (a key of ``partc.targets.BACKENDS``:
+  ``torchscript``, ``onnx``, ``tvm``), ``nodes`` (optional, a positive integer, default 1).
 - ``links`` (required when there are two tiers or more): ``from`` and ``to`` name tiers,
   ``from`` before ``to``; at most one link per pair; every tier after the first must be
   reachable from the first through links (a multi-hop path is fine).
@@ -47,12 +47,17 @@ import yaml
 
 from partc.errors import ClusterError
 
-BACKEND_NAMES = ("torchscript", "onnx", "tvm")
 OBJECTIVES = ("latency", "throughput")
 
 _BANDWIDTH_UNITS = {
-    "bit/s": 1 / 8, "kbit/s": 1e3 / 8, "Mbit/s": 1e6 / 8, "Gbit/s": 1e9 / 8,
-    "B/s": 1.0, "kB/s": 1e3, "MB/s": 1e6, "GB/s": 1e9,
+    "bit/s": 1 / 8,
+    "kbit/s": 1e3 / 8,
+    "Mbit/s": 1e6 / 8,
+    "Gbit/s": 1e9 / 8,
+    "B/s": 1.0,
+    "kB/s": 1e3,
+    "MB/s": 1e6,
+    "GB/s": 1e9,
 }
 _DURATION_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 _SIZE_UNITS = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
@@ -212,17 +217,13 @@ def load_cluster(path: Path | str, profiles: Mapping[str, Path] | None = None) -
     return cluster_from_dict(data, source=str(path), profiles=profiles)
 
 
-def cluster_from_dict(
-    data, *, source: str = "<cluster>", profiles: Mapping[str, Path] | None = None
-) -> CompileContext:
+def cluster_from_dict(data, *, source: str = "<cluster>", profiles: Mapping[str, Path] | None = None) -> CompileContext:
     """Validate a parsed cluster file (a dict, as YAML gives it) into a ``CompileContext``.
 
     Raises:
         ClusterError: for any invalid field, naming ``source`` and the key path.
     """
-    root = _mapping(
-        data, source, "the top level", required=("tiers",), optional=("links", "objective", "constraints")
-    )
+    root = _mapping(data, source, "the top level", required=("tiers",), optional=("links", "objective", "constraints"))
     tiers = _tiers(root["tiers"], source)
     names = tuple(t.name for t in tiers)
     links = _links(root.get("links", []), names, source)
@@ -233,9 +234,7 @@ def cluster_from_dict(
     return CompileContext(tiers, links, objective, constraints, dict(profiles or {}), source)
 
 
-def _mapping(
-    value, source: str, where: str, *, required: Iterable[str] = (), optional: Iterable[str] = ()
-) -> dict:
+def _mapping(value, source: str, where: str, *, required: Iterable[str] = (), optional: Iterable[str] = ()) -> dict:
     """Check that ``value`` is a mapping with all ``required`` keys and no unknown ones."""
     if not isinstance(value, dict):
         raise ClusterError(f"{source}: {where}: expected a mapping, got {_type_name(value)}")
@@ -246,9 +245,7 @@ def _mapping(
     if required or optional:
         for key in value:
             if key not in required + optional:
-                raise ClusterError(
-                    f"{source}: {where}: unknown key {key!r}; expected {', '.join(required + optional)}"
-                )
+                raise ClusterError(f"{source}: {where}: unknown key {key!r}; expected {', '.join(required + optional)}")
     return value
 
 
@@ -257,7 +254,7 @@ def _type_name(value) -> str:
 
 
 def _tiers(value, source: str) -> tuple[Tier, ...]:
-    from partc.targets import target  # imported here: the targets package imports backends
+    from partc.targets import backend, target  # imported here: the backends import partc modules
 
     if not isinstance(value, list) or not value:
         raise ClusterError(f"{source}: tiers: expected a non-empty list of tiers, got {_type_name(value)}")
@@ -270,19 +267,15 @@ def _tiers(value, source: str) -> tuple[Tier, ...]:
             raise ClusterError(f"{source}: {where}.name: {name!r} is not a name (letters, digits, '_', '-')")
         if name in (t.name for t in tiers):
             raise ClusterError(f"{source}: {where}.name: tier {name!r} is defined twice")
-        try:
-            target(str(entry["target"]))
-        except ClusterError as err:
-            raise ClusterError(f"{source}: {where}.target: {err}") from None
-        if entry["backend"] not in BACKEND_NAMES:
-            raise ClusterError(
-                f"{source}: {where}.backend: unknown backend {entry['backend']!r}; "
-                f"backends are: {', '.join(BACKEND_NAMES)}"
-            )
+        for key, lookup in (("target", target), ("backend", backend)):
+            try:
+                lookup(str(entry[key]))
+            except ClusterError as err:
+                raise ClusterError(f"{source}: {where}.{key}: {err}") from None
         nodes = entry.get("nodes", 1)
         if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
             raise ClusterError(f"{source}: {where}.nodes: {nodes!r} is not a positive integer")
-        tiers.append(Tier(name, str(entry["target"]), entry["backend"], nodes))
+        tiers.append(Tier(name, str(entry["target"]), str(entry["backend"]), nodes))
     return tuple(tiers)
 
 
@@ -344,15 +337,11 @@ def _constraints(value, names: tuple[str, ...], source: str) -> Constraints:
         pin[tier] = tuple(patterns)
     forbid = entry.get("forbid", [])
     if not isinstance(forbid, list):
-        raise ClusterError(
-            f"{source}: constraints.forbid: expected a list of tier names, got {_type_name(forbid)}"
-        )
+        raise ClusterError(f"{source}: constraints.forbid: expected a list of tier names, got {_type_name(forbid)}")
     for i, tier in enumerate(forbid):
         _tier_name(tier, names, source, f"constraints.forbid[{i}]")
         if tier in pin:
-            raise ClusterError(
-                f"{source}: constraints.forbid[{i}]: tier {tier!r} is forbidden but has pinned nodes"
-            )
+            raise ClusterError(f"{source}: constraints.forbid[{i}]: tier {tier!r} is forbidden but has pinned nodes")
     if len(set(forbid)) == len(names):
         raise ClusterError(f"{source}: constraints.forbid: every tier is forbidden; nothing could run")
     max_link_bytes = {}

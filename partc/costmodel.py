@@ -3,7 +3,8 @@
 A roofline per cost class (``partc.kind``), calibrated against measurements on a
 reference host and scaled to the target's description::
 
-    t(node, T) = max(flops / (P_T * e_k), bytes / (B_T * m_k)) + c_k * (f_ref / f_T) + L_T
+    t(node, T) = max(flops / (P_T * e_k), bytes / (B_T * m_k)) + c_k * (f_ref / f_T) + L_T     (CPU)
+    t(node, T) = max(flops / (P_T * e_k), bytes / (B_T * m_k)) + L_T                           (GPU)
 
 - ``flops`` is ``partc.flops``; ``bytes`` is what the node moves: the bytes of its inputs
   (``partc.bytes`` of the nodes it reads) + its output (``partc.bytes``) + its
@@ -12,44 +13,50 @@ reference host and scaled to the target's description::
   ``memory_bandwidth_gbs``, ``clock_ghz`` and ``launch_overhead_us``
   (``partc.targets.TargetDesc``).
 - ``e_k``, ``m_k`` (compute and memory efficiency, relative to the reference host's
-  peak) and ``c_k`` (per-node overhead on the reference host: Python and ATen dispatch)
-  are fitted per cost class by ``fit_calibration`` on measured profiles.
+  sgemm rate and copy bandwidth) and ``c_k`` (per-node overhead on the reference host:
+  Python and ATen dispatch) are fitted by ``fit_calibration`` on measured profiles, per
+  cost class ``k`` (``cost_class``: the op, with convolutions split into depthwise,
+  grouped, 1x1 and the rest). A class with too few measured nodes falls back to its
+  kind's fit, then to one fit over all nodes.
 - ``f_ref`` is the reference host's clock: dispatch is single-threaded, so it scales with
-  the clock, not the core count.
+  the clock, not the core count. On a GPU target the host CPU dispatches, and the
+  target's ``launch_overhead_us`` stands for dispatch and kernel launch together.
 
 The fitted numbers ship as ``targets/calibration.json`` (written by
 ``benchmarks/cost_model.py``), together with the reference host's own description, so
 that predictions are deterministic: nothing is measured at compile time. Its schema
 (``schema_version`` 1): ``reference`` (a target description: the fields of
-``TargetDesc``, peak and bandwidth as measured on the host), ``classes`` (cost class ->
-``compute_efficiency``, ``memory_efficiency``, ``overhead_us``; ``default`` for classes
-that had too few nodes to fit), ``models`` (the profiles it was fitted on) and ``host``
-(the fingerprint of ``partc.profile.host_fingerprint``).
+``TargetDesc``, sgemm rate and copy bandwidth as measured on the host), ``classes``
+(cost class, ``kind:KIND`` or ``default`` -> ``compute_efficiency``,
+``memory_efficiency``, ``overhead_us``), ``models`` (the profiles it was fitted on) and
+``host`` (the fingerprint of ``partc.profile.host_fingerprint``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.optimize import least_squares
 from torch import fx
 
 from partc.errors import PartcError
-from partc.ir import META_BYTES, META_FLOPS, META_KIND, META_PARAM_BYTES
-from partc.profile import NodeTiming, Profile
+from partc.ir import META_BYTES, META_FLOPS, META_KIND, META_OP, META_PARAM_BYTES
 from partc.targets import TargetDesc
 
+if TYPE_CHECKING:
+    from partc.profile import NodeTiming, Profile
+
 SCHEMA_VERSION = 1
-DEFAULT = "default"  # the class used for cost classes without their own fit
+DEFAULT = "default"  # the fit used for nodes whose cost class and kind have no fit of their own
 FREE_KINDS = ("input", "output")  # never cost anything
-MIN_NODES = 8  # a cost class needs this many measured nodes for its own fit
+MIN_NODES = 8  # a cost class (or kind) needs this many measured nodes for its own fit
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,9 @@ class Calibration:
     models: tuple[str, ...] = ()
     host: dict[str, str | int] | None = None
 
-    def fit_of(self, kind: str) -> ClassFit:
-        """Return the fit for cost class ``kind``, or the default fit."""
-        return self.classes.get(kind, self.classes[DEFAULT])
+    def fit_of(self, cost_class: str, kind: str) -> ClassFit:
+        """Return the fit for ``cost_class``, else for ``kind``, else the default fit."""
+        return self.classes.get(cost_class) or self.classes.get(f"kind:{kind}") or self.classes[DEFAULT]
 
     def to_json(self) -> dict:
         """Return the calibration as its schema-version-1 JSON dict."""
@@ -87,31 +94,43 @@ class Calibration:
 
 def node_bytes(node: fx.Node) -> int:
     """Bytes ``node`` moves: its inputs, its output and its parameters."""
-    return (
-        sum(a.meta[META_BYTES] for a in node.all_input_nodes)
-        + node.meta[META_BYTES]
-        + node.meta[META_PARAM_BYTES]
-    )
+    return sum(a.meta[META_BYTES] for a in node.all_input_nodes) + node.meta[META_BYTES] + node.meta[META_PARAM_BYTES]
 
 
-def predict_seconds(cal: Calibration, kind: str, flops: int, nbytes: int, target: TargetDesc) -> float:
-    """Predicted seconds of one node of cost class ``kind`` on ``target``."""
+def cost_class(node: fx.Node, gm: fx.GraphModule) -> str:
+    """Return the cost class of ``node``: its op, with convolutions split by shape.
+
+    Convolutions of one op differ several-fold in efficiency: ``conv2d/depthwise``
+    (groups = input channels), ``conv2d/grouped``, ``conv2d/1x1`` and plain ``conv2d``.
+    Reads ``META_OP``.
+    """
+    op = node.meta[META_OP]
+    if node.op != "call_module" or not op.startswith("conv"):
+        return op
+    conv = gm.get_submodule(node.target)
+    if conv.groups > 1:
+        return f"{op}/depthwise" if conv.groups == conv.in_channels else f"{op}/grouped"
+    return f"{op}/1x1" if all(k == 1 for k in conv.kernel_size) else op
+
+
+def predict_seconds(cal: Calibration, cls: str, kind: str, flops: int, nbytes: int, target: TargetDesc) -> float:
+    """Predicted seconds on ``target`` of one node of cost class ``cls`` and kind ``kind``."""
     if kind in FREE_KINDS:
         return 0.0
-    fit = cal.fit_of(kind)
+    fit = cal.fit_of(cls, kind)
     compute = flops / (target.peak_gflops * 1e9 * fit.compute_efficiency)
     memory = nbytes / (target.memory_bandwidth_gbs * 1e9 * fit.memory_efficiency)
-    overhead = fit.overhead_us * 1e-6 * cal.reference.clock_ghz / target.clock_ghz
-    return max(compute, memory) + overhead + target.launch_overhead_us * 1e-6
+    dispatch = fit.overhead_us * 1e-6 * cal.reference.clock_ghz / target.clock_ghz if target.kind == "cpu" else 0.0
+    return max(compute, memory) + dispatch + target.launch_overhead_us * 1e-6
 
 
 def predict_graph(cal: Calibration, gm: fx.GraphModule, target: TargetDesc) -> dict[str, float]:
     """Predicted seconds of every node of ``gm`` on ``target`` (0.0 for inputs and outputs).
 
-    Reads ``META_KIND``, ``META_FLOPS``, ``META_BYTES`` and ``META_PARAM_BYTES``.
+    Reads ``META_OP``, ``META_KIND``, ``META_FLOPS``, ``META_BYTES`` and ``META_PARAM_BYTES``.
     """
     return {
-        n.name: predict_seconds(cal, n.meta[META_KIND], n.meta[META_FLOPS], node_bytes(n), target)
+        n.name: predict_seconds(cal, cost_class(n, gm), n.meta[META_KIND], n.meta[META_FLOPS], node_bytes(n), target)
         for n in gm.graph.nodes
     }
 
@@ -123,7 +142,7 @@ def _timing_bytes(t: NodeTiming) -> int:
 def predict_profile_total(cal: Calibration, profile: Profile, target: TargetDesc | None = None) -> float:
     """Predicted whole-model seconds of the model in ``profile`` on ``target`` (default: the reference)."""
     target = target or cal.reference
-    return sum(predict_seconds(cal, t.kind, t.flops, _timing_bytes(t), target) for t in profile.nodes)
+    return sum(predict_seconds(cal, t.cost_class, t.kind, t.flops, _timing_bytes(t), target) for t in profile.nodes)
 
 
 def fit_calibration(
@@ -131,9 +150,10 @@ def fit_calibration(
 ) -> Calibration:
     """Fit per-class roofline parameters to measured node times on ``reference``.
 
-    Each class with at least ``MIN_NODES`` measured nodes gets its own fit; ``default``
-    is fitted on all nodes together. The fit minimises the squared error of predicted
-    node times relative to sqrt(measured x 1 ms): large nodes weigh more than small ones
+    Each cost class and each kind (key ``kind:KIND``) with at least ``MIN_NODES``
+    measured nodes gets its own fit; ``default`` is fitted on all nodes together. The fit
+    minimises the squared error of predicted node times relative to
+    sqrt(measured x 1 ms): large nodes weigh more than small ones
     (they make up the total), small ones still pin the per-node overhead. It is
     deterministic (fixed start, no randomness).
 
@@ -143,13 +163,14 @@ def fit_calibration(
     timings = [t for p in profiles for t in p.nodes if t.kind not in FREE_KINDS]
     if not timings:
         raise PartcError("cost model: no measured nodes to fit on")
-    by_class: dict[str, list[NodeTiming]] = {}
+    groups: dict[str, list[NodeTiming]] = {}
     for t in timings:
-        by_class.setdefault(t.kind, []).append(t)
+        groups.setdefault(t.cost_class, []).append(t)
+        groups.setdefault(f"kind:{t.kind}", []).append(t)
     classes = {DEFAULT: _fit_class(timings, reference)}
-    for kind, group in sorted(by_class.items()):
+    for key, group in sorted(groups.items()):
         if len(group) >= MIN_NODES:
-            classes[kind] = _fit_class(group, reference)
+            classes[key] = _fit_class(group, reference)
     return Calibration(reference, classes, tuple(p.model for p in profiles), host)
 
 
@@ -202,8 +223,3 @@ def write_calibration(cal: Calibration, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(cal.to_json(), indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
-def relative_error(predicted: float, measured: float) -> float:
-    """(predicted - measured) / measured, or 0 when both are 0."""
-    return 0.0 if measured == predicted == 0 else (predicted - measured) / measured if measured else math.inf

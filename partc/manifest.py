@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,28 +118,30 @@ def _check_keys(path: Path, prefix: str, value, keys: Mapping[str, type]) -> Non
             raise ManifestError(f"{path}: {prefix}{key}: expected {kind.__name__}, got {type(value[key]).__name__}")
 
 
-def manifest_stages(manifest: Mapping, folder: Path) -> list[ManifestStage]:
-    """Return the manifest's stages with their artifacts, each verified against its sha256.
+def manifest_stages(manifest: Mapping, folder: Path, verify: Collection[str] | None = None) -> list[ManifestStage]:
+    """Return the manifest's stages with their artifacts, verified against their sha256.
+
+    Only the stages named in ``verify`` are checked (all when None): a worker holds only its
+    own stage's artifact.
 
     Raises:
-        ManifestError: if an artifact is missing or its checksum does not match.
+        ManifestError: if an artifact to verify is missing or its checksum does not match.
     """
     stages = []
     for i, entry in enumerate(manifest["stages"]):
         path = folder / entry["artifact"]
-        where = f"{folder / MANIFEST}: stages[{i}].artifact"
-        if not path.is_file():
-            raise ManifestError(f"{where}: {entry['artifact']!r} not found")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != entry["sha256"]:
-            raise ManifestError(
-                f"{where}: {entry['artifact']!r} does not match its sha256 (tampered or rebuilt); recompile"
-            )
-        artifact = Artifact(
-            stage=entry["name"], backend=entry["backend"], path=path, sha256=digest, bytes=entry["bytes"],
-            inputs=tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in entry["inputs"]),
-            outputs=tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in entry["outputs"]),
-            info=entry["info"],
-        )
+        if verify is None or entry["name"] in verify:
+            _check_artifact(path, entry["sha256"], f"{folder / MANIFEST}: stages[{i}].artifact: {entry['artifact']!r}")
+        inputs, outputs = (tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in entry[key])
+                           for key in ("inputs", "outputs"))
+        artifact = Artifact(entry["name"], entry["backend"], path, entry["sha256"], entry["bytes"], inputs, outputs,
+                            entry["info"])
         stages.append(ManifestStage(entry["name"], entry["tier"], entry["target"], artifact))
     return stages
+
+
+def _check_artifact(path: Path, sha256: str, where: str) -> None:
+    if not path.is_file():
+        raise ManifestError(f"{where} not found")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+        raise ManifestError(f"{where} does not match its sha256 (tampered or rebuilt); recompile")

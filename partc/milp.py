@@ -9,6 +9,7 @@ throughput, the bottleneck t. The cost model is ``partc.partition``'s.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +17,7 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from partc.errors import ClusterError
-from partc.partition import CostGraph, Partition, check_labels, evaluate
+from partc.partition import CostGraph, Partition, check_labels, evaluate, format_size
 
 
 class _Program:
@@ -45,10 +46,10 @@ class _Program:
         """Add the row lo <= sum coefs * x[cols] <= hi."""
         self.rows.append((np.asarray(cols), np.asarray(coefs, dtype=float), lo, hi))
 
-    def _pairs(self, left: np.ndarray, right: np.ndarray, hi: float = 0.0) -> None:
-        """Add rows x[left] - x[right] <= hi, vectorised."""
+    def _pairs(self, left: np.ndarray, right: np.ndarray) -> None:
+        """Add rows x[left] - x[right] <= 0, element by element."""
         for a, b in zip(left.ravel().tolist(), right.ravel().tolist(), strict=True):
-            self.add([a, b], [1.0, -1.0], -np.inf, hi)
+            self.add([a, b], [1.0, -1.0], -np.inf, 0.0)
 
     def _structure(self) -> None:
         graph, y = self.graph, self.y
@@ -124,8 +125,10 @@ class _Program:
 def solve_milp(graph: CostGraph, objective: str, *, time_limit: float = 60.0) -> Partition:
     """Return an optimal partition by MILP, for latency or throughput, with all constraints.
 
-    If HiGHS stops at ``time_limit`` with a plan, the plan is returned with the proven gap
-    between its cost and HiGHS's dual bound.
+    For throughput, a second MILP then picks, among the plans with the optimal bottleneck,
+    one of least latency (kept only if its bottleneck is no worse). If HiGHS stops at
+    ``time_limit`` with a plan, the plan is returned with the proven gap between its cost
+    and HiGHS's dual bound.
 
     Raises:
         ClusterError: naming the cap that cannot be met (or the caps that cannot be met
@@ -133,16 +136,11 @@ def solve_milp(graph: CostGraph, objective: str, *, time_limit: float = 60.0) ->
     """
     program = _Program(graph)
     program.add_caps()
-    c = np.zeros(program.size)
+    latency = _latency_objective(program)
     if objective == "latency":
-        for k in range(graph.compute.shape[1]):
-            cols, coefs, _ = program.tier_load(k, graph.compute[:, k])
-            np.add.at(c, cols, coefs)
-        c[program.used] = graph.latency
-        for link in range(program.n_links):
-            cols, coefs = program.link_bytes(link)
-            c[cols] += coefs / graph.bandwidth[link]
+        c = latency
     else:
+        c = np.zeros(program.size)
         c[program.t] = 1.0
         for k in range(graph.compute.shape[1]):
             cols, coefs, const = program.tier_load(k, graph.compute[:, k])
@@ -150,6 +148,7 @@ def solve_milp(graph: CostGraph, objective: str, *, time_limit: float = 60.0) ->
         for link in range(program.n_links):
             cols, coefs = program.link_bytes(link)
             program.add([*cols, program.t], [*(coefs / graph.bandwidth[link]), -1.0], -np.inf, 0.0)
+    started = time.perf_counter()
     result = program.run(c, time_limit)
     if result.x is None:
         if result.status == 2:
@@ -160,7 +159,28 @@ def solve_milp(graph: CostGraph, objective: str, *, time_limit: float = 60.0) ->
     gap = 0.0
     if result.status != 0:
         gap = max(cost.value(objective) - _constant(graph, objective) - result.mip_dual_bound, 0.0)
+    elif objective == "throughput":
+        program.upper[program.t] = cost.bottleneck
+        second = program.run(latency, max(time_limit - (time.perf_counter() - started), 1.0))
+        if second.x is not None:
+            better = program.tiers(second.x)
+            if evaluate(graph, better).bottleneck <= cost.bottleneck:
+                tiers, cost = better, evaluate(graph, better)
     return Partition(tiers, cost, "milp", gap=gap)
+
+
+def _latency_objective(program: _Program) -> np.ndarray:
+    """The latency objective vector, without its constant term (``_constant``)."""
+    graph = program.graph
+    c = np.zeros(program.size)
+    for k in range(graph.compute.shape[1]):
+        cols, coefs, _ = program.tier_load(k, graph.compute[:, k])
+        np.add.at(c, cols, coefs)
+    c[program.used] = graph.latency
+    for link in range(program.n_links):
+        cols, coefs = program.link_bytes(link)
+        c[cols] += coefs / graph.bandwidth[link]
+    return c
 
 
 def _constant(graph: CostGraph, objective: str) -> float:
@@ -168,7 +188,7 @@ def _constant(graph: CostGraph, objective: str) -> float:
     return float(graph.compute[:, 0].sum()) if objective == "latency" else 0.0
 
 
-def smallest(graph: CostGraph, kind: str, index: int) -> float:
+def _smallest(graph: CostGraph, kind: str, index: int) -> float:
     """The least bytes on link ``index`` (kind "link") or memory on tier ``index`` (kind
     "memory") that any plan meeting the pins and forbids reaches."""
     program = _Program(graph)
@@ -192,19 +212,19 @@ def _infeasible_caps(graph: CostGraph) -> ClusterError:
     uncapped = _uncapped(graph)
     for link, cap in enumerate(graph.max_link_bytes):
         if np.isfinite(cap):
-            least = smallest(uncapped, "link", link)
+            least = _smallest(uncapped, "link", link)
             if least > cap:
                 return ClusterError(
-                    f"constraints.max_link_bytes[{graph.links[link]}]: {_mb(cap)} cannot be met: "
-                    f"the smallest feasible cut sends {_mb(least)}; raise the cap or relax constraints.pin"
+                    f"constraints.max_link_bytes[{graph.links[link]}]: {format_size(cap)} cannot be met: "
+                    f"the smallest feasible cut sends {format_size(least)}; raise the cap or relax constraints.pin"
                 )
     for k, cap in enumerate(graph.max_memory):
         if np.isfinite(cap):
-            least = smallest(uncapped, "memory", k)
+            least = _smallest(uncapped, "memory", k)
             if least > cap:
                 return ClusterError(
-                    f"constraints.max_memory[{graph.tiers[k]}]: {_mb(cap)} cannot be met: every feasible plan "
-                    f"needs at least {_mb(least)} on {graph.tiers[k]}; raise the cap or relax constraints.pin"
+                    f"constraints.max_memory[{graph.tiers[k]}]: {format_size(cap)} cannot be met: every feasible plan "
+                    f"needs at least {format_size(least)} on {graph.tiers[k]}; raise the cap or relax constraints.pin"
                 )
     caps = [
         f"max_link_bytes[{lk}]" for lk, cap in zip(graph.links, graph.max_link_bytes, strict=True) if np.isfinite(cap)
@@ -219,7 +239,3 @@ def _uncapped(graph: CostGraph) -> CostGraph:
         max_link_bytes=np.full_like(graph.max_link_bytes, np.inf),
         max_memory=np.full_like(graph.max_memory, np.inf),
     )
-
-
-def _mb(nbytes: float) -> str:
-    return f"{nbytes / 1e6:.3g} MB"

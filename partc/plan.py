@@ -187,7 +187,6 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> Plan:
     order = {name: i for i, name in enumerate(ctx.tier_names)}
     _check_tiers(gm, order, ctx.source)
     _localise_non_tensors(gm, order)
-    gm.graph.lint()
     gm.recompile()
     lint(gm, ctx.tier_names)
 
@@ -207,9 +206,7 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> Plan:
     named_outputs = _model_outputs(gm)
     by_name = {n.name: n for n in gm.graph.nodes}
     submods = [n for n in split.graph.nodes if n.op == "call_module"]
-    read_later = {
-        p.name for call in submods for p in getattr(split, call.target).graph.nodes if p.op == "placeholder"
-    }
+    read_later = {p.name for call in submods for p in getattr(split, call.target).graph.nodes if p.op == "placeholder"}
     tier_of = {i: name for name, i in order.items()}
     stages = []
     for call in submods:
@@ -224,12 +221,18 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> Plan:
 
 
 def _check_tiers(gm: fx.GraphModule, order: Mapping[str, int], source: str) -> None:
+    untiered = []
     for node in reversed(compute_nodes(gm)):  # users first, so get_attr can follow them
         if META_TIER not in node.meta:
             users = [u for u in node.users if META_TIER in u.meta]
             if node.op != "get_attr" or not users:
-                raise PartcError(f"node {node.name!r} has no tier; run a cut pass (select-cuts) before build_plan")
+                untiered.append(node.name)
+                continue
             node.meta[META_TIER] = min((u.meta[META_TIER] for u in users), key=lambda t: order.get(t, -1))
+    if untiered:
+        names = ", ".join(reversed(untiered[-5:])) + (f" and {len(untiered) - 5} more" if len(untiered) > 5 else "")
+        raise PartcError(f"{len(untiered)} node(s) have no tier ({names}); run a cut pass (select-cuts) first")
+    for node in compute_nodes(gm):
         if node.meta[META_TIER] not in order:
             raise ClusterError(
                 f"{source}: node {node.name!r} is assigned to tier {node.meta[META_TIER]!r}, "
@@ -300,7 +303,9 @@ def _model_outputs(gm: fx.GraphModule) -> list[tuple[str, fx.Node]]:
 def _spec(node: fx.Node, name: str) -> TensorSpec:
     shape, dtype = node.meta.get(META_SHAPE), node.meta.get(META_DTYPE)
     if shape is None or dtype is None:
-        raise UnsupportedLayerError(f"{node.name}: crosses a cut but has no recorded shape/dtype (trace the model first)")
+        raise UnsupportedLayerError(
+            f"{node.name}: crosses a cut but has no recorded shape/dtype (trace the model first)"
+        )
     return TensorSpec(name, tuple(shape), dtype)
 
 

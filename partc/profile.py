@@ -25,9 +25,10 @@ A profile file is JSON, ``schema_version`` 1. Every field:
 - ``sum_node_median_s`` (float): the sum of the nodes' ``median_s``.
 - ``nodes`` (list of objects), one per compute node of the IR (no placeholders or
   outputs), in graph order: ``name`` (IR node name), ``op`` and ``kind`` (``partc.op`` and
-  ``partc.kind``), ``shape`` (output shape or null), ``flops``, ``bytes`` (output bytes),
-  ``input_bytes`` (bytes of the tensors it reads from other nodes), ``param_bytes``, and
-  the measured ``median_s``, ``p10_s``, ``p90_s``.
+  ``partc.kind``), ``cost_class`` (``partc.costmodel.cost_class``), ``shape`` (output
+  shape or null), ``flops``, ``bytes`` (output bytes), ``input_bytes`` (bytes of the
+  tensors it reads from other nodes), ``param_bytes``, and the measured ``median_s``,
+  ``p10_s``, ``p90_s``.
 
 Files written by this module are written atomically (temporary file, then rename).
 """
@@ -47,6 +48,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from partc.costmodel import cost_class
 from partc.errors import PartcError
 from partc.ir import META_BYTES, META_FLOPS, META_KIND, META_OP, META_PARAM_BYTES, META_SHAPE, compute_nodes
 from partc.trace import InputSpec
@@ -63,6 +65,7 @@ class NodeTiming:
     name: str
     op: str
     kind: str
+    cost_class: str
     shape: tuple[int, ...] | None
     flops: int
     bytes: int
@@ -110,16 +113,25 @@ class Profile:
             "host": dict(self.host),
             "settings": {"threads": self.threads, "warmup": self.warmup, "repeats": self.repeats},
             "whole_model": {
-                "median_s": self.whole_median_s, "p10_s": self.whole_p10_s, "p90_s": self.whole_p90_s,
+                "median_s": self.whole_median_s,
+                "p10_s": self.whole_p10_s,
+                "p90_s": self.whole_p90_s,
             },
             "sum_node_median_s": self.sum_node_median_s,
             "nodes": [
                 {
-                    "name": n.name, "op": n.op, "kind": n.kind,
+                    "name": n.name,
+                    "op": n.op,
+                    "kind": n.kind,
+                    "cost_class": n.cost_class,
                     "shape": list(n.shape) if n.shape is not None else None,
-                    "flops": n.flops, "bytes": n.bytes, "input_bytes": n.input_bytes,
+                    "flops": n.flops,
+                    "bytes": n.bytes,
+                    "input_bytes": n.input_bytes,
                     "param_bytes": n.param_bytes,
-                    "median_s": n.median_s, "p10_s": n.p10_s, "p90_s": n.p90_s,
+                    "median_s": n.median_s,
+                    "p10_s": n.p10_s,
+                    "p90_s": n.p90_s,
                 }
                 for n in self.nodes
             ],
@@ -197,8 +209,15 @@ def profile_model(
         torch.set_num_threads(saved_threads)
     nodes = tuple(
         NodeTiming(
-            n.name, n.meta[META_OP], n.meta[META_KIND], n.meta[META_SHAPE], n.meta[META_FLOPS],
-            n.meta[META_BYTES], sum(a.meta[META_BYTES] for a in n.all_input_nodes), n.meta[META_PARAM_BYTES],
+            n.name,
+            n.meta[META_OP],
+            n.meta[META_KIND],
+            cost_class(n, gm),
+            n.meta[META_SHAPE],
+            n.meta[META_FLOPS],
+            n.meta[META_BYTES],
+            sum(a.meta[META_BYTES] for a in n.all_input_nodes),
+            n.meta[META_PARAM_BYTES],
             *_stats(timer.times[n.name]),
         )
         for n in compute_nodes(gm)
@@ -264,9 +283,7 @@ def read_profile(path: Path) -> Profile:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise PartcError(
-            f"{path}: profile file not found; write one with 'partc profile MODEL -o {path}'"
-        ) from None
+        raise PartcError(f"{path}: profile file not found; write one with 'partc profile MODEL -o {path}'") from None
     except (OSError, json.JSONDecodeError) as err:
         raise PartcError(f"{path}: not a readable JSON profile: {err}") from None
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
@@ -276,24 +293,37 @@ def read_profile(path: Path) -> Profile:
         settings, whole = data["settings"], data["whole_model"]
         nodes = tuple(
             NodeTiming(
-                str(n["name"]), str(n["op"]), str(n["kind"]),
+                str(n["name"]),
+                str(n["op"]),
+                str(n["kind"]),
+                str(n["cost_class"]),
                 tuple(int(d) for d in n["shape"]) if n["shape"] is not None else None,
-                int(n["flops"]), int(n["bytes"]), int(n["input_bytes"]), int(n["param_bytes"]),
-                float(n["median_s"]), float(n["p10_s"]), float(n["p90_s"]),
+                int(n["flops"]),
+                int(n["bytes"]),
+                int(n["input_bytes"]),
+                int(n["param_bytes"]),
+                float(n["median_s"]),
+                float(n["p10_s"]),
+                float(n["p90_s"]),
             )
             for n in data["nodes"]
         )
         return Profile(
-            model=str(data["model"]), inputs=tuple(map(str, data["inputs"])), tracer=str(data["tracer"]),
-            created=str(data["created"]), host=dict(data["host"]), threads=int(settings["threads"]),
-            warmup=int(settings["warmup"]), repeats=int(settings["repeats"]),
-            whole_median_s=float(whole["median_s"]), whole_p10_s=float(whole["p10_s"]),
-            whole_p90_s=float(whole["p90_s"]), nodes=nodes,
+            model=str(data["model"]),
+            inputs=tuple(map(str, data["inputs"])),
+            tracer=str(data["tracer"]),
+            created=str(data["created"]),
+            host=dict(data["host"]),
+            threads=int(settings["threads"]),
+            warmup=int(settings["warmup"]),
+            repeats=int(settings["repeats"]),
+            whole_median_s=float(whole["median_s"]),
+            whole_p10_s=float(whole["p10_s"]),
+            whole_p90_s=float(whole["p90_s"]),
+            nodes=nodes,
         )
     except KeyError as err:
-        raise PartcError(
-            f"{path}: missing field {err.args[0]!r} (profile schema_version {SCHEMA_VERSION})"
-        ) from None
+        raise PartcError(f"{path}: missing field {err.args[0]!r} (profile schema_version {SCHEMA_VERSION})") from None
     except (TypeError, ValueError) as err:
         raise PartcError(f"{path}: malformed field: {err}") from None
 
@@ -313,14 +343,10 @@ def check_matches(profile: Profile, gm: fx.GraphModule, path: Path) -> None:
         if timing is None:
             why = "has no measurement for it"
         elif timing.op != node.meta[META_OP] or timing.shape != (tuple(shape) if shape is not None else None):
-            why = (
-                f"measured it as {timing.op} {list(timing.shape or [])}, "
-                f"not {node.meta[META_OP]} {list(shape or [])}"
-            )
+            why = f"measured it as {timing.op} {list(timing.shape or [])}, not {node.meta[META_OP]} {list(shape or [])}"
         else:
             continue
         raise PartcError(
             f"{path}: node {node.name!r}: the profile {why}; it was measured on {profile.model} with inputs "
             f"{' '.join(profile.inputs)}; profile this model and input shape with 'partc profile'"
         )
-

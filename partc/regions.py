@@ -136,10 +136,10 @@ def spatial_op(node: fx.Node, gm: fx.GraphModule) -> Window | str:
         return window
     if window.kind != "pointwise":
         return window if len(inputs) == 1 else "it reads more than one feature map"
-    if any(i.meta[META_SHAPE][2:] != shape[2:] for i in inputs):
-        return "its inputs differ from its output in height or width"
     if node.target in _ARITHMETIC and any(i.meta[META_SHAPE] != shape for i in inputs):
         return "it broadcasts one operand over another (not an element-wise op of same-shape maps)"
+    if any(i.meta[META_SHAPE][2:] != shape[2:] for i in inputs):
+        return "its inputs differ from its output in height or width"
     return window
 
 
@@ -296,8 +296,8 @@ def find_runs(gm: fx.GraphModule, select: Callable[[fx.Node], bool]) -> list[lis
     Convex: no path leaves a run and comes back into it, so each run can be replaced by
     one scatter -> tiles -> gather block. Nodes are taken in graph order; a node joins the
     runs of its local inputs unless a path from that run reaches it through a node
-    outside the run. Runs without a convolution or pooling window are dropped: tiling
-    them only adds copies. Each run is in graph order; runs are ordered by first node.
+    outside the run. Runs without a convolution or pooling window over a map larger
+    than 1x1 are dropped: tiling them only adds copies. Each run is in graph order; runs are ordered by first node.
     """
     parent: list[int] = []
     left_by_run: list[set[int]] = []  # runs with a path into this run that leaves them first
@@ -321,8 +321,11 @@ def find_runs(gm: fx.GraphModule, select: Callable[[fx.Node], bool]) -> list[lis
             if source not in run_of:
                 continue
             r = find(run_of[source])
-            if local and r not in entering and r not in joined and all(
-                r not in canonical(left_by_run[q]) and q not in canonical(left_by_run[r]) for q in joined
+            if (
+                local
+                and r not in entering
+                and r not in joined
+                and all(r not in canonical(left_by_run[q]) and q not in canonical(left_by_run[r]) for q in joined)
             ):
                 joined.append(r)
             elif r not in joined:
@@ -342,4 +345,4 @@ def find_runs(gm: fx.GraphModule, select: Callable[[fx.Node], bool]) -> list[lis
     runs: dict[int, list[fx.Node]] = {}
     for n, r in run_of.items():
         runs.setdefault(find(r), []).append(n)
-    return [run for run in runs.values() if any(spatial_op(n, gm).kind != "pointwise" for n in run)]
+    return [run for run in runs.values() if any(spatial_op(n, gm).kind != "pointwise" and hw(n) != (1, 1) for n in run)]

@@ -6,9 +6,14 @@ never mutates its input (it ``clone``s it), and records its results in node meta
 
 from partc.passes.cut import select_cuts
 from partc.passes.profile import annotate_profile
+from partc.passes.tile import tile_conv_stages
 
 from partc.pipeline import Pass
 
-PASSES: dict[str, Pass] = {"annotate-profile": annotate_profile, "select-cuts": select_cuts}
+PASSES: dict[str, Pass] = {
+    "annotate-profile": annotate_profile,
+    "select-cuts": select_cuts,
+    "tile-conv-stages": tile_conv_stages,
+}
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("annotate-profile", "select-cuts")
+DEFAULT_PIPELINE: tuple[str, ...] = ("annotate-profile", "select-cuts", "tile-conv-stages")

@@ -16,7 +16,7 @@ from torch import fx
 from partc.context import CompileContext
 from partc.errors import ClusterError, PartcError
 from partc.ir import META_BYTES, META_PARAM_BYTES, META_PROFILE, META_TIER, clone
-from partc.partition import CostGraph, solve
+from partc.partition import CostGraph, format_size, solve
 from partc.pipeline import PassResult
 
 
@@ -34,7 +34,10 @@ def select_cuts(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """
     gm = clone(gm)
     graph = cost_graph(gm, ctx)
-    plan = solve(graph, ctx.objective)
+    try:
+        plan = solve(graph, ctx.objective)
+    except ClusterError as err:
+        raise ClusterError(f"{ctx.source}: {err}") from err
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
     for node, tier in zip(nodes, plan.tiers.tolist(), strict=True):
         node.meta[META_TIER] = graph.tiers[tier]
@@ -47,7 +50,7 @@ def select_cuts(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     per_tier = ", ".join(
         f"{t}: {c} nodes {s * 1e3:.2f} ms" for t, c, s in zip(graph.tiers, counts, cost.compute, strict=True)
     )
-    per_link = ", ".join(f"{lk} {b / 1e6:.3g} MB" for lk, b in zip(graph.links, cost.link_bytes, strict=True))
+    per_link = ", ".join(f"{lk} {format_size(b)}" for lk, b in zip(graph.links, cost.link_bytes, strict=True))
     summary = (
         f"{ctx.objective}: latency {cost.latency * 1e3:.2f} ms, bottleneck {cost.bottleneck * 1e3:.2f} ms "
         f"({plan.method}); {per_tier}" + (f"; {per_link}" if per_link else "")

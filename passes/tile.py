@@ -4,8 +4,9 @@ Each maximal run of spatially local layers on a tier with several nodes (see
 ``partc.regions``) is rewritten into: slice every run input into overlapping tiles ->
 per-tile copies of the run's layers, padding only at true image borders -> crop each
 tile's outputs to its share -> stitch (``torch.cat`` along W, then H). The copies share the
-original weights (``get_attr`` of the same parameters, ``call_module`` of the same norm and
-activation modules), and the result equals the untiled one.
+original weights: norms and activations call the same modules, and each convolution calls
+one padding-free twin module (``<conv>_unpadded``) holding the same parameter objects.
+The result equals the untiled one.
 
 Cost model for choosing a grid, per run, among 1x1 (no tiling) and every R x C grid with
 R*C <= the tier's node count (ties go to fewer tiles):
@@ -23,6 +24,7 @@ falls back to ``max_t F_t`` and ignores transfers (no unit to add them in).
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -31,13 +33,14 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from partc.targets import target
+from torch import fx, nn
 
 from partc.context import CompileContext, Link, Tier
+from partc.costmodel import load_calibration, predict_graph
 from partc.errors import PartcError, UnsupportedLayerError
 from partc.ir import (
     META_BYTES,
-    META_DTYPE,
     META_FLOPS,
     META_OP,
     META_PROFILE,
@@ -47,8 +50,10 @@ from partc.ir import (
     compute_nodes,
 )
 from partc.pipeline import PassResult
-from partc.regions import Box, TileRegions, find_runs, hw, is_inplace, plan_regions, run_outputs, spatial_op
+from partc.regions import Box, TileRegions, Window, find_runs, hw, is_inplace, plan_regions, run_outputs, spatial_op
 from partc.trace import annotate
+
+log = logging.getLogger(__name__)
 
 Grid = tuple[int, int]
 
@@ -89,7 +94,9 @@ def tile_conv_stages(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     Reads meta[META_TIER], meta[META_PROFILE], meta[META_FLOPS], meta[META_BYTES],
     meta[META_SHAPE]. Writes meta[META_TILE] on every node it adds; re-annotates the
     graph (``partc.trace.annotate``); gives new nodes the run's META_TIER, and each
-    per-tile copy of a layer the layer's META_PROFILE scaled by its share of the FLOPs.
+    per-tile copy of a layer the layer's META_PROFILE scaled by its share of the FLOPs,
+    and, when the graph has profiles, the glue (slices, pads, crops, stitches) the cost
+    model's (``partc.costmodel``) prediction for every tier.
     """
     tiers = [t for t in ctx.tiers if t.nodes > 1]
     if not tiers:
@@ -107,11 +114,22 @@ def tile_conv_stages(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     if not plans:
         return PassResult(gm, f"no run worth tiling on {', '.join(t.name for t in tiers)} ({untiled} left untiled)")
     tiled = _rewrite(gm, plans)
+    if any(META_PROFILE in n.meta for n in compute_nodes(gm)):
+        _profile_glue(gm, ctx)
     parts = [
         f"run {r.index} ({r.tier}, {len(r.nodes)} nodes): {r.grid[0]}x{r.grid[1]}, halo +{r.overhead:.1%} FLOPs"
         for r in tiled
     ]
     return PassResult(gm, f"{len(tiled)} run(s) tiled, {untiled} left untiled: " + "; ".join(parts))
+
+
+def _profile_glue(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    """Give the slices, pads, crops and stitches the cost model's META_PROFILE on every tier."""
+    calibration = load_calibration()
+    predicted = {tier.target: predict_graph(calibration, gm, target(tier.target)) for tier in ctx.tiers}
+    for node in gm.graph.nodes:
+        if META_TILE in node.meta and META_PROFILE not in node.meta:
+            node.meta[META_PROFILE] = {tier.name: predicted[tier.target][node.name] for tier in ctx.tiers}
 
 
 def _on_tier(node: fx.Node, tier: str, untiered: bool) -> bool:
@@ -173,10 +191,8 @@ def tile_graph(
     gm: fx.GraphModule, grid: Grid, select: Callable[[fx.Node], bool] | None = None
 ) -> tuple[fx.GraphModule, list[TiledRun]]:
     """Tile every maximal spatially local run among the nodes ``select`` accepts (default:
-    all) with ``grid``, whatever the cost model would choose. ``gm`` is not changed.
-
-    Raises:
-        UnsupportedLayerError: if an output map of a run is smaller than ``grid``.
+    all) with ``grid``, whatever the cost model would choose. Runs with an output map
+    smaller than ``grid`` are left untiled. ``gm`` is not changed.
     """
     gm = clone(gm)
     plans = []
@@ -184,7 +200,7 @@ def tile_graph(
         try:
             plans.append((run, grid, plan_regions(run, gm, grid)))
         except ValueError as err:
-            raise UnsupportedLayerError(f"cannot tile with a {grid[0]}x{grid[1]} grid: {err}; use fewer tiles") from None
+            log.info("run ending at %s left untiled: %s", run[-1].name, err)
     return gm, _rewrite(gm, plans)
 
 
@@ -239,12 +255,17 @@ def _reentry(run: Sequence[fx.Node]) -> fx.Node | None:
 
 def _rewrite(gm: fx.GraphModule, plans: Sequence[tuple[list[fx.Node], Grid, list[TileRegions]]]) -> list[TiledRun]:
     """Rewrite every planned run of ``gm`` in place, then re-annotate ``gm``."""
-    tiled, origins = [], {}
+    tiled, origins, stitches = [], {}, []
     for index, (run, grid, regions) in enumerate(plans):
         flops = sum(n.meta[META_FLOPS] for n in run)
         tier = run[0].meta.get(META_TIER)
         tiled.append(TiledRun(index, tier, tuple(n.name for n in run), grid, flops, tile_flops(run, regions)))
-        _RunRewriter(gm, index, run, grid, regions, origins).rewrite()
+        stitches.append((set(run), _RunRewriter(gm, index, run, grid, regions, origins).rewrite()))
+    for members, outputs in stitches:  # later runs read the original outputs until every run is rewritten
+        for output, stitch in outputs.items():
+            output.replace_all_uses_with(stitch, delete_user_cb=lambda user, members=members: user not in members)
+    for node in reversed([n for n in gm.graph.nodes if any(n in run for run, _, _ in plans)]):
+        gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
     annotate(gm)
@@ -265,18 +286,22 @@ class _RunRewriter:
         self.slices: dict[tuple[int, fx.Node], fx.Node] = {}
         self.inplace_read = {s for n in run if is_inplace(n, gm) for s in n.all_input_nodes}
 
-    def rewrite(self) -> None:
-        members = set(self.run)
+    def rewrite(self) -> dict[fx.Node, fx.Node]:
+        """Insert the tiles and stitches of the run; return each run output's stitch.
+
+        The original nodes stay, still read by everything outside the run, for the caller
+        to redirect to the stitches and erase once every run is rewritten.
+        """
         outputs = set(run_outputs(self.run))
+        stitches = {}
         for n in self.run:
             with self.graph.inserting_before(n):
                 for t, tile in enumerate(self.regions):
                     if n in tile.computed:
                         self.values[t][n] = self._copy(n, t)
                 if n in outputs:
-                    n.replace_all_uses_with(self._stitch(n), delete_user_cb=lambda user: user not in members)
-        for n in reversed(self.run):
-            self.graph.erase_node(n)
+                    stitches[n] = self._stitch(n)
+        return stitches
 
     def _new(self, tile: int | None, op: str, target, args: tuple, kwargs: dict | None = None, name=None) -> fx.Node:
         node = self.graph.create_node(op, target, args, kwargs or {}, name=name)
@@ -314,31 +339,50 @@ class _RunRewriter:
             return self._layer(n, self._new(tile, n.op, n.target, args, kwargs, name))
         (source,) = n.all_input_nodes
         box, (top, bottom, left, right) = window.input_box(out, hw(source))
-        x = self._read(tile, source, box)
-        if top or bottom or left or right:
-            fill = -math.inf if window.kind == "max" else 0.0
-            x = self._new(tile, "call_function", F.pad, (x, (left, right, top, bottom)), {"value": fill})
+        pads = (left, right, top, bottom)  # F.pad's order
+        crop = x = self._read(tile, source, box)
+        if any(pads):
+            x = self._new(
+                tile, "call_function", F.pad, (x, pads), {"value": -math.inf if window.kind == "max" else 0.0}
+            )
         if window.kind == "conv":
-            conv = self.gm.get_submodule(n.target)
-            weight = self._new(tile, "get_attr", f"{n.target}.weight", ())
-            bias = None if conv.bias is None else self._new(tile, "get_attr", f"{n.target}.bias", ())
-            args = (x, weight, bias, conv.stride, 0, conv.dilation, conv.groups)
-            return self._layer(n, self._new(tile, "call_function", F.conv2d, args, name=name))
+            return self._layer(n, self._new(tile, "call_module", self._unpadded(n.target), (x,), name=name))
         if window.kind == "max":
             args = (x, window.kernel, window.stride, 0, window.dilation)
             return self._layer(n, self._new(tile, "call_function", F.max_pool2d, args, name=name))
-        divisors = window.divisors(out, hw(source))
-        uniform = window.divisor_override or {d for row in divisors for d in row} == {math.prod(window.kernel)}
-        override = window.divisor_override if uniform else 1  # 1: a sum, divided below
-        args = (x, window.kernel, window.stride, 0, False, True, override)
-        pooled = self._layer(n, self._new(tile, "call_function", F.avg_pool2d, args, name=name))
-        if uniform:
-            return pooled
-        buffer = f"_partc_tile{self.index}_{tile}_{n.name}_divisor"
-        dtype = getattr(torch, source.meta.get(META_DTYPE) or "float32")
-        self.gm.register_buffer(buffer, torch.tensor(divisors, dtype=dtype)[None, None])
-        divisor = self._new(tile, "get_attr", buffer, ())
-        return self._new(tile, "call_function", operator.truediv, (pooled, divisor))
+        full = {d for row in window.divisors(out, hw(source)) for d in row} == {math.prod(window.kernel)}
+        if window.divisor_override or full:  # one divisor for every window: avg_pool2d applies it
+            args = (x, window.kernel, window.stride, 0, False, True, window.divisor_override)
+            return self._layer(n, self._new(tile, "call_function", F.avg_pool2d, args, name=name))
+        args = (x, window.kernel, window.stride, 0, False, True, 1)  # window sums
+        sums = self._layer(n, self._new(tile, "call_function", F.avg_pool2d, args, name=name))
+        return self._new(tile, "call_function", operator.truediv, (sums, self._divisor(tile, crop, pads, window)))
+
+    def _unpadded(self, target: str) -> str:
+        """Return the target of a padding-free twin of conv ``target`` that shares its parameters."""
+        name = f"{target.replace('.', '_')}_unpadded"
+        if not hasattr(self.gm, name):
+            conv = self.gm.get_submodule(target)
+            twin = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                             conv.groups, conv.bias is not None, device="meta")  # fmt: skip
+            twin.weight, twin.bias = conv.weight, conv.bias
+            self.gm.add_submodule(name, twin.train(conv.training))
+        return name
+
+    def _divisor(self, tile: int, crop: fx.Node, pads: tuple[int, int, int, int], window: Window) -> fx.Node:
+        """Return, as a graph value, what avg_pool2d divides each window's sum by: the sum
+        of a mask that is 1 on the map (and on its implicit padding, when that counts)."""
+        channel = self._new(tile, "call_function", operator.getitem, (crop, (slice(None), slice(0, 1))))
+        mask = self._new(tile, "call_function", torch.ones_like, (channel,))
+        counted = (0, 0, 0, 0)
+        if window.count_include_pad:
+            (ph, pw), (left, right, top, bottom) = window.padding, pads
+            counted = (min(left, pw), min(right, pw), min(top, ph), min(bottom, ph))
+            mask = self._new(tile, "call_function", F.pad, (mask, counted), {"value": 1.0})
+        rest = tuple(pad - done for pad, done in zip(pads, counted, strict=True))
+        if any(rest):  # beyond the implicit padding: ceil_mode's last windows
+            mask = self._new(tile, "call_function", F.pad, (mask, rest), {"value": 0.0})
+        return self._new(tile, "call_function", F.avg_pool2d, (mask, window.kernel, window.stride, 0, False, True, 1))
 
     def _layer(self, original: fx.Node, copy: fx.Node) -> fx.Node:
         if META_PROFILE in original.meta:
@@ -351,8 +395,8 @@ class _RunRewriter:
             self._crop(t, self.values[t][output], tile.computed[output], tile.stitched[output])
             for t, tile in enumerate(self.regions)
         ]
-        strips = [
-            pieces[r * cols] if cols == 1 else self._new(None, "call_function", torch.cat, (pieces[r * cols : (r + 1) * cols],), {"dim": 3})
-            for r in range(rows)
-        ]  # fmt: skip
+        strips = []
+        for r in range(rows):
+            row = pieces[r * cols : (r + 1) * cols]
+            strips.append(row[0] if cols == 1 else self._new(None, "call_function", torch.cat, (row,), {"dim": 3}))
         return strips[0] if rows == 1 else self._new(None, "call_function", torch.cat, (strips,), {"dim": 2})

@@ -31,8 +31,11 @@ class TargetDesc:
         kind: "cpu" or "gpu".
         cores: CPU cores (or GPU CUDA cores) used for inference.
         clock_ghz: core clock; scales per-node dispatch overhead between CPUs.
-        peak_gflops: peak FP32 GFLOP/s of all ``cores`` together.
-        memory_bandwidth_gbs: peak DRAM bandwidth in GB/s (1e9 bytes/s).
+        peak_gflops: sustained FP32 GFLOP/s of all ``cores`` together on a large sgemm
+            (like for like with the calibration host, whose rate is measured the same way;
+            the data-sheet peak is in ``source``).
+        memory_bandwidth_gbs: sustained DRAM bandwidth in GB/s (1e9 bytes/s) of a large
+            copy (STREAM-like); the data-sheet figure is in ``source``.
         memory_bytes: memory available to inference.
         launch_overhead_us: fixed cost added to every node (GPU kernel launch); 0 on CPUs.
         triple: LLVM target triple for compiled backends ("aarch64-linux-gnu").

@@ -29,7 +29,7 @@ class TorchScriptBackend:
 
     name = "torchscript"
     suffix = ".pt"
-    dynamic_shapes = True
+    dynamic_shapes = False  # fx may have baked traced sizes into the code
     cross_compiles = False  # the file is portable; the target only needs libtorch
 
     def __init__(self, threads: int = 0):

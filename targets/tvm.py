@@ -125,8 +125,10 @@ class TvmBackend:
         tuned, total = 0, None
         if self.database is not None:
             mod, tuned, total = self._schedule(stage, mod, tvm_target, cross)
-        if not total or tuned < total:
+        if not tuned:
             log.warning(UNTUNED_WARNING, stage.name)
+        elif tuned < total:
+            log.warning("stage %s is partly tuned: %d of %d tasks have tuning records", stage.name, tuned, total)
         path = Path(outdir) / f"{stage.name}{self.suffix}"
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=self.suffix)
         os.close(fd)
@@ -167,22 +169,27 @@ class TvmBackend:
         tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
 
         def missing():
-            return [
-                t for t in tasks if db.query_tuning_record(t.dispatched[0], tvm_target, t.task_name) is None
-            ]
+            return [t for t in tasks if db.query_tuning_record(t.dispatched[0], tvm_target, t.task_name) is None]
 
         todo = missing()
         if todo and self.trials and cross:
             log.warning(
                 "stage %s: cannot tune for %s on this %s machine (MetaSchedule measures candidates "
                 "where it runs); using the %d records the database has",
-                stage.name, tvm_target.attrs["mtriple"], host_arch(), len(tasks) - len(todo),
+                stage.name,
+                triple_arch(str(tvm_target.attrs["mtriple"])),
+                host_arch(),
+                len(tasks) - len(todo),
             )
         elif todo and self.trials:
             cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
             log.info(
                 "stage %s: tuning %d of %d tasks, %d trials each (cost model %s)",
-                stage.name, len(todo), len(tasks), self.trials, cost_model,
+                stage.name,
+                len(todo),
+                len(tasks),
+                self.trials,
+                cost_model,
             )
             with tempfile.TemporaryDirectory(prefix="partc-ms-") as work_dir:
                 contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
@@ -234,7 +241,13 @@ class TvmBackend:
 
 
 def _target_dict(target: object) -> dict:
-    spec: dict = {"kind": "llvm", "mtriple": target.triple, "num-cores": int(getattr(target, "cores", 1) or 1)}
+    """The TVM target of ``target``'s CPU (for a GPU target: the CPU of its host, with TVM's defaults)."""
+    spec: dict = {"kind": "llvm", "mtriple": target.triple}
+    if getattr(target, "kind", "cpu") == "cpu":
+        spec["num-cores"] = int(getattr(target, "cores", 1) or 1)
+    else:
+        log.warning("target %s is a %s: the tvm backend compiles for its host CPU only", target.name, target.kind)
+        return spec
     if getattr(target, "mcpu", ""):
         spec["mcpu"] = target.mcpu
     if getattr(target, "mattr", ""):

@@ -80,9 +80,10 @@ def brute_force(graph: CostGraph, objective: str) -> float | None:
 
 
 @st.composite
-def dags(draw, constrained: bool = False) -> CostGraph:
-    """Random DAGs of up to 12 nodes (node 0 the input), 3 tiers, random costs and bytes."""
-    n = draw(st.integers(2, 12 if not constrained else 10))
+def dags(draw, constrained: bool = False, max_nodes: int = 12) -> CostGraph:
+    """Random DAGs of 2..max_nodes nodes (node 0 the input), 3 tiers, random costs and bytes;
+    ``constrained`` adds random pins, a forbidden tier, a byte cap and a memory cap."""
+    n = draw(st.integers(2, max_nodes))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     edges = {(int(rng.integers(0, v)), v) for v in range(1, n)}
     edges |= {(a, b) for a in range(n) for b in range(a + 1, n) if rng.random() < 0.15}
@@ -118,4 +119,29 @@ def dags(draw, constrained: bool = False) -> CostGraph:
         allowed=allowed,
         max_link_bytes=max_link_bytes,
         max_memory=max_memory,
+    )
+
+
+def branching_graph() -> CostGraph:
+    """A DAG where partc must beat every chain and single-tier plan.
+
+    x -> s (cheap, tiny) -> p (heavy) -> join;  x -> q (cheap, big) -> r (cheap, tiny) -> join.
+    Optimum: x, s, q, r on the device, p and join in the cloud: only s and r cross. Every
+    prefix of the topological order x, s, p, q, r, join either runs p on the device or ships x.
+    """
+    names = ("x", "s", "p", "q", "r", "join")
+    compute = np.array([[0, 0, 0], [1e-3, 1e-3, 1e-3], [1.0, 0.5, 0.01], [1e-3] * 3, [1e-3] * 3, [1e-3] * 3])
+    return CostGraph(
+        names=names,
+        tiers=("device", "edge", "cloud"),
+        compute=compute,
+        nbytes=np.array([10_000_000, 1_000, 1_000, 10_000_000, 1_000, 1_000]),
+        memory=np.zeros(6, dtype=np.int64),
+        edges=np.array([(0, 1), (1, 2), (2, 5), (0, 3), (3, 4), (4, 5)]),
+        inputs=np.arange(6) == 0,
+        latency=np.array([0.001, 0.001]),
+        bandwidth=np.array([1e6, 1e6]),
+        allowed=np.vstack([[True, False, False], np.ones((5, 3), dtype=bool)]),
+        max_link_bytes=np.full(2, np.inf),
+        max_memory=np.full(3, np.inf),
     )

@@ -7,19 +7,19 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from cutcases import brute_force, cluster, dags, profile
+from cutcases import branching_graph, brute_force, cluster, dags, profile
 from hypothesis import HealthCheck, given, settings
+from partc.passes.cut import cost_graph
 
 from partc.baselines import ChainCosts, baselines
 from partc.partition import evaluate, solve, violations
-from partc.passes.cut import cost_graph
 from partc.trace import load_model, parse_input_spec, trace
 
 _SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@_SETTINGS
-@given(dags(constrained=True))
+@settings(max_examples=20, deadline=None)
+@given(dags(constrained=True, max_nodes=8))
 def test_chain_costs_match_evaluate(graph):
     chain = ChainCosts(graph)
     n = len(graph.names)
@@ -33,7 +33,7 @@ def test_chain_costs_match_evaluate(graph):
 
 
 @_SETTINGS
-@given(dags(constrained=True))
+@given(dags(constrained=True, max_nodes=10))
 def test_baselines_are_valid_and_never_beat_partc(graph):
     for objective in ("latency", "throughput"):
         best = brute_force(graph, objective)
@@ -51,8 +51,8 @@ def test_baselines_are_valid_and_never_beat_partc(graph):
                 assert partc.cost.value(objective) <= plan.cost.value(objective) + partc.gap + 1e-12
 
 
-@_SETTINGS
-@given(dags())
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dags(max_nodes=9))
 def test_each_baseline_is_the_optimum_of_its_strategy(graph):
     found = baselines(graph)
     n = len(graph.names)
@@ -66,12 +66,15 @@ def test_each_baseline_is_the_optimum_of_its_strategy(graph):
         expected = min(evaluate(graph, chain.tiers(c)).latency for c in cuts)
         assert found[name].cost.latency == pytest.approx(expected, rel=1e-12)
     two_tier = min(
-        brute_force(replace(graph, allowed=graph.allowed & (np.isin(np.arange(3), pair) | graph.inputs[:, None])), "latency")
+        brute_force(
+            replace(graph, allowed=graph.allowed & (np.isin(np.arange(3), pair) | graph.inputs[:, None])), "latency"
+        )
         for pair in itertools.combinations(range(3), 2)
     )
     assert found["dads"].cost.latency <= two_tier + solve(graph).gap + 1e-9
     assert found["dads"].cost.latency >= two_tier - 1e-9
-    assert found["d3-greedy"].cost.latency <= found["neurosurgeon"].cost.latency + 1e-12 or True
+    first_to_last = min(evaluate(graph, chain.tiers((p, p))).latency for p in range(n + 1))
+    assert found["d3-greedy"].cost.latency <= first_to_last + 1e-12
 
 
 MODELS = {
@@ -89,16 +92,23 @@ def model_graph(request):
 
 
 @pytest.mark.slow
-def test_partc_beats_every_baseline_on_a_bandwidth_grid(model_graph):
+def test_partc_is_never_beaten_on_a_bandwidth_grid(model_graph):
     name, graph = model_graph
-    grid = np.geomspace(1e5, 1e8, 5)  # 0.8 Mbit/s .. 800 Mbit/s per link
-    wins = 0
+    grid = np.geomspace(1e5, 1e8, 5)  # 0.8 Mbit/s .. 800 Mbit/s on each link
     for up, back in itertools.product(grid, grid):
         at = graph.with_bandwidth([up, back])
         partc = solve(at)
         assert not violations(at, partc.tiers)
-        found = baselines(at)
-        for base, plan in found.items():
+        for base, plan in baselines(at).items():
             assert partc.cost.latency <= plan.cost.latency, (name, up, back, base)
-        wins += partc.cost.latency < min(plan.cost.latency for plan in found.values()) * (1 - 1e-6)
-    assert wins > 0, f"{name}: partc never strictly beats the best baseline on the grid"
+
+
+def test_partc_beats_chain_and_two_tier_cuts_on_a_branching_dag():
+    graph = branching_graph()
+    partc = solve(graph)
+    assert [graph.tiers[t] for t in partc.tiers] == ["device", "device", "cloud", "device", "device", "cloud"]
+    assert partc.cost.link_bytes == (2_000, 2_000)
+    for name, plan in baselines(graph).items():
+        if name != "dads":
+            assert partc.cost.latency < plan.cost.latency * 0.5, name
+    assert partc.cost.latency == pytest.approx(baselines(graph)["dads"].cost.latency)

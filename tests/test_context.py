@@ -55,7 +55,10 @@ def test_design_cluster(tmp_path):
 
 
 def test_all_constraints_and_one_and_two_tiers(tmp_path):
-    ctx = load_cluster(write(tmp_path, """\
+    ctx = load_cluster(
+        write(
+            tmp_path,
+            """\
 tiers:
   - {name: device, target: rpi4, backend: torchscript}
   - {name: cloud, target: cloud-gpu, backend: onnx}
@@ -67,11 +70,15 @@ constraints:
   forbid: [device]
   max_link_bytes: {device->cloud: 2MB}
   max_memory: {cloud: 512MiB}
-"""))
+""",
+        )
+    )
     assert ctx.links == (Link("device", "cloud", 2.5e6, 150e-6),)
     assert ctx.objective == "throughput"
     assert ctx.constraints == Constraints(
-        pin={"cloud": ("fc*",)}, forbid=("device",), max_link_bytes={("device", "cloud"): 2_000_000},
+        pin={"cloud": ("fc*",)},
+        forbid=("device",),
+        max_link_bytes={("device", "cloud"): 2_000_000},
         max_memory={"cloud": 512 * 2**20},
     )
     one = load_cluster(write(tmp_path, "tiers: [{name: edge, target: edge-x86, backend: tvm}]\n"))
@@ -86,8 +93,14 @@ def test_multi_hop_is_valid(tmp_path):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("20Mbit/s", 2.5e6), ("1 Gbit/s", 1.25e8), ("8bit/s", 1.0), ("100kbit/s", 12_500.0),
-        ("2.5MB/s", 2.5e6), ("1GB/s", 1e9), ("3kB/s", 3000.0), ("7B/s", 7.0),
+        ("20Mbit/s", 2.5e6),
+        ("1 Gbit/s", 1.25e8),
+        ("8bit/s", 1.0),
+        ("100kbit/s", 12_500.0),
+        ("2.5MB/s", 2.5e6),
+        ("1GB/s", 1e9),
+        ("3kB/s", 3000.0),
+        ("7B/s", 7.0),
     ],
 )
 def test_bandwidth_units(text, expected):
@@ -137,7 +150,7 @@ def test_unknown_target_lists_known_ones(tmp_path):
 
 def test_unknown_backend(tmp_path):
     assert cluster_error(tmp_path, DESIGN_CLUSTER.replace("backend: onnx", "backend: tensorrt")) == (
-        "cluster.yaml: tiers[1].backend: unknown backend 'tensorrt'; backends are: torchscript, onnx, tvm"
+        "cluster.yaml: tiers[1].backend: unknown backend 'tensorrt'; known backends are: onnx, torchscript, tvm"
     )
 
 
@@ -164,12 +177,21 @@ def test_unreachable_tier(tmp_path):
         ("nodes: 2", "nodes: two", "tiers[1].nodes: 'two' is not a positive integer"),
         ("nodes: 2", "node: 2", "tiers[1]: unknown key 'node'; expected name, target, backend, nodes"),
         ("objective: latency", "objective: speed", "objective: 'speed' is not one of latency, throughput"),
-        ("{from: device, to: edge,", "{from: device, to: egde,",
-         "links[0].to: unknown tier 'egde'; tiers are: device, edge, cloud"),
-        ("pin: {device:", "pin: {phone:",
-         "constraints.pin.phone: unknown tier 'phone'; tiers are: device, edge, cloud"),
-        ("{name: cloud,  target: cloud-cpu", "{name: edge, target: cloud-cpu",
-         "tiers[2].name: tier 'edge' is defined twice"),
+        (
+            "{from: device, to: edge,",
+            "{from: device, to: egde,",
+            "links[0].to: unknown tier 'egde'; tiers are: device, edge, cloud",
+        ),
+        (
+            "pin: {device:",
+            "pin: {phone:",
+            "constraints.pin.phone: unknown tier 'phone'; tiers are: device, edge, cloud",
+        ),
+        (
+            "{name: cloud,  target: cloud-cpu",
+            "{name: edge, target: cloud-cpu",
+            "tiers[2].name: tier 'edge' is defined twice",
+        ),
     ],
 )
 def test_field_errors(tmp_path, old, new, message):
@@ -193,7 +215,7 @@ def test_constraint_errors(tmp_path):
 def test_file_errors(tmp_path):
     with pytest.raises(ClusterError, match="cluster file not found"):
         load_cluster(tmp_path / "missing.yaml")
-    assert cluster_error(tmp_path, "tiers: [") .startswith("cluster.yaml: not a readable YAML file")
+    assert cluster_error(tmp_path, "tiers: [").startswith("cluster.yaml: not a readable YAML file")
     assert cluster_error(tmp_path, "- a\n") == "cluster.yaml: the top level: expected a mapping, got list"
     assert cluster_error(tmp_path, "tiers: []\n") == (
         "cluster.yaml: tiers: expected a non-empty list of tiers, got list"

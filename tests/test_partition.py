@@ -24,7 +24,7 @@ def _check(graph: CostGraph, objective: str) -> None:
     assert value <= best + found.gap + 1e-9 * max(best, 1.0)
 
 
-_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @_SETTINGS

@@ -37,14 +37,36 @@ def test_file_round_trip_and_schema(residual_profile, tmp_path):
     write_profile(profile, path)
     data = json.loads(path.read_text())
     assert data["schema_version"] == SCHEMA_VERSION == 1
-    assert set(data) == {"schema_version", "model", "inputs", "tracer", "created", "host", "settings",
-                         "whole_model", "sum_node_median_s", "nodes"}
+    assert set(data) == {
+        "schema_version",
+        "model",
+        "inputs",
+        "tracer",
+        "created",
+        "host",
+        "settings",
+        "whole_model",
+        "sum_node_median_s",
+        "nodes",
+    }
     assert set(data["host"]) == {"cpu", "machine", "system", "cores", "python", "torch"}
     assert data["host"]["torch"] == torch.__version__
     assert data["settings"] == {"threads": 1, "warmup": 1, "repeats": 5}
     assert data["inputs"] == ["1,8,16,16"]
-    assert set(data["nodes"][0]) == {"name", "op", "kind", "shape", "flops", "bytes", "input_bytes",
-                                     "param_bytes", "median_s", "p10_s", "p90_s"}
+    assert set(data["nodes"][0]) == {
+        "name",
+        "op",
+        "kind",
+        "cost_class",
+        "shape",
+        "flops",
+        "bytes",
+        "input_bytes",
+        "param_bytes",
+        "median_s",
+        "p10_s",
+        "p90_s",
+    }
     assert read_profile(path) == profile
     assert not list(tmp_path.glob(".*.tmp"))
     check_matches(read_profile(path), gm, path)
@@ -89,8 +111,22 @@ def test_bad_settings():
 
 def test_cli_profile(capsys, tmp_path):
     out_file = tmp_path / "mlp.profile.json"
-    code = main(["profile", "tests/models.py:mlp", "--input-shape", "1,16", "-o", str(out_file),
-                 "--repeats", "3", "--warmup", "1", "--threads", "1"])
+    code = main(
+        [
+            "profile",
+            "tests/models.py:mlp",
+            "--input-shape",
+            "1,16",
+            "-o",
+            str(out_file),
+            "--repeats",
+            "3",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0
     assert err.startswith("\rprofiling [") and err.endswith("] 8/8\n")
@@ -102,8 +138,9 @@ def test_cli_profile(capsys, tmp_path):
 
 
 def test_cli_profile_bad_input(capsys, tmp_path):
-    code = main(["profile", "tests/models.py:mlp", "--input-shape", "1,16", "-o", str(tmp_path / "p.json"),
-                 "--repeats", "0"])
+    code = main(
+        ["profile", "tests/models.py:mlp", "--input-shape", "1,16", "-o", str(tmp_path / "p.json"), "--repeats", "0"]
+    )
     _, err = capsys.readouterr()
     assert code == 2
     assert err == "partc: error: profile: need --warmup >= 0 and --repeats >= 1, got 3 and 0\n"
@@ -116,8 +153,10 @@ def test_sum_of_node_medians_matches_whole_model(name):
     gm = trace_model(f"torchvision:{name}", ["1,3,224,224"])
     load = os.getloadavg()[0]
     if load > 1.5 * os.cpu_count():
-        pytest.skip(f"host is busy (load {load:.1f} on {os.cpu_count()} cores): wall-clock medians of a "
-                    "whole model then include preemption that per-node medians filter out")
+        pytest.skip(
+            f"host is busy (load {load:.1f} on {os.cpu_count()} cores): wall-clock medians of a "
+            "whole model then include preemption that per-node medians filter out"
+        )
     profile = profile_model(gm, model=name, warmup=5, repeats=10, threads=2)
     ratio = profile.sum_node_median_s / profile.whole_median_s
     assert 0.85 <= ratio <= 1.15, (

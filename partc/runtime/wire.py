@@ -40,24 +40,25 @@ Tensor, 16 bytes (``<HBBB3xQ``) + shape + names + payload::
              name (UTF-8), codec name (ASCII), padding to 8
              payload (nbytes), padding to 8
 
-The codec named in a tensor's header turns the payload back into an array; ``none``
-(``RAW``) is the array's bytes, C order, little-endian. A ``Codec`` is any object with a
-``name`` and the two methods below; ``decode`` looks codec names up in the mapping it is
-given (``CODECS`` holds only ``none``), so compressing codecs plug in without changing the
-format.
+The codec named in a tensor's header (``partc.runtime.codec``: ``none``, ``fp16``,
+``int8+zstd-1``...) turns the payload back into an array of the header's dtype and shape.
+``none`` is the array's bytes, C order, little-endian: ``encode`` sends a view of the array
+itself and ``decode`` returns a read-only view into the frame, so a raw tensor is copied
+once, when the frame is joined into one bytes object (gRPC sends ``bytes``).
 """
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-from partc.errors import RunError
+from partc.errors import PartcError, RunError
+from partc.runtime.codec import Codec, parse_codec
+from partc.runtime.codec import decode as decode_payload
+from partc.runtime.codec import encode as encode_payload
 
 MAGIC = b"PCTF"
 VERSION = 1
@@ -82,48 +83,8 @@ DTYPE_CODES: dict[str, int] = {
 }
 _DTYPE_OF_CODE = {code: np.dtype(name).newbyteorder("<") for name, code in DTYPE_CODES.items()}
 _KINDS = {"compute": 1, "link": 2}
+_RAW: Codec = parse_codec("none")
 _KIND_OF_CODE = {code: kind for kind, code in _KINDS.items()}
-
-
-class Codec(Protocol):
-    """Turns one array into payload bytes and back; ``name`` goes into the tensor header."""
-
-    name: str
-
-    def encode(self, array: np.ndarray) -> bytes | memoryview | np.ndarray:
-        """Return the payload for a C-contiguous, little-endian ``array``."""
-
-    def decode(self, payload: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        """Return the array of ``dtype`` and ``shape`` held by ``payload``.
-
-        Raises:
-            ValueError: if the payload does not hold such an array.
-        """
-
-
-class RawCodec:
-    """Codec ``none``: the array's own bytes, no copy on either side."""
-
-    name = "none"
-
-    def encode(self, array: np.ndarray) -> np.ndarray:
-        """Return a flat uint8 view of ``array`` (no copy)."""
-        return array.reshape(-1).view(np.uint8)
-
-    def decode(self, payload: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        """Return a read-only array viewing ``payload`` (no copy).
-
-        Raises:
-            ValueError: if the payload length is not ``prod(shape) * itemsize``.
-        """
-        expected = math.prod(shape) * dtype.itemsize
-        if len(payload) != expected:
-            raise ValueError(f"payload has {len(payload)} bytes, {dtype.name}{list(shape)} needs {expected}")
-        return np.frombuffer(payload, dtype=dtype).reshape(shape)
-
-
-RAW = RawCodec()
-CODECS: Mapping[str, Codec] = {RAW.name: RAW}
 
 
 @dataclass(frozen=True)
@@ -186,18 +147,20 @@ def _wire_array(name: str, array: np.ndarray) -> tuple[np.ndarray, int]:
     return array, code
 
 
-def encode(frame: Frame, codecs: Mapping[str, Codec] | None = None) -> bytes:
-    """Serialise ``frame`` into one bytes object (one copy of each payload).
+def encode(frame: Frame, codecs: Mapping[str, str] | None = None) -> bytes:
+    """Serialise ``frame`` into one bytes object (one copy of each raw payload).
 
-    ``codecs`` maps tensor names to the codec to send them with; other tensors go raw.
+    ``codecs`` maps tensor names to codec names (``partc.runtime.codec``); other tensors go
+    as ``none``.
 
     Raises:
-        RunError: if a tensor has an unsupported dtype, too many dimensions, or a name or
-            codec name too long for its header field.
+        PartcError: if a codec name is unknown.
+        RunError: if a tensor has an unsupported dtype, too many dimensions, or a name too
+            long for its header field.
     """
     if len(frame.tensors) > 0xFFFF:
         raise RunError(f"request {frame.request_id}: {len(frame.tensors)} tensors, a frame holds at most 65535")
-    parts: list[bytes | memoryview | np.ndarray] = [
+    parts: list[bytes | np.ndarray] = [
         _FRAME.pack(MAGIC, VERSION, 0, len(frame.tensors), frame.request_id, frame.elapsed, len(frame.measurements))
     ]
     for m in frame.measurements:
@@ -208,12 +171,13 @@ def encode(frame: Frame, codecs: Mapping[str, Codec] | None = None) -> bytes:
         parts += [src, dst, _padding(len(src) + len(dst))]
     for name, value in frame.tensors.items():
         array, code = _wire_array(name, value)
-        codec = (codecs or {}).get(name, RAW)
-        payload = codec.encode(array)
-        nbytes = payload.nbytes if isinstance(payload, (np.ndarray, memoryview)) else len(payload)
+        codec = _RAW if codecs is None or name not in codecs else parse_codec(codecs[name])
+        # The raw payload is the array itself (the bytes codec 'none' would write), not a copy.
+        payload = array.reshape(-1).view(np.uint8) if codec.name == "none" else encode_payload(array, codec)
+        nbytes = len(payload)
         name_b, codec_b = name.encode(), codec.name.encode("ascii")
-        if len(name_b) > 0xFFFF or len(codec_b) > 0xFF:
-            raise RunError(f"tensor {name[:80]!r}: name or codec name too long for the wire format")
+        if len(name_b) > 0xFFFF:
+            raise RunError(f"tensor {name[:80]!r}...: name longer than 65535 bytes")
         parts.append(_TENSOR.pack(len(name_b), len(codec_b), code, array.ndim, nbytes))
         parts += [_DIM.pack(d) for d in array.shape]
         parts += [name_b, codec_b, _padding(len(name_b) + len(codec_b)), payload, _padding(nbytes)]
@@ -251,10 +215,8 @@ class _Reader:
         self.take(-n % 8, what)
 
 
-def decode(data: bytes | bytearray | memoryview, codecs: Mapping[str, Codec] = CODECS) -> Frame:
+def decode(data: bytes | bytearray | memoryview) -> Frame:
     """Parse a frame written by ``encode``. Raw tensors are read-only views into ``data``.
-
-    ``codecs`` maps codec names (as written in tensor headers) to codecs.
 
     Raises:
         RunError: if the frame is truncated, has a bad magic or version, an unknown dtype
@@ -289,16 +251,19 @@ def decode(data: bytes | bytearray | memoryview, codecs: Mapping[str, Codec] = C
         reader.skip_padding(name_len + codec_len, what)
         if code not in _DTYPE_OF_CODE:
             raise RunError(f"malformed frame: {what} has unknown dtype code {code}")
-        if codec_name not in codecs:
-            raise RunError(f"{what} uses codec {codec_name!r}, which this runtime lacks; known: {', '.join(codecs)}")
+        try:
+            codec = parse_codec(codec_name)
+        except PartcError as err:
+            raise RunError(f"malformed frame: {what}: {err}") from None
         if name in tensors:
             raise RunError(f"malformed frame: {what} appears twice")
         payload = reader.take(nbytes, f"the payload of {what}")
         reader.skip_padding(nbytes, f"the payload of {what}")
         try:
-            tensors[name] = codecs[codec_name].decode(payload, _DTYPE_OF_CODE[code], shape)
-        except ValueError as err:
-            raise RunError(f"malformed frame: {what}, codec {codec_name!r}: {err}") from err
+            tensors[name] = decode_payload(payload, codec, shape, _DTYPE_OF_CODE[code])
+        except Exception as err:  # bytes from the network: whatever a codec trips on is a bad frame
+            dtype = _DTYPE_OF_CODE[code].name
+            raise RunError(f"malformed frame: {what}, {dtype}{list(shape)}: {err}") from None
     if reader.offset != len(reader.data):
         raise RunError(f"malformed frame: {len(reader.data) - reader.offset} unexpected bytes after the last tensor")
     return Frame(request_id, tensors, tuple(measurements), elapsed)

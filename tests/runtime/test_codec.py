@@ -7,15 +7,28 @@ from hypothesis.extra.numpy import arrays
 from partc.errors import PartcError
 from partc.runtime.codec import decode, encode, parse_codec
 
-CODECS = ["none", "none+zstd", "none+lz4", "fp16", "fp16+zstd-3", "int8", "int8+zstd-1", "int8+lz4", "int8c",
-          "int8c+zstd"]
+CODECS = [
+    "none",
+    "none+zstd",
+    "none+lz4",
+    "fp16",
+    "fp16+zstd-3",
+    "int8",
+    "int8+zstd-1",
+    "int8+lz4",
+    "int8c",
+    "int8c+zstd",
+]
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     codec=st.sampled_from(CODECS),
-    array=arrays(np.float32, st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(0, 6), st.integers(1, 6)),
-                 elements=st.floats(-1e4, 1e4, width=32)),
+    array=arrays(
+        np.float32,
+        st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(0, 6), st.integers(1, 6)),
+        elements=st.floats(-1e4, 1e4, width=32),
+    ),
 )
 def test_round_trip_within_the_declared_bound(codec, array):
     c = parse_codec(codec)

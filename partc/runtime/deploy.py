@@ -1,0 +1,168 @@
+"""A compiled build over gRPC: serve one stage (``partc serve``), start all of them on this
+machine, and connect a driver (``partc run --distributed``).
+
+Every stage of a build is served by its own worker; the workers form the chain that
+``partc.runtime.driver`` describes. A worker verifies its own artifact against the
+manifest's sha256 before loading it, and holds nothing but that artifact and the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from partc.errors import PartcError, RunError
+from partc.manifest import ManifestStage, manifest_stages, read_manifest
+from partc.runtime.driver import Driver, connect
+from partc.runtime.transport import NO_SECURITY, Security, StageServer
+from partc.runtime.worker import StageSpec, plan_routes, serve_stage
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 120.0  # seconds for a worker process to load its artifact and listen
+
+
+def _folder(build: Path | str) -> Path:
+    build = Path(build)
+    return build if build.is_dir() else build.parent
+
+
+def stage_specs(manifest: Mapping, addresses: Mapping[str, str]) -> list[StageSpec]:
+    """Return the runtime's view of every stage of ``manifest``, at ``addresses`` (stage -> host:port).
+
+    Raises:
+        PartcError: if an address names no stage of the build.
+    """
+    names = [s["name"] for s in manifest["stages"]]
+    unknown = sorted(set(addresses) - set(names))
+    if unknown:
+        raise PartcError(f"no stage {unknown[0]!r} in this build; stages are: {', '.join(names)}")
+    return [
+        StageSpec(s["name"], addresses.get(s["name"], ""), tuple(t["name"] for t in s["inputs"]),
+                  tuple(t["name"] for t in s["outputs"]))
+        for s in manifest["stages"]
+    ]
+
+
+def _model_names(manifest: Mapping, key: str) -> list[str]:
+    return [t["name"] for t in manifest["model"][key]]
+
+
+def serve(
+    build: Path | str,
+    stage: str,
+    *,
+    listen: str = "127.0.0.1:0",
+    next_address: str | None = None,
+    security: Security = NO_SECURITY,
+) -> StageServer:
+    """Python twin of ``partc serve``: serve ``stage`` of ``build`` over gRPC.
+
+    Args:
+        build: the build folder (only the manifest and this stage's artifact are needed).
+        stage: stage name (``edge.0``).
+        listen: host:port to listen on (port 0: any free port; see ``StageServer.address``).
+        next_address: host:port of the next stage's worker; required unless ``stage`` is last.
+        security: token and TLS files, for both this server and the call to the next stage.
+
+    Raises:
+        ManifestError: for a bad manifest or a missing or tampered artifact.
+        PartcError: for an unknown stage or a missing ``next_address``.
+    """
+    from partc.targets import backend
+
+    manifest = read_manifest(build)
+    stages = manifest_stages(manifest, _folder(build), verify=[stage])
+    names = [s.name for s in stages]
+    if stage not in names:
+        raise PartcError(f"no stage {stage!r} in this build; stages are: {', '.join(names)}")
+    index = names.index(stage)
+    routes = plan_routes(stage_specs(manifest, {}), _model_names(manifest, "inputs"), _model_names(manifest, "outputs"))
+    route = routes[index]
+    if route.next_stage is not None:
+        if not next_address:
+            raise PartcError(f"stage {stage!r} forwards to {route.next_stage!r}: give its address (--next HOST:PORT)")
+        route = replace(route, next_address=next_address)
+    artifact = stages[index].artifact
+    fn = backend(artifact.backend).load(artifact)
+    return serve_stage(route, fn, listen, security)
+
+
+def connect_build(
+    build: Path | str, addresses: Mapping[str, str], security: Security = NO_SECURITY, **options: object
+) -> Driver:
+    """Return a driver for the workers serving every stage of ``build`` at ``addresses``.
+
+    ``options`` go to ``partc.runtime.driver.Driver`` (window, timeout, retry, alpha).
+
+    Raises:
+        PartcError: if a stage has no address.
+    """
+    manifest = read_manifest(build)
+    missing = [s["name"] for s in manifest["stages"] if s["name"] not in addresses]
+    if missing:
+        raise PartcError(f"no address for stage {missing[0]!r}; give every stage as --connect STAGE=HOST:PORT")
+    return connect(stage_specs(manifest, addresses), _model_names(manifest, "inputs"),
+                   _model_names(manifest, "outputs"), security, **options)
+
+
+@dataclass
+class LocalWorkers:
+    """Every stage of a build as its own ``partc serve`` process on loopback.
+
+    Use as a context manager: the processes are started on entry (last stage first, so
+    each knows where to forward) and stopped on exit, also on failure.
+    """
+
+    build: Path
+    token_file: Path | None = None
+    addresses: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __enter__(self) -> LocalWorkers:
+        stages: Sequence[ManifestStage] = manifest_stages(read_manifest(self.build), _folder(self.build), verify=())
+        self._scratch = tempfile.TemporaryDirectory(prefix="partc-workers-")
+        try:
+            next_address = None
+            for stage in reversed(stages):
+                self.addresses[stage.name] = next_address = self._start(stage.name, next_address)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self, stage: str, next_address: str | None) -> str:
+        scratch = Path(self._scratch.name)
+        ready, log_path = scratch / f"{stage}.ready", scratch / f"{stage}.log"
+        argv = [sys.executable, "-m", "partc.cli", "serve", str(self.build), "--stage", stage,
+                "--listen", "127.0.0.1:0", "--ready-file", str(ready)]
+        argv += ["--next", next_address] if next_address else []
+        argv += ["--token-file", str(self.token_file)] if self.token_file else []
+        with open(log_path, "wb") as log_file:
+            self.processes[stage] = process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not ready.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+                raise RunError(f"worker for stage {stage!r} did not start: {tail[0]}")
+            time.sleep(0.05)
+        return json.loads(ready.read_text())["address"]
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes.values():
+            process.terminate()
+        for stage, process in self.processes.items():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.warning("worker for stage %s did not stop; killing it", stage)
+                process.kill()
+                process.wait()
+        self._scratch.cleanup()

@@ -1,0 +1,281 @@
+"""The driver: streams requests through a chain of stage workers and returns results in order.
+
+Topology: a chain, not a hub. The driver sends each request to the first stage only;
+each worker runs its stage, forwards what later stages read straight to the next worker,
+and the model outputs travel back along the replies. So the bytes of a feature map cut
+between the edge and the cloud cross the edge -> cloud link, as in deployment, and never
+detour through the driver's machine (with a hub, every cut tensor would cross the
+driver's link twice, and the bandwidth measured would be the driver's, not the link's
+that a plan is chosen for). What a worker forwards is fixed by its ``Route`` when it
+starts, never by a request. A request is one nested call: stage i's call to stage i+1
+returns when the rest of the chain is done, which gives robustness for free: every wait
+is a gRPC call with a deadline (each hop passes on 90% of its remaining time, so the
+stage nearest the fault reports first), a failure anywhere comes back to the driver on
+the call it belongs to, and a request is either answered or failed, never lost.
+
+Pipelining: the driver keeps up to ``window`` requests in flight; each worker runs its
+function for one request at a time, so with three stages, three requests compute at once.
+
+Measurements: every reply carries, per request, each stage's compute time and each hop's
+(bytes sent, bytes returned, seconds on the wire: call time minus the time the callee
+spent). The driver folds them into ``links`` (a ``BandwidthEstimator`` per hop,
+``"driver->device.0"``, ``"device.0->edge.0"``) and ``compute`` (an ``Ewma`` of seconds per
+stage).
+
+Faults: a hop whose stage is unreachable is tried ``retry.attempts`` times with back-off
+(requests are idempotent); a stage that does not answer in time, refuses the token, or
+fails is reported at once. The first failed request ends ``Driver.run`` with a
+``RunError`` naming the stage, its address, the request, and how many requests in flight
+were abandoned.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from partc.errors import PartcError, RunError
+from partc.runtime.bandwidth import BandwidthEstimator, Ewma
+from partc.runtime.transport import (
+    DEFAULT_RETRY,
+    HEALTH,
+    NO_SECURITY,
+    Channel,
+    GrpcChannel,
+    InProcessChannel,
+    RetryPolicy,
+    Security,
+    call_stage,
+)
+from partc.runtime.wire import Frame, Measurement, decode, encode
+from partc.runtime.worker import StageSpec, Worker, plan_routes
+
+if TYPE_CHECKING:
+    from partc.plan import StageFn
+
+log = logging.getLogger(__name__)
+
+_SLACK = 5.0  # seconds a request may run past its deadline (encoding, decoding) before the driver gives up
+
+
+class Driver:
+    """Runs requests through the chain of stages reached through ``channels`` (first: the entry).
+
+    One ``run`` at a time per driver (the estimators are updated by the thread consuming it).
+
+    Attributes:
+        links: bandwidth estimate per hop, keyed ``"src->dst"``.
+        compute: smoothed compute seconds per stage.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[Channel],
+        model_inputs: Sequence[str],
+        model_outputs: Sequence[str],
+        *,
+        window: int = 4,
+        timeout: float = 30.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        alpha: float = 0.3,
+        codecs: Mapping[str, str] | None = None,
+    ) -> None:
+        """Drive the chain whose stages are reached through ``channels``, in order.
+
+        ``timeout`` bounds each request end to end; ``window`` requests are in flight at once;
+        ``codecs`` maps model inputs to the codec they are sent to the first stage with.
+
+        Raises:
+            PartcError: if there is no channel or ``window`` < 1.
+        """
+        if not channels:
+            raise PartcError("a driver needs at least one stage")
+        if window < 1:
+            raise PartcError(f"window must be at least 1, got {window}")
+        self._channels = tuple(channels)
+        self._inputs = tuple(model_inputs)
+        self._outputs = tuple(model_outputs)
+        self.window = window
+        self.timeout = timeout
+        self._retry = retry
+        self._alpha = alpha
+        self._codecs = {n: c for n, c in (codecs or {}).items() if n in self._inputs}
+        self.links: dict[str, BandwidthEstimator] = {}
+        self.compute: dict[str, Ewma] = {}
+
+    def __enter__(self) -> Driver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every channel."""
+        for channel in self._channels:
+            channel.close()
+
+    def check(self, timeout: float = 5.0) -> None:
+        """Ask every stage whether it is up and serves the stage it should.
+
+        Raises:
+            RunError: listing every stage that is unreachable, refuses us, or serves
+                another stage.
+        """
+        problems = []
+        for channel in self._channels:
+            try:
+                served = call_stage(channel, b"", time.monotonic() + timeout, self._retry, HEALTH).decode()
+            except RunError as err:
+                problems.append(str(err))
+                continue
+            if served != channel.stage:
+                problems.append(f"{channel.address} serves stage {served!r}, expected {channel.stage!r}")
+        if problems:
+            raise RunError(
+                f"{len(problems)} of {len(self._channels)} stages failed the health check: " + "; ".join(problems)
+            )
+
+    def run_one(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one request; see ``run``."""
+        return next(self.run([inputs]))
+
+    def run(self, inputs: Iterable[Mapping[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        """Stream ``inputs`` (model input name -> array) through the pipeline; yield outputs in order.
+
+        Raises:
+            PartcError: if an input lacks a model input.
+            RunError: when a request fails (see the module docstring); nothing after it
+                is yielded.
+        """
+        pool = ThreadPoolExecutor(self.window, thread_name_prefix="partc-driver")
+        pending: deque[tuple[int, concurrent.futures.Future]] = deque()
+        source = iter(inputs)
+        submitted = delivered = 0
+        try:
+            while True:
+                while len(pending) < self.window:
+                    item = next(source, None)
+                    if item is None:
+                        break
+                    tensors = self._model_inputs(submitted, item)
+                    pending.append((submitted, pool.submit(self._request, submitted, tensors)))
+                    submitted += 1
+                if not pending:
+                    return
+                request_id, future = pending.popleft()
+                try:
+                    reply = future.result(timeout=self.timeout + _SLACK)
+                except concurrent.futures.TimeoutError:
+                    raise self._failed(
+                        request_id, f"no reply within {self.timeout + _SLACK:.1f} s", pending, delivered
+                    ) from None
+                except RunError as err:
+                    raise self._failed(request_id, str(err), pending, delivered) from err
+                self._record(reply.measurements)
+                delivered += 1
+                yield {n: reply.tensors[n] for n in self._outputs}
+        finally:
+            for _, future in pending:
+                future.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _model_inputs(self, index: int, item: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self._inputs if n not in item]
+        if missing:
+            raise PartcError(f"input {index} lacks model input {', '.join(map(repr, missing))}; it has {sorted(item)}")
+        return {n: np.asarray(item[n]) for n in self._inputs}
+
+    def _request(self, request_id: int, tensors: dict[str, np.ndarray]) -> Frame:
+        entry = self._channels[0]
+        payload = encode(Frame(request_id, tensors), self._codecs)
+        sent = time.monotonic()
+        answer = call_stage(entry, payload, sent + self.timeout, self._retry)
+        seconds = time.monotonic() - sent
+        try:
+            reply = decode(answer)
+        except RunError as err:
+            raise RunError(f"reply from stage {entry.stage!r} at {entry.address}: {err}") from None
+        if reply.request_id != request_id:
+            raise RunError(f"stage {entry.stage!r} at {entry.address} answered request {reply.request_id}")
+        missing = [n for n in self._outputs if n not in reply.tensors]
+        if missing:
+            raise RunError(f"the pipeline's reply lacks model outputs {', '.join(map(repr, missing))}")
+        link = Measurement("link", "driver", entry.stage, seconds - reply.elapsed, len(payload), len(answer))
+        return Frame(reply.request_id, reply.tensors, (link, *reply.measurements), reply.elapsed)
+
+    def _record(self, measurements: Sequence[Measurement]) -> None:
+        for m in measurements:
+            if m.kind == "link":
+                key = f"{m.src}->{m.dst}"
+                self.links.setdefault(key, BandwidthEstimator(self._alpha)).add(
+                    m.bytes_sent + m.bytes_received, m.seconds
+                )
+            else:
+                self.compute.setdefault(m.src, Ewma(self._alpha)).add(m.seconds)
+
+    @staticmethod
+    def _failed(request_id: int, reason: str, pending: Sequence[object], delivered: int) -> RunError:
+        return RunError(
+            f"request {request_id} failed: {reason}; {delivered} results were delivered before it, "
+            f"{len(pending)} later requests in flight were abandoned"
+        )
+
+
+def connect(
+    stages: Sequence[StageSpec],
+    model_inputs: Sequence[str],
+    model_outputs: Sequence[str],
+    security: Security = NO_SECURITY,
+    codecs: Mapping[str, str] | None = None,
+    **options: object,
+) -> Driver:
+    """Return a driver for workers already serving ``stages`` (in chain order) over gRPC.
+
+    The workers must serve the routes ``plan_routes(stages, model_inputs, model_outputs,
+    codecs)``. ``options`` go to ``Driver`` (window, timeout, retry, alpha).
+
+    Raises:
+        PartcError: if the stages do not form a valid chain or a codec is unknown.
+    """
+    plan_routes(stages, model_inputs, model_outputs, codecs)
+    channels = [GrpcChannel(s.name, s.address, security) for s in stages]
+    return Driver(channels, model_inputs, model_outputs, codecs=codecs, **options)
+
+
+def in_process(
+    stages: Sequence[StageSpec],
+    fns: Mapping[str, StageFn],
+    model_inputs: Sequence[str],
+    model_outputs: Sequence[str],
+    token: str | None = None,
+    codecs: Mapping[str, str] | None = None,
+    **options: object,
+) -> Driver:
+    """Return a driver for the chain of ``stages`` run in this process by ``fns`` (stage name -> function).
+
+    Frames are encoded, checked and decoded exactly as over gRPC, codecs included; only the
+    sockets are missing. ``options`` go to ``Driver``.
+
+    Raises:
+        PartcError: if the stages do not form a valid chain, a function is missing or a
+            codec is unknown.
+    """
+    missing = [s.name for s in stages if s.name not in fns]
+    if missing:
+        raise PartcError(f"no stage function for {', '.join(map(repr, missing))}")
+    routes = plan_routes(stages, model_inputs, model_outputs, codecs)
+    retry = options.get("retry", DEFAULT_RETRY)
+    channels: list[Channel] = []
+    downstream = None
+    for route in reversed(routes):
+        worker = Worker(route, fns[route.stage], downstream, token=token, retry=retry)
+        downstream = InProcessChannel(worker, token)
+        channels.insert(0, downstream)
+    return Driver(channels, model_inputs, model_outputs, codecs=codecs, **options)

@@ -1,0 +1,385 @@
+"""A worker: one stage of the pipeline, served over a transport.
+
+The pipeline is a chain: the driver sends each request to the first stage only; every
+worker runs its stage function, forwards the tensors later stages need to the next stage,
+and replies with the model outputs produced at or after its stage (its own, plus the next
+stage's reply). See ``partc.runtime.driver`` for why. What a worker does is fixed when it
+starts, by its ``Route`` (computed for all stages by ``plan_routes``); a request cannot
+make it send anything anywhere else.
+
+A worker is independent of how its stage function was loaded: it takes any callable from
+named numpy arrays to named numpy arrays (``partc.plan.StageFn``). Arrays it passes in are
+read-only views of the received frame. The function runs under a lock, one request at a
+time per stage, while other requests are received, forwarded or answered concurrently:
+each stage works on its own request, as in a hardware pipeline.
+
+Run one from a shell (the stage function comes from ``MODULE:FACTORY``, a callable taking
+the stage name; nothing received from the network is unpickled)::
+
+    python -m partc.runtime.worker --stage edge.0 --fn mypkg.stages:load --reads a \\
+        --writes b --forward b --next cloud.0=10.0.0.3:50051 --listen 0.0.0.0:50051
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from partc.errors import PartcError, RunError
+from partc.runtime.codec import parse_codec
+from partc.runtime.transport import (
+    DEFAULT_RETRY,
+    NO_SECURITY,
+    Channel,
+    GrpcChannel,
+    Rejected,
+    RetryPolicy,
+    Security,
+    StageServer,
+    call_stage,
+)
+from partc.runtime.wire import Frame, Measurement, decode, encode
+
+if TYPE_CHECKING:
+    from partc.plan import Stage, StageFn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage as the runtime sees it: where it runs and the tensors it reads and writes.
+
+    Attributes:
+        name: stage name, ``<tier>.<index>``.
+        address: host:port of its worker ("" for the in-process transport).
+        inputs: names of the tensors its function reads.
+        outputs: names of the tensors its function writes.
+    """
+
+    name: str
+    address: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    @classmethod
+    def of(cls, stage: Stage, address: str = "") -> StageSpec:
+        """Return the spec of a ``partc.plan.Stage`` served at ``address``."""
+        return cls(stage.name, address, tuple(t.name for t in stage.inputs), tuple(t.name for t in stage.outputs))
+
+
+@dataclass(frozen=True)
+class Route:
+    """What one worker does with a request.
+
+    Attributes:
+        stage: stage name.
+        inputs: tensors its function reads.
+        outputs: tensors its function writes.
+        forward: tensors it sends to the next stage (read by a later stage).
+        results: model outputs its function writes; replied with the next stage's reply.
+        next_stage: name of the next stage, None for the last.
+        next_address: host:port of the next stage's worker, None for the last.
+        codecs: codec name (``partc.runtime.codec``) per forwarded tensor; others go raw.
+    """
+
+    stage: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    forward: tuple[str, ...] = ()
+    results: tuple[str, ...] = ()
+    next_stage: str | None = None
+    next_address: str | None = None
+    codecs: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def receives(self) -> tuple[str, ...]:
+        """Tensors a request to this stage must hold: what it reads or only passes on."""
+        passed_on = [n for n in self.forward + self.results if n not in self.outputs]
+        return tuple(dict.fromkeys(self.inputs + tuple(passed_on)))
+
+
+def plan_routes(
+    stages: Sequence[StageSpec],
+    model_inputs: Sequence[str],
+    model_outputs: Sequence[str],
+    codecs: Mapping[str, str] | None = None,
+) -> tuple[Route, ...]:
+    """Return the route of each stage of a chain, in order.
+
+    ``codecs`` maps tensor names to the codec they cross every link with (default ``none``).
+
+    Raises:
+        PartcError: if there is no stage, a stage reads a tensor that neither the model
+            inputs nor an earlier stage provide, no stage writes a model output, or a codec
+            name is unknown.
+    """
+    codecs = dict(codecs or {})
+    for name in codecs.values():
+        parse_codec(name)
+    if not stages:
+        raise PartcError("a pipeline needs at least one stage")
+    available = set(model_inputs)
+    problems = []
+    for s in stages:
+        problems += [
+            f"stage {s.name!r} reads {n!r}, which no earlier stage writes" for n in s.inputs if n not in available
+        ]
+        available.update(s.outputs)
+    problems += [f"no stage writes the model output {n!r}" for n in model_outputs if n not in available]
+    if problems:
+        raise PartcError("; ".join(problems))
+    routes = []
+    available = set(model_inputs)
+    for i, s in enumerate(stages):
+        available.update(s.outputs)
+        later = {n for t in stages[i + 1 :] for n in t.inputs}
+        nxt = stages[i + 1] if i + 1 < len(stages) else None
+        routes.append(
+            Route(
+                stage=s.name,
+                inputs=s.inputs,
+                outputs=s.outputs,
+                forward=tuple(sorted(later & available)),
+                results=tuple(n for n in model_outputs if n in s.outputs),
+                next_stage=nxt.name if nxt else None,
+                next_address=nxt.address if nxt else None,
+                codecs={n: codecs[n] for n in sorted(later & available) if n in codecs},
+            )
+        )
+    return tuple(routes)
+
+
+class Worker:
+    """Runs one stage for requests arriving as frames; a ``transport.Handler``."""
+
+    def __init__(
+        self,
+        route: Route,
+        fn: StageFn,
+        downstream: Channel | None = None,
+        *,
+        token: str | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+    ) -> None:
+        """Serve ``route`` with ``fn``, forwarding to ``downstream`` (needed iff the route has a next stage).
+
+        Raises:
+            PartcError: if ``downstream`` does not match ``route.next_stage``.
+        """
+        if (downstream is None) != (route.next_stage is None):
+            raise PartcError(f"stage {route.stage!r}: a channel to the next stage is needed iff the route has one")
+        if downstream is not None and downstream.stage != route.next_stage:
+            raise PartcError(
+                f"stage {route.stage!r}: next stage is {route.next_stage!r}, channel is to {downstream.stage!r}"
+            )
+        self.stage = route.stage
+        self.route = route
+        self._fn = fn
+        self._downstream = downstream
+        self._security = Security(token=token)
+        self._retry = retry
+        self._lock = threading.Lock()
+
+    def health(self, token: str | None) -> bytes:
+        """Answer the stage name; see ``transport.Handler``."""
+        self._authorise(token)
+        return self.stage.encode()
+
+    def run(self, payload: bytes, token: str | None, deadline: float) -> bytes:
+        """Run the stage on one request frame and answer the reply frame; see ``transport.Handler``."""
+        start = time.monotonic()
+        self._authorise(token)
+        try:
+            frame = decode(payload)
+        except RunError as err:
+            raise Rejected("invalid_argument", f"stage {self.stage!r}: {err}") from None
+        where = f"stage {self.stage!r} (request {frame.request_id})"
+        missing = [n for n in self.route.receives if n not in frame.tensors]
+        if missing:
+            raise Rejected(
+                "invalid_argument",
+                f"{where}: missing input tensors {', '.join(map(repr, missing))}; got {sorted(frame.tensors)}",
+            )
+        with self._lock:
+            began = time.monotonic()
+            try:
+                produced = self._fn({n: frame.tensors[n] for n in self.route.inputs})
+            except Exception as err:  # any failure of the stage function goes to the caller
+                raise Rejected("internal", f"{where} failed: {type(err).__name__}: {err}") from None
+            computed = time.monotonic() - began
+        if not isinstance(produced, Mapping):
+            raise Rejected("internal", f"{where}: the stage function returned {type(produced).__name__}, not a dict")
+        absent = [n for n in self.route.outputs if not isinstance(produced.get(n), np.ndarray)]
+        if absent:
+            raise Rejected("internal", f"{where}: the stage function returned no array for {', '.join(absent)}")
+        env = {**frame.tensors, **produced}
+        results = {n: env[n] for n in self.route.results}
+        measurements = [Measurement("compute", self.stage, "", computed)]
+        if self._downstream is not None:
+            results_down, more = self._forward(frame.request_id, env, deadline, where)
+            results.update(results_down)
+            measurements += more
+        try:
+            return encode(Frame(frame.request_id, results, tuple(measurements), time.monotonic() - start))
+        except PartcError as err:
+            raise Rejected("internal", f"{where}: {err}") from None
+
+    def _forward(
+        self, request_id: int, env: Mapping[str, np.ndarray], deadline: float, where: str
+    ) -> tuple[dict[str, np.ndarray], list[Measurement]]:
+        downstream = self._downstream
+        now = time.monotonic()
+        if now >= deadline:
+            raise Rejected(
+                "deadline_exceeded", f"{where}: the deadline passed before forwarding to {downstream.stage!r}"
+            )
+        try:
+            payload = encode(Frame(request_id, {n: env[n] for n in self.route.forward}), self.route.codecs)
+        except PartcError as err:
+            raise Rejected("internal", f"{where}: {err}") from None
+        # Leave a tenth of the remaining time to report a failure downstream before our caller gives up.
+        sent = time.monotonic()
+        try:
+            answer = call_stage(downstream, payload, now + 0.9 * (deadline - now), self._retry)
+        except RunError as err:
+            raise Rejected("internal", str(err)) from None
+        seconds = time.monotonic() - sent
+        try:
+            reply = decode(answer)
+        except RunError as err:
+            raise Rejected("internal", f"{where}: reply from stage {downstream.stage!r}: {err}") from None
+        link = Measurement("link", self.stage, downstream.stage, seconds - reply.elapsed, len(payload), len(answer))
+        return dict(reply.tensors), [link, *reply.measurements]
+
+    def _authorise(self, token: str | None) -> None:
+        if not self._security.accepts(token):
+            state = "no" if token is None else "a wrong"
+            raise Rejected(
+                "unauthenticated",
+                f"stage {self.stage!r} refused a call with {state} token (gRPC metadata 'partc-token'); "
+                "give every stage and the driver the same token",
+            )
+
+    def close(self) -> None:
+        """Close the channel to the next stage."""
+        if self._downstream is not None:
+            self._downstream.close()
+
+
+def serve_stage(
+    route: Route,
+    fn: StageFn,
+    listen: str = "127.0.0.1:0",
+    security: Security = NO_SECURITY,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    threads: int = 16,
+) -> StageServer:
+    """Serve ``route`` with ``fn`` over gRPC on ``listen``; forward over gRPC to ``route.next_address``.
+
+    ``security`` applies to both ends: the server's certificate and the token it demands,
+    and the root certificate and token it presents to the next stage. ``threads`` bounds
+    the calls served at once (each request in flight holds one until its reply).
+
+    Raises:
+        RunError: if the address cannot be bound.
+    """
+    downstream = GrpcChannel(route.next_stage, route.next_address, security) if route.next_stage else None
+    worker = Worker(route, fn, downstream, token=security.token, retry=retry)
+    return StageServer(worker, listen, security, threads, on_stop=worker.close)
+
+
+def load_factory(spec: str) -> Callable[[str], StageFn]:
+    """Import ``MODULE:FACTORY`` and return the factory.
+
+    Raises:
+        PartcError: if the module or attribute cannot be found.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise PartcError(f"--fn {spec!r}: expected MODULE:FACTORY")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise PartcError(f"--fn {spec!r}: {err}") from err
+
+
+def _pair(text: str, flag: str, form: str) -> tuple[str, str]:
+    key, _, value = text.partition("=")
+    if not key or not value:
+        raise PartcError(f"{flag} {text!r}: expected {form}")
+    return key, value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n for n in text.split(",") if n)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: serve one stage until SIGTERM or SIGINT; return the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m partc.runtime.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", required=True)
+    parser.add_argument("--fn", required=True, help="MODULE:FACTORY; FACTORY(stage) returns the stage function")
+    parser.add_argument("--reads", default="", help="comma-separated tensors the function reads")
+    parser.add_argument("--writes", default="", help="comma-separated tensors the function writes")
+    parser.add_argument("--forward", default="", help="comma-separated tensors sent to the next stage")
+    parser.add_argument("--results", default="", help="comma-separated model outputs the function writes")
+    parser.add_argument("--next", default=None, help="NAME=HOST:PORT of the next stage")
+    parser.add_argument("--codec", action="append", default=[], help="TENSOR=CODEC for a forwarded tensor")
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--token-file", type=Path)
+    parser.add_argument("--cert", type=Path)
+    parser.add_argument("--key", type=Path)
+    parser.add_argument("--root", type=Path)
+    parser.add_argument("--ready-file", type=Path, help="written (JSON: stage, address) once serving")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        next_stage, next_address = _pair(args.next, "--next", "NAME=HOST:PORT") if args.next else (None, None)
+        route = Route(
+            args.stage,
+            _names(args.reads),
+            _names(args.writes),
+            _names(args.forward),
+            _names(args.results),
+            next_stage,
+            next_address,
+            dict(_pair(text, "--codec", "TENSOR=CODEC") for text in args.codec),
+        )
+        for codec in route.codecs.values():
+            parse_codec(codec)
+        security = Security.from_files(args.token_file, args.cert, args.key, args.root)
+        fn = load_factory(args.fn)(args.stage)
+        server = serve_stage(route, fn, args.listen, security, threads=args.threads)
+    except PartcError as err:
+        print(f"partc-worker: error: {err}", file=sys.stderr)
+        return err.exit_code
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.ready_file is not None:
+        tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
+        tmp.write_text(json.dumps({"stage": args.stage, "address": server.address}))
+        os.replace(tmp, args.ready_file)
+    while not stop.wait(1.0):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
