@@ -26,7 +26,7 @@ import partc
 from partc.context import CompileContext, load_cluster
 from partc.errors import PartcError
 from partc.ir import META_TIER
-from partc.manifest import MANIFEST, tensor_json, write_manifest
+from partc.manifest import MANIFEST, render_deployment, tensor_json, write_manifest
 from partc.pipeline import run_passes
 from partc.plan import Artifact, Plan, StageFn, build_plan, eager_stage_fn, run_plan
 from partc.report import trace_model
@@ -109,6 +109,7 @@ def compile_model(
         progress("verifying and timing the artifacts on this machine")
         measured, diff, scale = _verify(gm, plan, artifacts, ctx)
         manifest = _manifest(model, gm, ctx, plan, artifacts, measured, diff, scale)
+        render_deployment(manifest, staging, output.name)
         write_manifest(manifest, staging)  # last: a folder without it is not a build
         _replace(staging, output)
     except BaseException:

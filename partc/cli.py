@@ -351,6 +351,28 @@ def _run_serve(args) -> int:
     return 0
 
 
+def _add_bundle(sub) -> None:
+    p = sub.add_parser(
+        "bundle", help="pack what one tier's machines need from a build",
+        description="Write a .tar.gz with the manifest, the build README, and for every stage of TIER its "
+        "artifact (checked against the manifest's sha256), its serve script and its systemd unit.",
+        epilog="example:\n  partc bundle build/resnet50 --tier edge -o edge.tar.gz\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("build", type=Path, metavar="BUILD", help="folder written by 'partc compile'")
+    p.add_argument("--tier", required=True, help="tier name from the cluster file")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="archive to write (.tar.gz)")
+    p.set_defaults(func=_run_bundle)
+
+
+def _run_bundle(args) -> int:
+    from partc.runtime.deploy import bundle
+
+    members = bundle(args.build, args.tier, args.output)
+    print(f"wrote {args.output}: {', '.join(members)}")
+    return 0
+
+
 def _read_npy(path: Path):
     import numpy as np
 
@@ -378,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(sub)
     _add_run(sub)
     _add_serve(sub)
+    _add_bundle(sub)
     return parser
 
 

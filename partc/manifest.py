@@ -79,6 +79,39 @@ def write_manifest(manifest: Mapping, folder: Path) -> Path:
     return path
 
 
+def render_deployment(manifest: Mapping, folder: Path, build_name: str) -> list[Path]:
+    """Render the human-facing deployment files of the build ``build_name`` into ``folder``.
+
+    Per stage: ``serve-<stage>.sh`` (runs ``partc serve`` for it) and
+    ``partc-<stage>.service`` (a systemd unit running that script); and one ``README.md``.
+    Returns the files written.
+    """
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("partc.templates", ""), undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True, autoescape=False,
+    )
+    stages = manifest["stages"]
+    written = []
+    for i, stage in enumerate(stages):
+        values = {"stage": stage, "next_stage": stages[i + 1]["name"] if i + 1 < len(stages) else None,
+                  "partc_version": manifest["partc_version"], "model": manifest["model"]["spec"],
+                  "build_name": build_name}
+        script = folder / f"serve-{stage['name']}.sh"
+        script.write_text(env.get_template("serve.sh.j2").render(values))
+        script.chmod(0o755)
+        unit = folder / f"partc-{stage['name']}.service"
+        unit.write_text(env.get_template("stage.service.j2").render(values))
+        written += [script, unit]
+    readme = folder / "README.md"
+    predicted = manifest["plan"]["predicted"]
+    links = [{"src": key.split("->")[0], "dst": key.split("->")[1], "bytes": nbytes,
+              "seconds": predicted["transfer"][key]} for key, nbytes in predicted["link_bytes"].items()]
+    readme.write_text(env.get_template("README.md.j2").render({**manifest, "links": links}))
+    return [*written, readme]
+
+
 def read_manifest(path: Path | str) -> dict:
     """Read and validate a manifest (a file, or the build folder holding it).
 

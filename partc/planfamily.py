@@ -214,7 +214,8 @@ def plot_bandwidth_sweep(
     fig, ax = plt.subplots(figsize=(7, 4.5))
     mbit = np.asarray(bandwidths) * 8 / 1e6
     for name, values in series.items():
-        style = {"linewidth": 2.5, "color": "black"} if name == "partc" else {"linewidth": 1.2, "alpha": 0.8}
+        partc = {"linewidth": 4, "color": "black", "alpha": 0.35, "zorder": 1}
+        style = partc if name == "partc" else {"linewidth": 1.2, "linestyle": "--", "zorder": 2}
         ax.plot(mbit, np.asarray(values) * 1e3, label=name, **style)
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -16,6 +16,7 @@ whole run without exchanging halos.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.operator_schemas import normalize_function
 
-from partc.ir import META_SHAPE
+from partc.ir import META_FLOPS, META_SHAPE
 
 
 class Box(NamedTuple):
@@ -261,6 +262,8 @@ def plan_regions(run: Sequence[fx.Node], gm: fx.GraphModule, grid: tuple[int, in
         ValueError: if a run output is smaller than the grid, or a node is not spatially local.
     """
     rows, cols = grid
+    if rows < 1 or cols < 1:
+        raise ValueError(f"a {rows}x{cols} grid has no tiles")
     members = set(run)
     outputs = run_outputs(run)
     windows = {}
@@ -290,6 +293,35 @@ def plan_regions(run: Sequence[fx.Node], gm: fx.GraphModule, grid: tuple[int, in
     return tiles
 
 
+def tile_flops(run: Sequence[fx.Node], regions: Sequence[TileRegions]) -> tuple[int, ...]:
+    """Return each tile's FLOPs: every node's META_FLOPS scaled by the share of its map computed.
+
+    Reads meta[META_FLOPS] and meta[META_SHAPE].
+    """
+    return tuple(
+        round(sum(n.meta[META_FLOPS] * box.area / math.prod(hw(n)) for n, box in tile.computed.items()))
+        for tile in regions
+    )
+
+
+def reentry(run: Sequence[fx.Node]) -> fx.Node | None:
+    """Return a node outside ``run`` on a path that leaves ``run`` and comes back into it,
+    or None when there is none (``run`` is convex and can be replaced as one block)."""
+    members = set(run)
+    frontier = [u for n in run for u in n.users if u not in members]
+    seen = set()
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if user in members:
+                return node
+            frontier.append(user)
+    return None
+
+
 def find_runs(gm: fx.GraphModule, select: Callable[[fx.Node], bool]) -> list[list[fx.Node]]:
     """Return the maximal convex runs of spatially local nodes among those ``select`` accepts.
 
@@ -297,7 +329,8 @@ def find_runs(gm: fx.GraphModule, select: Callable[[fx.Node], bool]) -> list[lis
     one scatter -> tiles -> gather block. Nodes are taken in graph order; a node joins the
     runs of its local inputs unless a path from that run reaches it through a node
     outside the run. Runs without a convolution or pooling window over a map larger
-    than 1x1 are dropped: tiling them only adds copies. Each run is in graph order; runs are ordered by first node.
+    than 1x1 are dropped: tiling them only adds copies. Each run is in graph order;
+    runs are ordered by their first node.
     """
     parent: list[int] = []
     left_by_run: list[set[int]] = []  # runs with a path into this run that leaves them first

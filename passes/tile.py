@@ -50,7 +50,19 @@ from partc.ir import (
     compute_nodes,
 )
 from partc.pipeline import PassResult
-from partc.regions import Box, TileRegions, Window, find_runs, hw, is_inplace, plan_regions, run_outputs, spatial_op
+from partc.regions import (
+    Box,
+    TileRegions,
+    Window,
+    find_runs,
+    hw,
+    is_inplace,
+    plan_regions,
+    reentry,
+    run_outputs,
+    spatial_op,
+    tile_flops,
+)
 from partc.trace import annotate
 
 log = logging.getLogger(__name__)
@@ -117,7 +129,8 @@ def tile_conv_stages(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     if any(META_PROFILE in n.meta for n in compute_nodes(gm)):
         _profile_glue(gm, ctx)
     parts = [
-        f"run {r.index} ({r.tier}, {len(r.nodes)} nodes): {r.grid[0]}x{r.grid[1]}, halo +{r.overhead:.1%} FLOPs"
+        f"run {r.index} ({r.tier or 'untiered'}, {len(r.nodes)} nodes): {r.grid[0]}x{r.grid[1]}, "
+        f"halo +{r.overhead:.1%} FLOPs"
         for r in tiled
     ]
     return PassResult(gm, f"{len(tiled)} run(s) tiled, {untiled} left untiled: " + "; ".join(parts))
@@ -175,14 +188,6 @@ def predict_latency(run: Sequence[fx.Node], regions: Sequence[TileRegions], tier
     return latency
 
 
-def tile_flops(run: Sequence[fx.Node], regions: Sequence[TileRegions]) -> tuple[int, ...]:
-    """Return each tile's FLOPs: every node's META_FLOPS scaled by the share of its map computed."""
-    return tuple(
-        round(sum(n.meta[META_FLOPS] * box.area / math.prod(hw(n)) for n, box in tile.computed.items()))
-        for tile in regions
-    )
-
-
 def _share(node: fx.Node, box: Box) -> float:
     return node.meta[META_BYTES] * box.area / math.prod(hw(node))
 
@@ -218,13 +223,15 @@ def tile_nodes(gm: fx.GraphModule, names: Sequence[str], grid: Grid) -> tuple[fx
     unknown = sorted(set(names) - set(by_name))
     if unknown:
         raise PartcError(f"cannot tile {', '.join(unknown)}: no such node; see `partc inspect` for node names")
+    if not names:
+        raise PartcError("cannot tile an empty set of nodes; name the layers to tile")
     members = {by_name[name] for name in names}
     run = [n for n in gm.graph.nodes if n in members]
     reasons = [(n, spatial_op(n, gm)) for n in run]
     bad = [f"{n.name} ({n.meta.get(META_OP, n.op)}): {why}" for n, why in reasons if isinstance(why, str)]
     if bad:
         raise UnsupportedLayerError("cannot tile: " + "; ".join(bad) + "; leave these layers out of the tiled run")
-    outside = _reentry(run)
+    outside = reentry(run)
     if outside is not None:
         raise UnsupportedLayerError(
             f"cannot tile {', '.join(names)} as one run: {outside.name} is outside it but on a path from it back "
@@ -235,22 +242,6 @@ def tile_nodes(gm: fx.GraphModule, names: Sequence[str], grid: Grid) -> tuple[fx
     except ValueError as err:
         raise UnsupportedLayerError(f"cannot tile with a {grid[0]}x{grid[1]} grid: {err}; use fewer tiles") from None
     return gm, _rewrite(gm, [(run, grid, regions)])[0]
-
-
-def _reentry(run: Sequence[fx.Node]) -> fx.Node | None:
-    members = set(run)
-    frontier = [u for n in run for u in n.users if u not in members]
-    seen = set()
-    while frontier:
-        node = frontier.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for user in node.users:
-            if user in members:
-                return node
-            frontier.append(user)
-    return None
 
 
 def _rewrite(gm: fx.GraphModule, plans: Sequence[tuple[list[fx.Node], Grid, list[TileRegions]]]) -> list[TiledRun]:
@@ -264,7 +255,8 @@ def _rewrite(gm: fx.GraphModule, plans: Sequence[tuple[list[fx.Node], Grid, list
     for members, outputs in stitches:  # later runs read the original outputs until every run is rewritten
         for output, stitch in outputs.items():
             output.replace_all_uses_with(stitch, delete_user_cb=lambda user, members=members: user not in members)
-    for node in reversed([n for n in gm.graph.nodes if any(n in run for run, _, _ in plans)]):
+    replaced = set().union(*(members for members, _ in stitches))
+    for node in reversed([n for n in gm.graph.nodes if n in replaced]):
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()

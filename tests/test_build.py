@@ -157,3 +157,24 @@ def test_cli_compile_prints_stage_table(tmp_path, plain_cluster, capsys):
                                            "measured", "ms"]
     assert "partc: tracing tests/models.py:conv_stack" in err and "partc: pass select-cuts" in err
     assert f"wrote {tmp_path / 'b'}/manifest.json" in out
+
+
+def test_deployment_files_are_rendered_from_the_manifest(build):
+    import configparser
+    import subprocess
+
+    manifest = build.manifest
+    for i, stage in enumerate(manifest["stages"]):
+        script = build.path / f"serve-{stage['name']}.sh"
+        assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+        text = script.read_text()
+        assert f'--stage "{stage["name"]}"' in text and text.startswith("#!/bin/sh\n")
+        assert ("PARTC_NEXT" in text) == (i + 1 < len(manifest["stages"]))
+        unit = configparser.ConfigParser(interpolation=None)
+        unit.read_string((build.path / f"partc-{stage['name']}.service").read_text())
+        assert unit["Service"]["ExecStart"] == f"/opt/partc/resnet18/serve-{stage['name']}.sh"
+    readme = (build.path / "README.md").read_text()
+    for stage in manifest["stages"]:
+        assert f'- "{stage["name"]}": tier "{stage["tier"]}", target "{stage["target"]}"' in readme
+    bytes_ = manifest["plan"]["predicted"]["link_bytes"]["device->edge"]
+    assert f'- from "device" to "edge": {bytes_} bytes per inference' in readme

@@ -113,6 +113,41 @@ def connect_build(
                    _model_names(manifest, "outputs"), security, **options)
 
 
+def bundle(build: Path | str, tier: str, output: Path | str) -> list[str]:
+    """Python twin of ``partc bundle``: write what ``tier``'s machines need as a .tar.gz.
+
+    The archive holds ``manifest.json``, ``README.md`` and, for each stage of the tier, its
+    artifact (verified first), ``serve-<stage>.sh`` and ``partc-<stage>.service``; it is
+    written to a temporary file and renamed into place. Returns the archived names.
+
+    Raises:
+        ManifestError: for a bad manifest or a missing or tampered artifact.
+        PartcError: if no stage of the build runs on ``tier``.
+    """
+    import tarfile
+
+    folder = _folder(build)
+    manifest = read_manifest(build)
+    tiers = list(dict.fromkeys(s["tier"] for s in manifest["stages"]))
+    names = [s["name"] for s in manifest["stages"] if s["tier"] == tier]
+    if not names:
+        raise PartcError(f"no stage of this build runs on tier {tier!r}; tiers with stages: {', '.join(tiers)}")
+    stages = [s for s in manifest_stages(manifest, folder, verify=names) if s.name in names]
+    members = ["manifest.json", "README.md"]
+    for stage in stages:
+        members += [stage.artifact.path.name, f"serve-{stage.name}.sh", f"partc-{stage.name}.service"]
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        with tarfile.open(tmp, "w:gz") as archive:
+            for name in members:
+                archive.add(folder / name, arcname=f"{folder.name}/{name}")
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return members
+
+
 @dataclass
 class LocalWorkers:
     """Every stage of a build as its own ``partc serve`` process on loopback.

@@ -1,0 +1,99 @@
+"""A compiled build served by real worker processes over gRPC on loopback."""
+
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+from partc.build import compile_model
+from partc.cli import main
+from partc.errors import ManifestError, PartcError, RunError
+from partc.runtime.deploy import LocalWorkers, connect_build, serve
+from partc.runtime.local import load
+
+CLUSTER = """\
+tiers:
+  - {name: device, target: rpi4, backend: torchscript}
+  - {name: edge, target: jetson-nano, backend: onnx}
+  - {name: cloud, target: cloud-cpu, backend: onnx}
+links:
+  - {from: device, to: edge, bandwidth: 20Mbit/s, latency: 5ms}
+  - {from: edge, to: cloud, bandwidth: 50Mbit/s, latency: 20ms}
+constraints:
+  pin: {device: [conv1], edge: [conv2], cloud: [relu_1]}
+"""
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("deploy")
+    (folder / "cluster.yaml").write_text(CLUSTER)
+    # residual block: the skip connection crosses both cuts
+    return compile_model("tests/models.py:residual", ["1,8,16,16"], folder / "cluster.yaml", folder / "b").path
+
+
+def test_three_worker_processes_match_the_in_process_run(build):
+    rng = np.random.default_rng(0)
+    requests = [{"x": rng.standard_normal((1, 8, 16, 16), dtype=np.float32)} for _ in range(100)]
+    local = load(build)
+    with LocalWorkers(build) as workers, connect_build(build, workers.addresses, window=6) as driver:
+        assert list(workers.addresses) == ["cloud.0", "edge.0", "device.0"]
+        results = list(driver.run(requests))
+    assert len(results) == 100
+    for request, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result["output"], local(request)["output"])
+    assert {"device.0->edge.0", "edge.0->cloud.0"} <= set(driver.links)
+
+
+def test_killed_worker_is_a_clear_error_naming_the_stage(build):
+    x = {"x": np.zeros((1, 8, 16, 16), np.float32)}
+    with LocalWorkers(build) as workers, connect_build(build, workers.addresses, timeout=20.0) as driver:
+        driver.run_one(x)
+        os.kill(workers.processes["edge.0"].pid, signal.SIGKILL)
+        workers.processes["edge.0"].wait()
+        with pytest.raises(RunError, match=r"stage 'edge\.0' at 127\.0\.0\.1:\d+ is unreachable"):
+            list(driver.run([x] * 5))
+
+
+def test_a_worker_needs_only_its_own_artifact_and_checks_it(build, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(build, copy)
+    (copy / "device.0.pt").unlink()
+    server = serve(copy, "cloud.0")
+    server.stop()
+    with open(copy / "cloud.0.onnx", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ManifestError, match=r"stages\[2\]\.artifact: 'cloud\.0\.onnx' does not match its sha256"):
+        serve(copy, "cloud.0")
+    with pytest.raises(PartcError, match=r"stage 'edge\.0' forwards to 'cloud\.0': give its address"):
+        serve(copy, "edge.0")
+    with pytest.raises(PartcError, match=r"no stage 'edge\.7' in this build; stages are: device\.0, edge\.0, cloud\.0"):
+        serve(copy, "edge.7")
+
+
+def test_cli_distributed_run_reports_links(build, tmp_path, capsys):
+    code = main(["run", str(build), "--distributed", "--requests", "8", "--output", str(tmp_path / "y.npy")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.startswith("8 requests in ")
+    assert "link device.0->edge.0: " in out and "stage cloud.0: compute " in out
+    x = np.load(tmp_path / "y.npy")
+    assert x.shape == (1, 8, 16, 16)
+
+
+def test_a_bundle_holds_one_tier_and_serves_from_where_it_is_unpacked(build, tmp_path, capsys):
+    import tarfile
+
+    assert main(["bundle", str(build), "--tier", "cloud", "-o", str(tmp_path / "cloud.tar.gz")]) == 0
+    with tarfile.open(tmp_path / "cloud.tar.gz") as archive:
+        names = sorted(m.name for m in archive.getmembers())
+        archive.extractall(tmp_path / "node", filter="data")
+    assert names == sorted(f"b/{n}" for n in ("manifest.json", "README.md", "cloud.0.onnx", "serve-cloud.0.sh",
+                                              "partc-cloud.0.service"))
+    server = serve(tmp_path / "node" / "b", "cloud.0")
+    server.stop()
+    assert main(["bundle", str(build), "--tier", "fog", "-o", str(tmp_path / "x.tar.gz")]) == 2
+    assert "no stage of this build runs on tier 'fog'; tiers with stages: device, edge, cloud" in capsys.readouterr().err
+    assert not (tmp_path / "x.tar.gz").exists()
