@@ -127,10 +127,12 @@ def load_or_measure(remeasure: bool, threads: int) -> tuple[dict, dict]:
     host_file = RESULTS / "host_peak.json"
     paths = {name: RESULTS / "profiles" / f"{name}.json" for name in MODELS}
     if remeasure or not host_file.is_file() or not all(p.is_file() for p in paths.values()):
+        load_before = round(os.getloadavg()[0], 2)
         profiles, peaks = measure(threads)
+        load = {"load_before": load_before, "load_after": round(os.getloadavg()[0], 2)}
         for name, profile in profiles.items():
             write_profile(profile, paths[name])
-        host_file.write_text(json.dumps({**peaks, "threads": threads}, indent=1) + "\n")
+        host_file.write_text(json.dumps({**peaks, **load, "threads": threads}, indent=1) + "\n")
     peaks = json.loads(host_file.read_text())
     return {name: read_profile(path) for name, path in paths.items()}, peaks
 
@@ -263,16 +265,15 @@ def main() -> int:
     parser.add_argument("--remeasure", action="store_true", help="profile every model again")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS})")
     args = parser.parse_args()
-    load_before = round(os.getloadavg()[0], 2)
     profiles, peaks = load_or_measure(args.remeasure, args.threads)
-    load_after = round(os.getloadavg()[0], 2)
     host = host_fingerprint()
     reference = reference_target(host, peaks)
     cal = fit_calibration(list(profiles.values()), reference, host)
     write_calibration(cal, CALIBRATION)
     rows = leave_one_out(profiles, reference)
     targets = target_table(cal, profiles)
-    meta = {"host": host, "load_before": load_before, "load_after": load_after, "threads": peaks["threads"]}
+    meta = {"host": host, "threads": peaks["threads"], "load_before": peaks["load_before"],
+            "load_after": peaks["load_after"]}
     (RESULTS / "cost_model.md").write_text(markdown(rows, targets, cal, meta))
     (RESULTS / "cost_model.json").write_text(json.dumps(
         {**meta, "rounds": ROUNDS, "warmup": WARMUP, "repeats": REPEATS, "leave_one_out": rows,
