@@ -7,7 +7,6 @@ never mutates its input (it ``clone``s it), and records its results in node meta
 from partc.passes.cut import select_cuts
 from partc.passes.profile import annotate_profile
 from partc.passes.tile import tile_conv_stages
-
 from partc.pipeline import Pass
 
 PASSES: dict[str, Pass] = {
@@ -16,4 +15,6 @@ PASSES: dict[str, Pass] = {
     "tile-conv-stages": tile_conv_stages,
 }
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("annotate-profile", "select-cuts", "tile-conv-stages")
+# tile-conv-stages is not in the default pipeline yet: its tiles stay inside one stage until
+# the manifest gives each tile its own stage and the runtime scatters them to the edge nodes.
+DEFAULT_PIPELINE: tuple[str, ...] = ("annotate-profile", "select-cuts")

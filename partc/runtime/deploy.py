@@ -167,37 +167,78 @@ class LocalWorkers:
         try:
             next_address = None
             for stage in reversed(stages):
-                self.addresses[stage.name] = next_address = self._start(stage.name, next_address)
+                next_address = start_worker(self.build, stage.name, Path(self._scratch.name), next_address=next_address,
+                                            token_file=self.token_file, processes=self.processes)[1]
+                self.addresses[stage.name] = next_address
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
-    def _start(self, stage: str, next_address: str | None) -> str:
-        scratch = Path(self._scratch.name)
-        ready, log_path = scratch / f"{stage}.ready", scratch / f"{stage}.log"
-        argv = [sys.executable, "-m", "partc.cli", "serve", str(self.build), "--stage", stage,
-                "--listen", "127.0.0.1:0", "--ready-file", str(ready)]
-        argv += ["--next", next_address] if next_address else []
-        argv += ["--token-file", str(self.token_file)] if self.token_file else []
-        with open(log_path, "wb") as log_file:
-            self.processes[stage] = process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not ready.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-                raise RunError(f"worker for stage {stage!r} did not start: {tail[0]}")
-            time.sleep(0.05)
-        return json.loads(ready.read_text())["address"]
-
     def __exit__(self, *exc) -> None:
-        for process in self.processes.values():
-            process.terminate()
-        for stage, process in self.processes.items():
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                log.warning("worker for stage %s did not stop; killing it", stage)
-                process.kill()
-                process.wait()
+        stop_processes(self.processes)
         self._scratch.cleanup()
+
+
+def start_worker(
+    build: Path | str,
+    stage: str,
+    scratch: Path,
+    *,
+    listen: str = "127.0.0.1:0",
+    next_address: str | None = None,
+    token_file: Path | None = None,
+    prefix: Sequence[str] = (),
+    processes: dict[str, subprocess.Popen] | None = None,
+) -> tuple[subprocess.Popen, str]:
+    """Start ``partc serve`` for ``stage`` of ``build`` and wait until it listens.
+
+    The command is ``prefix`` (e.g. ``ip netns exec NS``) followed by ``python -m partc.cli
+    serve``; its output goes to ``scratch/<stage>.log``. The process is put in
+    ``processes[stage]`` as soon as it exists, so the caller stops it on any failure.
+    Returns the process and the address it serves (from its ``--ready-file``).
+
+    Raises:
+        RunError: if the worker exits or does not listen within ``START_TIMEOUT`` seconds,
+            with the last line of its output.
+    """
+    ready, log_path = scratch / f"{stage}.ready", scratch / f"{stage}.log"
+    argv = [*prefix, sys.executable, "-m", "partc.cli", "serve", str(build), "--stage", stage,
+            "--listen", listen, "--ready-file", str(ready)]
+    argv += ["--next", next_address] if next_address else []
+    argv += ["--token-file", str(token_file)] if token_file else []
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+    if processes is not None:
+        processes[stage] = process
+    return process, wait_ready(process, ready, log_path, f"worker for stage {stage!r}")["address"]
+
+
+def wait_ready(process: subprocess.Popen, ready: Path, log_path: Path, what: str) -> dict:
+    """Wait until ``process`` writes its JSON ``ready`` file; return what it wrote.
+
+    Raises:
+        RunError: naming ``what``, with the last line of ``log_path``, if the process exits
+            first or ``START_TIMEOUT`` seconds pass.
+    """
+    deadline = time.monotonic() + START_TIMEOUT
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            raise RunError(f"{what} did not start: {tail[0]}")
+        time.sleep(0.05)
+    return json.loads(ready.read_text())
+
+
+def stop_processes(processes: Mapping[str, subprocess.Popen]) -> None:
+    """Terminate every process of ``processes`` (name -> process); kill those still running after 10 s."""
+    for process in processes.values():
+        if process.poll() is None:
+            process.terminate()
+    for name, process in processes.items():
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.warning("process %s did not stop; killing it", name)
+            process.kill()
+            process.wait()

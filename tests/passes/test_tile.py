@@ -232,9 +232,9 @@ def _on_three_tiers(profile: bool = False):
     return gm
 
 
-def test_registered_after_select_cuts():
+def test_registered_but_not_default_until_tiles_are_stages():
     assert PASSES["tile-conv-stages"] is tile_conv_stages
-    assert DEFAULT_PIPELINE.index("tile-conv-stages") == DEFAULT_PIPELINE.index("select-cuts") + 1
+    assert "tile-conv-stages" not in DEFAULT_PIPELINE
 
 
 def test_tiles_only_the_tier_with_several_nodes_and_reports_the_halo():

@@ -1,0 +1,474 @@
+"""An emulated testbed on one Linux host: every stage of a build in its own network namespace.
+
+``Testbed(build)`` (root only) lays a build's chain out as it would run across machines:
+
+- **Namespaces.** Stage ``i`` runs in namespace ``partc-<pid>-<i>``. Consecutive stages are
+  joined by a veth pair, ``10.231.<i>.1`` (stage ``i``) -- ``10.231.<i>.2`` (stage ``i+1``);
+  the addresses exist only inside the namespaces, so parallel testbeds never collide.
+- **Driver.** The driver stays in the calling process, in the root namespace, and reaches
+  the first stage through a Unix socket: the hop from where an input is produced to the
+  device that runs stage 0 is local, unshaped (as a camera attached to the device).
+- **Bandwidth.** Each direction of a link is shaped by an egress ``tbf`` qdisc on its end
+  of the veth (netem is not available: tbf shapes the rate, its ``latency`` only bounds
+  the queue). tbf counts whole frames, so TCP payload gets about 95% of the rate, as on a
+  real link of that line rate.
+- **Latency.** One-way delay is emulated in user space: a forwarding proxy
+  (``python -m partc.runtime.testbed``) in the receiving namespace listens on the veth
+  address and holds every chunk, in either direction, until its arrival + the link's
+  latency before passing it on to the worker on that namespace's loopback. The runtime's
+  transport is untouched. The delay is changed at run time through the proxy's stdin.
+- **Path.** Stages on tiers ``a`` and ``c`` cross the cluster's links ``a .. c-1``: their
+  veth gets the narrowest bandwidth and the summed latency. Consecutive stages on one tier
+  get an unshaped veth and no proxy.
+- **CPU.** Each worker is moved, once it listens, into the cgroup (v1 ``cpu`` controller)
+  ``/sys/fs/cgroup/cpu/partc-<pid>-<i>`` with ``cfs_quota_us = share x cfs_period_us``.
+  The share emulates the target's speed in cores of this host: the target's
+  ``peak_gflops`` over the cost model's reference host's per-core ``peak_gflops``
+  (``partc.costmodel``: the reference is this kind of host at one thread), clamped to
+  [``MIN_SHARE``, cores of this host]. Loading runs unthrottled, so start-up stays quick.
+  ``cpu_shares`` overrides it per stage. Proxies run outside the cgroups.
+
+Everything made (workers, proxies, namespaces, cgroups) is removed on exit, also when
+starting fails half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from partc.errors import PartcError, RunError
+from partc.manifest import read_manifest
+from partc.runtime.deploy import connect_build, start_worker, stop_processes, wait_ready
+from partc.runtime.driver import Driver
+
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+SUBNET = "10.231"  # link i: SUBNET.i.1 (sender) -- SUBNET.i.2 (receiver), inside the namespaces only
+PROXY_PORT = 50051
+MIN_SHARE = 0.05  # cores: below this a stage barely runs
+CFS_PERIOD_US = 100_000
+CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class Hop:
+    """The link between two consecutive stages as the testbed shapes it.
+
+    Attributes:
+        src, dst: stage names.
+        key: the plan's link name(s), ``"edge->cloud"``; several joined by ``","`` for a path.
+        bandwidth: bytes/s, or None when both stages share a tier (unshaped).
+        latency: one-way seconds.
+        predicted_s: the plan's predicted transfer seconds (sum over the path).
+        predicted_bytes: the plan's bytes per inference on the path's first link.
+    """
+
+    src: str
+    dst: str
+    key: str
+    bandwidth: float | None
+    latency: float
+    predicted_s: float
+    predicted_bytes: int
+
+
+def hops(manifest: Mapping) -> list[Hop]:
+    """Return the hops between consecutive stages of ``manifest``, shaped per the cluster's links."""
+    tiers = [t["name"] for t in manifest["cluster"]["tiers"]]
+    links = {(lk["from"], lk["to"]): lk for lk in manifest["cluster"]["links"]}
+    predicted = manifest["plan"]["predicted"]
+    out = []
+    for src, dst in zip(manifest["stages"], manifest["stages"][1:], strict=False):
+        a, c = tiers.index(src["tier"]), tiers.index(dst["tier"])
+        path = [links[(tiers[b], tiers[b + 1])] for b in range(a, c)]
+        keys = [f"{lk['from']}->{lk['to']}" for lk in path]
+        out.append(Hop(
+            src["name"], dst["name"], ",".join(keys), min((lk["bandwidth"] for lk in path), default=None),
+            sum(lk["latency"] for lk in path), sum(predicted["transfer"].get(k, 0.0) for k in keys),
+            predicted["link_bytes"].get(keys[0], 0) if keys else 0,
+        ))
+    return out
+
+
+def cpu_share(target_name: str, host_cores: int) -> float:
+    """Cores of this host that emulate ``target_name``'s speed (see the module docstring)."""
+    from partc.costmodel import load_calibration
+    from partc.targets import target
+
+    reference = load_calibration().reference
+    share = target(target_name).peak_gflops / (reference.peak_gflops / reference.cores)
+    return min(max(share, MIN_SHARE), float(host_cores))
+
+
+def _sh(*argv: str) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RunError(f"testbed: '{' '.join(argv)}' failed: {result.stderr.strip() or result.returncode}")
+
+
+class Testbed:
+    """A build's stages in network namespaces, with shaped links and CPU quotas.
+
+    Use as a context manager (see the module docstring); ``driver()`` connects to the
+    chain, ``shape()`` re-shapes a link while it runs, ``measure()`` compares measured with
+    predicted latency.
+
+    Attributes:
+        build: the build folder.
+        hops: the links between consecutive stages, in chain order.
+        shares: cores of this host each stage may use.
+        addresses: where the driver (stage 0) and each stage's predecessor reach each stage.
+        namespaces: stage -> network namespace.
+    """
+
+    def __init__(self, build: Path | str, *, cpu_shares: Mapping[str, float] | None = None,
+                 token_file: Path | None = None) -> None:
+        """Describe the testbed of ``build``; nothing is made before ``__enter__``.
+
+        Raises:
+            ManifestError: for a bad manifest.
+            PartcError: if ``cpu_shares`` names an unknown stage or a share is not positive.
+        """
+        self.build = Path(build)
+        self.manifest = read_manifest(self.build)
+        stages = self.manifest["stages"]
+        names = [s["name"] for s in stages]
+        overrides = dict(cpu_shares or {})
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise PartcError(f"--cpu-share {unknown[0]}: no such stage; stages are: {', '.join(names)}")
+        bad = sorted(s for s, v in overrides.items() if not v > 0)
+        if bad:
+            raise PartcError(f"--cpu-share {bad[0]}={overrides[bad[0]]}: a share must be a positive fraction of a core")
+        cores = len(os.sched_getaffinity(0))
+        self.shares = {s["name"]: overrides.get(s["name"]) or cpu_share(s["target"], cores) for s in stages}
+        self.hops = hops(self.manifest)
+        self.token_file = token_file
+        prefix = f"partc-{os.getpid()}-{id(self) % 10_000}"
+        self.namespaces = {name: f"{prefix}-{i}" for i, name in enumerate(names)}
+        self.addresses: dict[str, str] = {}
+        self._cgroups: list[Path] = []
+        self._made_ns: list[str] = []
+        self._processes: dict[str, subprocess.Popen] = {}
+        self._proxies: dict[str, subprocess.Popen] = {}
+
+    def __enter__(self) -> Testbed:
+        check_privileges()
+        self._scratch = tempfile.TemporaryDirectory(prefix="partc-testbed-")
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
+        names = list(self.namespaces)
+        for name in names:
+            ns = self.namespaces[name]
+            _sh("ip", "netns", "add", ns)
+            self._made_ns.append(ns)
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for i, hop in enumerate(self.hops):
+            src, dst = self.namespaces[hop.src], self.namespaces[hop.dst]
+            _sh("ip", "link", "add", "out", "netns", src, "type", "veth", "peer", "name", "in", "netns", dst)
+            for ns, dev, host in ((src, "out", 1), (dst, "in", 2)):
+                _sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{i}.{host}/24", "dev", dev)
+                _sh("ip", "-n", ns, "link", "set", dev, "up")
+            if hop.bandwidth is not None:
+                self._tbf(hop, hop.bandwidth)
+        for name in names:
+            cgroup = CGROUP_CPU / self.namespaces[name]
+            cgroup.mkdir()
+            self._cgroups.append(cgroup)
+            (cgroup / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+            (cgroup / "cpu.cfs_quota_us").write_text(str(max(1000, round(self.shares[name] * CFS_PERIOD_US))))
+        scratch = Path(self._scratch.name)
+        next_address = None
+        for i in reversed(range(len(names))):
+            name, ns = names[i], self.namespaces[names[i]]
+            shaped = i > 0 and self.hops[i - 1].bandwidth is not None
+            listen = (f"unix:{scratch / 'entry.sock'}" if i == 0 else
+                      "127.0.0.1:0" if shaped else f"{SUBNET}.{i - 1}.2:0")
+            process, address = start_worker(self.build, name, scratch, listen=listen, next_address=next_address,
+                                            token_file=self.token_file, prefix=("ip", "netns", "exec", ns),
+                                            processes=self._processes)
+            (CGROUP_CPU / ns / "cgroup.procs").write_text(str(process.pid))
+            if i == 0:
+                address = listen
+            elif shaped:
+                address = self._start_proxy(self.hops[i - 1], f"{SUBNET}.{i - 1}.2:{PROXY_PORT}", address)
+            self.addresses[name] = next_address = address
+
+    def _start_proxy(self, hop: Hop, listen: str, to: str) -> str:
+        scratch = Path(self._scratch.name)
+        ready, log_path = scratch / f"proxy-{hop.dst}.ready", scratch / f"proxy-{hop.dst}.log"
+        argv = ["ip", "netns", "exec", self.namespaces[hop.dst], sys.executable, "-m", "partc.runtime.testbed",
+                "--listen", listen, "--to", to, "--delay", repr(hop.latency), "--ready-file", str(ready)]
+        with open(log_path, "wb") as log_file:
+            self._proxies[hop.dst] = process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT)
+        wait_ready(process, ready, log_path, f"delay proxy of link {hop.src}->{hop.dst}")
+        return listen
+
+    def _tbf(self, hop: Hop, bandwidth: float) -> None:
+        rate = f"{round(bandwidth * 8)}bit"
+        burst = str(max(4096, round(bandwidth * 0.005)))
+        limit = str(max(65536, round(bandwidth * 0.1)))
+        for ns, dev in ((self.namespaces[hop.src], "out"), (self.namespaces[hop.dst], "in")):
+            _sh("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", burst,
+                "limit", limit)
+
+    def shape(self, link: str, bandwidth: float, latency: float | None = None) -> None:
+        """Re-shape ``link`` (``"device.0->edge.0"``) to ``bandwidth`` bytes/s and, if given, ``latency`` s.
+
+        Takes effect at once, also for transfers under way.
+
+        Raises:
+            PartcError: if ``link`` is not a shaped hop of this testbed or a value is not positive.
+        """
+        shaped = {f"{h.src}->{h.dst}": (i, h) for i, h in enumerate(self.hops) if h.bandwidth is not None}
+        if link not in shaped:
+            raise PartcError(f"no shaped link {link!r} in this testbed; links are: {', '.join(shaped) or 'none'}")
+        if not bandwidth > 0 or (latency is not None and latency < 0):
+            raise PartcError(f"link {link!r}: bandwidth must be positive and latency not negative")
+        i, hop = shaped[link]
+        self._tbf(hop, bandwidth)
+        hop = Hop(hop.src, hop.dst, hop.key, bandwidth, hop.latency if latency is None else latency,
+                  hop.predicted_s, hop.predicted_bytes)
+        if latency is not None:
+            proxy = self._proxies[hop.dst]
+            proxy.stdin.write(f"{latency!r}\n".encode())
+            proxy.stdin.flush()
+        self.hops[i] = hop
+
+    def driver(self, **options: object) -> Driver:
+        """Return a driver connected to the chain; ``options`` go to ``Driver`` (window, timeout...)."""
+        return connect_build(self.build, self.addresses, **options)
+
+    def measure(self, requests: int = 10, inputs: Mapping[str, np.ndarray] | None = None,
+                warmup: int = 1) -> TestbedReport:
+        """Run ``warmup`` + ``requests`` requests one after another (no pipelining) and compare.
+
+        ``inputs`` default to the compiled shapes' seeded example. Warm-up requests are not
+        counted.
+
+        Raises:
+            PartcError: if ``requests`` < 1.
+            RunError: if a request fails.
+        """
+        if requests < 1:
+            raise PartcError(f"--requests must be at least 1, got {requests}")
+        if inputs is None:
+            from partc.trace import parse_input_spec
+
+            inputs = {t["name"]: parse_input_spec(",".join(map(str, t["shape"])) + f":{t['dtype']}").example().numpy()
+                      for t in self.manifest["model"]["inputs"]}
+        with self.driver(window=1) as driver:
+            for _ in range(warmup):
+                driver.run_one(inputs)
+            before = {k: (e.total_bytes, e.total_seconds, e.count) for k, e in driver.links.items()}
+            latencies = []
+            for _ in range(requests):
+                start = time.perf_counter()
+                driver.run_one(inputs)
+                latencies.append(time.perf_counter() - start)
+            links = []
+            for hop in self.hops:
+                key = f"{hop.src}->{hop.dst}"
+                est = driver.links[key]
+                nbytes, seconds, count = (now - then for now, then in
+                                          zip((est.total_bytes, est.total_seconds, est.count),
+                                              before.get(key, (0, 0.0, 0)), strict=True))
+                links.append(LinkRow(key, hop.key or "(same tier)", hop.bandwidth, hop.latency, hop.predicted_bytes,
+                                     nbytes / count, hop.predicted_s, seconds / count, nbytes / seconds))
+            stages = [StageRow(s["name"], s["target"], self.shares[s["name"]], s["predicted_s"],
+                               driver.compute[s["name"]].value) for s in self.manifest["stages"]]
+        return TestbedReport(requests, self.manifest["plan"]["predicted"]["latency"], statistics.median(latencies),
+                             stages, links)
+
+    def __exit__(self, *exc: object) -> None:
+        stop_processes(self._processes)
+        for proxy in self._proxies.values():
+            if proxy.stdin:
+                proxy.stdin.close()
+        stop_processes(self._proxies)
+        errors = []
+        for cgroup in reversed(self._cgroups):
+            try:
+                for pid in (cgroup / "cgroup.procs").read_text().split():
+                    (CGROUP_CPU / "cgroup.procs").write_text(pid)
+                cgroup.rmdir()
+            except OSError as err:
+                errors.append(f"{cgroup}: {err}")
+        for ns in reversed(self._made_ns):
+            result = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
+            if result.returncode != 0:
+                errors.append(f"namespace {ns}: {result.stderr.strip()}")
+        self._cgroups, self._made_ns = [], []
+        self._scratch.cleanup()
+        if errors and exc[0] is None:
+            raise RunError("testbed: could not clean up: " + "; ".join(errors))
+
+
+@dataclass(frozen=True)
+class StageRow:
+    """One stage in a ``TestbedReport``: ``share`` cores, compute seconds (measured: smoothed)."""
+
+    stage: str
+    target: str
+    share: float
+    predicted_s: float
+    measured_s: float
+
+
+@dataclass(frozen=True)
+class LinkRow:
+    """One hop in a ``TestbedReport``, per transfer (request + reply); bandwidths in bytes/s."""
+
+    link: str
+    plan_link: str
+    bandwidth: float | None
+    latency: float
+    predicted_bytes: int
+    measured_bytes: float
+    predicted_s: float
+    measured_s: float
+    measured_bandwidth: float
+
+
+@dataclass(frozen=True)
+class TestbedReport:
+    """Measured vs predicted latency of a build in the testbed: end to end, per stage, per link.
+
+    Predicted stage times are for the stage's target; measured ones are on this host under
+    the stage's CPU quota. Predicted link bytes count what the plan sends forward; measured
+    ones also count the reply travelling back.
+    """
+
+    requests: int
+    predicted_s: float
+    measured_s: float
+    stages: list[StageRow]
+    links: list[LinkRow]
+
+    def to_json(self) -> dict:
+        """Return the report as a JSON-ready dict."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """Return the report as aligned text."""
+        lines = [f"{self.requests} requests, one at a time: end to end predicted {self.predicted_s * 1e3:.1f} ms, "
+                 f"measured {self.measured_s * 1e3:.1f} ms (median), ratio {self.measured_s / self.predicted_s:.2f}",
+                 f"{'stage':<12} {'target':<12} {'cores':>5} {'predicted ms':>12} {'measured ms':>11} {'ratio':>6}"]
+        lines += [f"{s.stage:<12} {s.target:<12} {s.share:5.2f} {s.predicted_s * 1e3:12.2f} {s.measured_s * 1e3:11.2f} "
+                  f"{s.measured_s / s.predicted_s if s.predicted_s else float('nan'):6.2f}" for s in self.stages]
+        lines.append(f"{'link':<24} {'Mbit/s':>7} {'lat ms':>6} {'pred KB':>8} {'meas KB':>8} {'pred ms':>8} "
+                     f"{'meas ms':>8} {'meas Mbit/s':>11}")
+        for k in self.links:
+            rate = f"{k.bandwidth * 8e-6:7.1f}" if k.bandwidth else f"{'-':>7}"
+            lines.append(f"{k.link:<24} {rate} {k.latency * 1e3:6.1f} {k.predicted_bytes / 1e3:8.1f} "
+                         f"{k.measured_bytes / 1e3:8.1f} {k.predicted_s * 1e3:8.2f} {k.measured_s * 1e3:8.2f} "
+                         f"{k.measured_bandwidth * 8e-6:11.2f}")
+        return "\n".join(lines)
+
+
+def check_privileges() -> None:
+    """Raise unless this process can make namespaces, shape links and make cgroups.
+
+    Raises:
+        PartcError: when not root, when ``ip`` or ``tc`` is missing, or without a cgroup v1
+            ``cpu`` controller at ``CGROUP_CPU``.
+    """
+    if os.geteuid() != 0:
+        raise PartcError("partc testbed needs root (network namespaces, tc and cgroups); run it with sudo")
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        raise PartcError(f"partc testbed needs '{missing[0]}' (iproute2); install the iproute2 package")
+    if not (CGROUP_CPU / "cpu.cfs_quota_us").is_file():
+        raise PartcError(f"partc testbed needs the cgroup v1 cpu controller mounted at {CGROUP_CPU}")
+
+
+async def _delay_proxy(listen: str, to: str, delay: list[float], ready: Path) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def deliver() -> None:
+            while (item := await queue.get())[1]:
+                if (wait := item[0] - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                writer.write(item[1])
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+
+        task = asyncio.create_task(deliver())
+        try:
+            while chunk := await reader.read(CHUNK):
+                queue.put_nowait((loop.time() + delay[0], chunk))
+        finally:
+            queue.put_nowait((0.0, b""))
+            await task
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = to.rsplit(":", 1)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            writer.close()
+            return
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        except OSError:
+            pass
+        finally:
+            writer.close()
+            up_writer.close()
+
+    host, port = listen.rsplit(":", 1)
+    server = await asyncio.start_server(connection, host, int(port))
+    tmp = ready.with_name(ready.name + ".tmp")
+    tmp.write_text(json.dumps({"address": listen}))
+    os.replace(tmp, ready)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The delay proxy the testbed runs in a receiving namespace; new delays (seconds) come on stdin."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m partc.runtime.testbed", description=main.__doc__)
+    parser.add_argument("--listen", required=True, metavar="HOST:PORT")
+    parser.add_argument("--to", required=True, metavar="HOST:PORT")
+    parser.add_argument("--delay", type=float, required=True, metavar="SECONDS", help="one-way delay")
+    parser.add_argument("--ready-file", type=Path, required=True)
+    args = parser.parse_args(argv)
+    delay = [args.delay]
+
+    def read_delays() -> None:
+        for line in sys.stdin:
+            delay[0] = float(line)
+
+    threading.Thread(target=read_delays, daemon=True).start()
+    asyncio.run(_delay_proxy(args.listen, args.to, delay, args.ready_file))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
