@@ -121,6 +121,49 @@ def _run_profile(args) -> int:
     return 0
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="choose where every layer runs; compare with the baseline strategies",
+        description="Trace MODEL, predict every layer's time on every tier of the cluster (measured profiles "
+        "where given, the cost model elsewhere) and find the exact optimal device -> edge -> cloud assignment "
+        "for the cluster's objective and constraints. Prints the layers per tier, compute per tier, bytes and "
+        "time per link. --compare adds every baseline (single-tier, Neurosurgeon, Scission, DADS, a D3-style "
+        "greedy) priced by the same cost model; --sweep LINK lists the plans that are optimal over a "
+        "bandwidth range of that link and where the optimum changes, and plots latency against bandwidth.",
+        epilog=EPILOG_MODEL + "\nexamples:\n  partc plan torchvision:resnet50 --input-shape 1,3,224,224 "
+        "--cluster examples/cluster.yaml --compare\n  partc plan torchvision:googlenet --input-shape 1,3,224,224 "
+        "--cluster examples/cluster.yaml --sweep 'device->edge' --plot sweep.png\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(p)
+    p.add_argument("--cluster", type=Path, required=True, help="cluster file (tiers, links, constraints)")
+    p.add_argument("--profile", action="append", default=[], metavar="TARGET=FILE",
+                   help="measured profile of TARGET (from 'partc profile' on that machine); repeatable")
+    p.add_argument("--compare", action="store_true", help="add a table of every baseline strategy")
+    p.add_argument("--sweep", metavar="LINK", help="link to sweep, e.g. 'device->edge'")
+    p.add_argument("--sweep-range", default="100kbit/s:1Gbit/s", metavar="LOW:HIGH",
+                   help="bandwidth range of --sweep (default 100kbit/s:1Gbit/s)")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="with --sweep: where to write the plot (default "
+                   "plan-sweep.png)")
+    p.add_argument("--json", action="store_true", help="print the plan, costs and baselines as JSON")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> int:
+    from partc.context import parse_profile_args
+    from partc.errors import PartcError
+    from partc.planning import plan_model
+
+    low, sep, high = args.sweep_range.partition(":")
+    if not sep:
+        raise PartcError(f"--sweep-range {args.sweep_range!r}: expected LOW:HIGH, e.g. 1Mbit/s:100Mbit/s")
+    plot = (args.plot or Path("plan-sweep.png")) if args.sweep else None
+    report = plan_model(args.model, args.input_shape, args.cluster, profiles=parse_profile_args(args.profile),
+                        sweep=args.sweep, sweep_range=(low, high), plot=plot)
+    print(json.dumps(report.to_json(), indent=1) if args.json else report.table(compare=args.compare))
+    return 0
+
+
 def _add_compile(sub) -> None:
     p = sub.add_parser(
         "compile", help="compile a model for a cluster into per-stage artifacts and a manifest",
@@ -147,6 +190,7 @@ def _add_compile(sub) -> None:
 def _run_compile(args) -> int:
     from partc.build import compile_model
     from partc.context import parse_profile_args
+    from partc.report import format_table
 
     build = compile_model(
         args.model, args.input_shape, args.cluster, args.output, profiles=parse_profile_args(args.profile),
@@ -159,7 +203,7 @@ def _run_compile(args) -> int:
         measured = f"{s['measured_s'] * 1e3:.2f}" if s["measured_s"] is not None else "-"
         rows.append((s["name"], s["backend"], s["target"], s["artifact"], f"{s['bytes'] / 1e6:.2f}",
                      f"{s['predicted_s'] * 1e3:.2f}", measured))
-    print(_table(rows))
+    print(format_table(rows, right=(4, 5, 6)))
     predicted = manifest["plan"]["predicted"]
     for link, nbytes in predicted["link_bytes"].items():
         print(f"link {link}: {nbytes / 1e6:.3f} MB, predicted {predicted['transfer'][link] * 1e3:.2f} ms")
@@ -168,17 +212,6 @@ def _run_compile(args) -> int:
           f"within {check['max_abs_diff']:.2e} (output scale {check['output_scale']:.3g})")
     print(f"wrote {build.path}/manifest.json")
     return 0
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    """Align ``rows`` (the first is the header) into a text table; numbers right-aligned."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-
-    def cell(value: str, width: int) -> str:
-        return value.rjust(width) if value.replace(".", "").replace("-", "").isdigit() else value.ljust(width)
-
-    lines = ["  ".join(cell(v, w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join([lines[0], "-" * max(map(len, lines)), *lines[1:]])
 
 
 def _add_security_args(parser: argparse.ArgumentParser) -> None:
@@ -373,6 +406,42 @@ def _run_bundle(args) -> int:
     return 0
 
 
+def _add_testbed(sub) -> None:
+    p = sub.add_parser(
+        "testbed", help="run a build in an emulated testbed on this machine (root)",
+        description="Run every stage of BUILD in its own network namespace, with each link shaped (tc tbf, "
+        "plus a user-space delay proxy) to the cluster file's bandwidth and latency and each stage's CPU "
+        "limited by a cgroup quota that emulates its target's speed on this host. Then run N requests one "
+        "at a time and report measured against predicted latency per stage, per link and end to end. "
+        "Needs root; every namespace and cgroup it makes is removed at the end.",
+        epilog="example:\n  sudo partc testbed build/resnet50 --requests 20 --cpu-share device.0=0.5\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("build", type=Path, metavar="BUILD", help="folder written by 'partc compile'")
+    p.add_argument("--requests", type=int, default=10, metavar="N", help="timed requests (default 10)")
+    p.add_argument("--cpu-share", action="append", default=[], metavar="STAGE=FRACTION",
+                   help="cores of this host for STAGE instead of its target's emulated speed; repeatable")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_run_testbed)
+
+
+def _run_testbed(args) -> int:
+    from partc.runtime.testbed import Testbed, check_privileges
+
+    shares = {}
+    for text in args.cpu_share:
+        stage, value = _pair(text, "--cpu-share", "STAGE=FRACTION")
+        try:
+            shares[stage] = float(value)
+        except ValueError:
+            raise PartcError(f"--cpu-share {text!r}: {value!r} is not a number") from None
+    check_privileges()
+    with Testbed(args.build, cpu_shares=shares) as testbed:
+        report = testbed.measure(args.requests)
+    print(json.dumps(report.to_json(), indent=1) if args.json else report.table())
+    return 0
+
+
 def _read_npy(path: Path):
     import numpy as np
 
@@ -397,10 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_inspect(sub)
     _add_profile(sub)
+    _add_plan(sub)
     _add_compile(sub)
     _add_run(sub)
     _add_serve(sub)
     _add_bundle(sub)
+    _add_testbed(sub)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 
 from torch import fx, nn
@@ -63,17 +63,24 @@ class Inspection:
                 (layer.name, layer.op, shape, f"{layer.flops / 1e6:.2f}",
                  f"{layer.activation_bytes / 1024:.1f}", f"{layer.param_bytes / 1024:.1f}")
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-                 for r in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        lines.append("-" * len(lines[0]))
-        lines.append(
+        table = format_table(rows, right=(3, 4, 5))
+        totals = (
             f"{len(self.layers)} layers, {self.flops / 1e9:.3f} GFLOPs ({self.macs / 1e9:.3f} GMACs), "
             f"activations {self.activation_bytes / 2**20:.1f} MiB, params {self.param_bytes / 2**20:.1f} MiB "
             f"(traced with {self.tracer})"
         )
-        return "\n".join(lines)
+        return f"{table}\n{'-' * len(table.splitlines()[1])}\n{totals}"
+
+
+def format_table(rows: Sequence[Sequence[str]], right: Collection[int] = ()) -> str:
+    """Align ``rows`` into columns, a rule under the first (the header); columns in ``right`` right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+        .rstrip()
+        for r in rows
+    ]
+    return "\n".join([lines[0], "-" * max(map(len, lines)), *lines[1:]])
 
 
 def trace_model(model: str | nn.Module, input_shapes: Sequence[str | InputSpec]) -> fx.GraphModule:

@@ -193,14 +193,35 @@ def start_worker(
 ) -> tuple[subprocess.Popen, str]:
     """Start ``partc serve`` for ``stage`` of ``build`` and wait until it listens.
 
-    The command is ``prefix`` (e.g. ``ip netns exec NS``) followed by ``python -m partc.cli
-    serve``; its output goes to ``scratch/<stage>.log``. The process is put in
-    ``processes[stage]`` as soon as it exists, so the caller stops it on any failure.
-    Returns the process and the address it serves (from its ``--ready-file``).
+    See ``spawn_worker`` for the arguments. Returns the process and the address it serves
+    (from its ``--ready-file``).
 
     Raises:
         RunError: if the worker exits or does not listen within ``START_TIMEOUT`` seconds,
             with the last line of its output.
+    """
+    process, ready, log_path = spawn_worker(build, stage, scratch, listen=listen, next_address=next_address,
+                                            token_file=token_file, prefix=prefix, processes=processes)
+    return process, wait_ready(process, ready, log_path, f"worker for stage {stage!r}")["address"]
+
+
+def spawn_worker(
+    build: Path | str,
+    stage: str,
+    scratch: Path,
+    *,
+    listen: str = "127.0.0.1:0",
+    next_address: str | None = None,
+    token_file: Path | None = None,
+    prefix: Sequence[str] = (),
+    processes: dict[str, subprocess.Popen] | None = None,
+) -> tuple[subprocess.Popen, Path, Path]:
+    """Start ``partc serve`` for ``stage`` of ``build`` without waiting for it.
+
+    The command is ``prefix`` (e.g. ``ip netns exec NS``) followed by ``python -m partc.cli
+    serve``; its output goes to ``scratch/<stage>.log``. The process is put in
+    ``processes[stage]`` as soon as it exists, so the caller stops it on any failure.
+    Returns the process, its ready file and its log file (for ``wait_ready``).
     """
     ready, log_path = scratch / f"{stage}.ready", scratch / f"{stage}.log"
     argv = [*prefix, sys.executable, "-m", "partc.cli", "serve", str(build), "--stage", stage,
@@ -211,7 +232,7 @@ def start_worker(
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
     if processes is not None:
         processes[stage] = process
-    return process, wait_ready(process, ready, log_path, f"worker for stage {stage!r}")["address"]
+    return process, ready, log_path
 
 
 def wait_ready(process: subprocess.Popen, ready: Path, log_path: Path, what: str) -> dict:

@@ -5,6 +5,8 @@
 - **Namespaces.** Stage ``i`` runs in namespace ``partc-<pid>-<i>``. Consecutive stages are
   joined by a veth pair, ``10.231.<i>.1`` (stage ``i``) -- ``10.231.<i>.2`` (stage ``i+1``);
   the addresses exist only inside the namespaces, so parallel testbeds never collide.
+  Every stage is reached at ``PORT`` on its veth address, so all addresses are known up
+  front and all workers start at once.
 - **Driver.** The driver stays in the calling process, in the root namespace, and reaches
   the first stage through a Unix socket: the hop from where an input is produced to the
   device that runs stage 0 is local, unshaped (as a camera attached to the device).
@@ -52,12 +54,13 @@ import numpy as np
 
 from partc.errors import PartcError, RunError
 from partc.manifest import read_manifest
-from partc.runtime.deploy import connect_build, start_worker, stop_processes, wait_ready
+from partc.runtime.deploy import START_TIMEOUT, connect_build, spawn_worker, stop_processes, wait_ready
 from partc.runtime.driver import Driver
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 SUBNET = "10.231"  # link i: SUBNET.i.1 (sender) -- SUBNET.i.2 (receiver), inside the namespaces only
-PROXY_PORT = 50051
+PORT = 50051  # where a stage is reached on its veth (its proxy, or its worker on an unshaped hop)
+WORKER_LISTEN = "127.0.0.1:50052"  # a proxied worker, on its namespace's loopback
 MIN_SHARE = 0.05  # cores: below this a stage barely runs
 CFS_PERIOD_US = 100_000
 CHUNK = 65536
@@ -132,6 +135,7 @@ class Testbed:
         shares: cores of this host each stage may use.
         addresses: where the driver (stage 0) and each stage's predecessor reach each stage.
         namespaces: stage -> network namespace.
+        processes: stage -> its worker process; proxies: receiving stage -> its delay proxy.
     """
 
     def __init__(self, build: Path | str, *, cpu_shares: Mapping[str, float] | None = None,
@@ -162,8 +166,8 @@ class Testbed:
         self.addresses: dict[str, str] = {}
         self._cgroups: list[Path] = []
         self._made_ns: list[str] = []
-        self._processes: dict[str, subprocess.Popen] = {}
-        self._proxies: dict[str, subprocess.Popen] = {}
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.proxies: dict[str, subprocess.Popen] = {}
 
     def __enter__(self) -> Testbed:
         check_privileges()
@@ -197,32 +201,48 @@ class Testbed:
             (cgroup / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
             (cgroup / "cpu.cfs_quota_us").write_text(str(max(1000, round(self.shares[name] * CFS_PERIOD_US))))
         scratch = Path(self._scratch.name)
-        next_address = None
-        for i in reversed(range(len(names))):
-            name, ns = names[i], self.namespaces[names[i]]
-            shaped = i > 0 and self.hops[i - 1].bandwidth is not None
-            listen = (f"unix:{scratch / 'entry.sock'}" if i == 0 else
-                      "127.0.0.1:0" if shaped else f"{SUBNET}.{i - 1}.2:0")
-            process, address = start_worker(self.build, name, scratch, listen=listen, next_address=next_address,
-                                            token_file=self.token_file, prefix=("ip", "netns", "exec", ns),
-                                            processes=self._processes)
-            (CGROUP_CPU / ns / "cgroup.procs").write_text(str(process.pid))
-            if i == 0:
-                address = listen
-            elif shaped:
-                address = self._start_proxy(self.hops[i - 1], f"{SUBNET}.{i - 1}.2:{PROXY_PORT}", address)
-            self.addresses[name] = next_address = address
+        self.addresses = {name: self._address(i) for i, name in enumerate(names)}
+        waits = {}
+        for i, name in enumerate(names):  # every address is known up front: start them all at once
+            listen = WORKER_LISTEN if self._proxied(i) else self.addresses[name]
+            next_address = self.addresses[names[i + 1]] if i + 1 < len(names) else None
+            prefix = ("ip", "netns", "exec", self.namespaces[name])
+            waits[name] = spawn_worker(self.build, name, scratch, listen=listen, next_address=next_address,
+                                       token_file=self.token_file, prefix=prefix, processes=self.processes)
+            if self._proxied(i):
+                self._start_proxy(self.hops[i - 1], self.addresses[name], WORKER_LISTEN)
+        deadline = time.monotonic() + START_TIMEOUT
+        while waits:  # the first worker to fail is reported at once
+            for name, (process, ready, log_path) in list(waits.items()):
+                if not ready.exists() and process.poll() is None and time.monotonic() > deadline:
+                    raise RunError(f"worker for stage {name!r} did not start within {START_TIMEOUT:.0f} s")
+                if ready.exists() or process.poll() is not None:
+                    wait_ready(process, ready, log_path, f"worker for stage {name!r}")
+                    (CGROUP_CPU / self.namespaces[name] / "cgroup.procs").write_text(str(process.pid))
+                    del waits[name]
+            time.sleep(0.05)
+        for hop in self.hops:
+            if hop.dst in self.proxies:
+                wait_ready(self.proxies[hop.dst], *self._proxy_files(hop), f"delay proxy of link {hop.src}->{hop.dst}")
 
-    def _start_proxy(self, hop: Hop, listen: str, to: str) -> str:
+    def _proxied(self, i: int) -> bool:
+        return i > 0 and self.hops[i - 1].bandwidth is not None
+
+    def _address(self, i: int) -> str:
+        """Where stage ``i`` is reached: a Unix socket for the driver, else its end of the veth from stage i-1."""
+        return f"unix:{Path(self._scratch.name) / 'entry.sock'}" if i == 0 else f"{SUBNET}.{i - 1}.2:{PORT}"
+
+    def _proxy_files(self, hop: Hop) -> tuple[Path, Path]:
         scratch = Path(self._scratch.name)
-        ready, log_path = scratch / f"proxy-{hop.dst}.ready", scratch / f"proxy-{hop.dst}.log"
+        return scratch / f"proxy-{hop.dst}.ready", scratch / f"proxy-{hop.dst}.log"
+
+    def _start_proxy(self, hop: Hop, listen: str, to: str) -> None:
+        ready, log_path = self._proxy_files(hop)
         argv = ["ip", "netns", "exec", self.namespaces[hop.dst], sys.executable, "-m", "partc.runtime.testbed",
                 "--listen", listen, "--to", to, "--delay", repr(hop.latency), "--ready-file", str(ready)]
         with open(log_path, "wb") as log_file:
-            self._proxies[hop.dst] = process = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT)
-        wait_ready(process, ready, log_path, f"delay proxy of link {hop.src}->{hop.dst}")
-        return listen
+            self.proxies[hop.dst] = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_file,
+                                                     stderr=subprocess.STDOUT)
 
     def _tbf(self, hop: Hop, bandwidth: float) -> None:
         rate = f"{round(bandwidth * 8)}bit"
@@ -250,7 +270,7 @@ class Testbed:
         hop = Hop(hop.src, hop.dst, hop.key, bandwidth, hop.latency if latency is None else latency,
                   hop.predicted_s, hop.predicted_bytes)
         if latency is not None:
-            proxy = self._proxies[hop.dst]
+            proxy = self.proxies[hop.dst]
             proxy.stdin.write(f"{latency!r}\n".encode())
             proxy.stdin.flush()
         self.hops[i] = hop
@@ -301,11 +321,11 @@ class Testbed:
                              stages, links)
 
     def __exit__(self, *exc: object) -> None:
-        stop_processes(self._processes)
-        for proxy in self._proxies.values():
+        stop_processes(self.processes)
+        for proxy in self.proxies.values():
             if proxy.stdin:
                 proxy.stdin.close()
-        stop_processes(self._proxies)
+        stop_processes(self.proxies)
         errors = []
         for cgroup in reversed(self._cgroups):
             try:

@@ -1,0 +1,234 @@
+"""``partc plan``: the chosen tier of every layer, its predicted cost, and the baselines.
+
+``plan_model`` traces the model, annotates it with costs for every tier of the cluster,
+runs the exact cut (``select-cuts``) and prices the same cost graph with every baseline
+strategy. With a sweep it also computes the plan family over one link's bandwidth range
+(every plan that is optimal somewhere in it, and the bandwidths where the optimum
+changes) and plots partc against the baselines.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from partc.context import load_cluster, parse_bandwidth
+from partc.errors import ClusterError
+from partc.ir import META_TIER
+from partc.partition import Cost, evaluate
+from partc.pipeline import run_passes
+from partc.report import format_table
+
+SWEEP_POINTS = 41
+
+
+@dataclass(frozen=True)
+class TierRuns:
+    """The layers a tier runs, as runs of consecutive nodes in graph order."""
+
+    tier: str
+    nodes: int
+    runs: tuple[tuple[str, str, int], ...]  # (first, last, node count)
+
+
+@dataclass(frozen=True)
+class FamilyEntry:
+    """One plan of a plan family: where it is optimal and what it does."""
+
+    low: float  # bandwidth range where it is optimal, bytes per second
+    high: float
+    nodes: tuple[int, ...]  # nodes per tier
+    link_bytes: tuple[int, ...]
+    latency_low: float  # predicted latency at ``low`` and at ``high``
+    latency_high: float
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The plan family over one link, and the sweep of partc against the baselines."""
+
+    link: str
+    low: float
+    high: float
+    breakpoints: tuple[float, ...]
+    plans: tuple[FamilyEntry, ...]
+    seconds: float  # time to compute the family
+    plot: str | None
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """What ``partc plan`` prints.
+
+    Attributes:
+        tiers, links: names, in data-flow order (links as ``src->dst``).
+        assignment: node name -> tier.
+        layers: per tier, the runs of layers it runs.
+        cost: the predicted cost of partc's plan.
+        method: how the plan was found ("min-cut", "milp").
+        solve_seconds: time taken by the select-cuts pass.
+        baselines: strategy -> predicted cost (None: no feasible plan).
+        sweep: the plan family over a link, when asked for.
+    """
+
+    model: str
+    objective: str
+    tiers: tuple[str, ...]
+    links: tuple[str, ...]
+    assignment: dict[str, str]
+    layers: tuple[TierRuns, ...]
+    cost: Cost
+    solve_seconds: float
+    baselines: dict[str, Cost | None]
+    sweep: Sweep | None = None
+
+    def to_json(self) -> dict:
+        """Return the report as a JSON-able dict."""
+        return asdict(self)
+
+    def table(self, compare: bool = False) -> str:
+        """Return the report as text: layers and costs per tier and link; baselines if ``compare``."""
+        c = self.cost
+        lines = [f"plan for {self.model} (objective {self.objective}, solved in {self.solve_seconds * 1e3:.0f} ms)"]
+        rows = [("tier", "nodes", "layers", "compute ms", "memory MB")]
+        for runs, compute, memory in zip(self.layers, c.compute, c.memory, strict=True):
+            shown = [f"{a} .. {b}" if a != b else a for a, b, _ in runs.runs[:3]]
+            more = f" (+{len(runs.runs) - 3} more runs)" if len(runs.runs) > 3 else ""
+            rows.append((runs.tier, str(runs.nodes), ", ".join(shown) + more or "-", f"{compute * 1e3:.2f}",
+                         f"{memory / 1e6:.1f}"))
+        lines += [format_table(rows, right=(1, 3, 4)), ""]
+        rows = [("link", "MB", "transfer ms")]
+        rows += [(name, f"{b / 1e6:.3f}", f"{t * 1e3:.2f}")
+                 for name, b, t in zip(self.links, c.link_bytes, c.transfer, strict=True)]
+        if self.links:
+            lines += [format_table(rows, right=(1, 2)), ""]
+        lines.append(f"predicted latency {c.latency * 1e3:.2f} ms, pipeline bottleneck {c.bottleneck * 1e3:.2f} ms "
+                     f"({1 / c.bottleneck:.1f} inferences/s)" if c.bottleneck > 0 else
+                     f"predicted latency {c.latency * 1e3:.2f} ms")
+        if compare:
+            key = "latency" if self.objective == "latency" else "bottleneck"
+            rows = [("strategy", "latency ms", "bottleneck ms", *(f"{lk} MB" for lk in self.links), f"{key} vs partc")]
+            for name, cost in {"partc": c, **self.baselines}.items():
+                if cost is None:
+                    rows.append((name, "infeasible", "-", *("-" for _ in self.links), "-"))
+                    continue
+                ratio = cost.value(self.objective) / c.value(self.objective) if c.value(self.objective) else 1.0
+                rows.append((name, f"{cost.latency * 1e3:.2f}", f"{cost.bottleneck * 1e3:.2f}",
+                             *(f"{b / 1e6:.3f}" for b in cost.link_bytes), f"{ratio:.2f}x"))
+            lines += ["", format_table(rows, right=range(1, len(rows[0])))]
+        if self.sweep:
+            s = self.sweep
+            lines += ["", f"plan family over {s.link} from {_mbit(s.low)} to {_mbit(s.high)} Mbit/s: "
+                      f"{len(s.plans)} plans, computed in {s.seconds * 1e3:.0f} ms"]
+            rows = [("bandwidth Mbit/s", *(f"{t} nodes" for t in self.tiers), "latency ms")]
+            for p in s.plans:
+                rows.append((f"{_mbit(p.low)} .. {_mbit(p.high)}", *map(str, p.nodes),
+                             f"{p.latency_low * 1e3:.1f} .. {p.latency_high * 1e3:.1f}"))
+            lines.append(format_table(rows, right=range(1, len(rows[0]))))
+            if s.breakpoints:
+                lines.append("the optimum changes at " + ", ".join(f"{_mbit(b)} Mbit/s" for b in s.breakpoints))
+            if s.plot:
+                lines.append(f"latency vs bandwidth plot: {s.plot}")
+        return "\n".join(lines)
+
+
+def _mbit(bytes_per_second: float) -> str:
+    return f"{bytes_per_second * 8 / 1e6:.3g}"
+
+
+def plan_model(
+    model: str,
+    input_shapes: Sequence[str],
+    cluster: Path | str,
+    *,
+    profiles: Mapping[str, Path] | None = None,
+    sweep: str | None = None,
+    sweep_range: tuple[str, str] = ("100kbit/s", "1Gbit/s"),
+    plot: Path | None = None,
+) -> PlanReport:
+    """Python twin of ``partc plan``.
+
+    Args:
+        model: a MODEL spec.
+        input_shapes: one shape per model input.
+        cluster: the cluster file.
+        profiles: target name -> measured profile file.
+        sweep: a link (``device->edge``) whose bandwidth to sweep over ``sweep_range``.
+        sweep_range: the range, in units the cluster file accepts (``1Mbit/s``).
+        plot: with ``sweep``, write the latency-vs-bandwidth plot here (PNG).
+
+    Raises:
+        PartcError: for a bad model, cluster, constraint, sweep link or range.
+    """
+    from partc.baselines import baselines
+    from partc.passes.cut import cost_graph
+    from partc.report import trace_model
+
+    ctx = load_cluster(cluster, profiles)
+    gm = run_passes(trace_model(model, input_shapes), ["annotate-profile"], ctx)
+    started = time.perf_counter()
+    gm = run_passes(gm, ["select-cuts"], ctx)
+    solve_seconds = time.perf_counter() - started
+    graph = cost_graph(gm, ctx)
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    tiers = np.array([graph.tiers.index(n.meta[META_TIER]) for n in nodes])
+    report = PlanReport(
+        model=model, objective=ctx.objective, tiers=graph.tiers, links=graph.links,
+        assignment={n.name: n.meta[META_TIER] for n in nodes},
+        layers=_layers(graph.names, tiers, graph.tiers), cost=evaluate(graph, tiers), solve_seconds=solve_seconds,
+        baselines={name: p.cost if p else None for name, p in baselines(graph, ctx.objective).items()},
+    )
+    if sweep is None:
+        return report
+    return replace(report, sweep=_sweep(graph, sweep, sweep_range, plot, model, ctx))
+
+
+def _layers(names, tiers: np.ndarray, tier_names) -> tuple[TierRuns, ...]:
+    out = []
+    for k, tier in enumerate(tier_names):
+        runs, start = [], None
+        for i, t in enumerate([*tiers, -1]):
+            if t == k and start is None:
+                start = i
+            elif t != k and start is not None:
+                runs.append((names[start], names[i - 1], i - start))
+                start = None
+        out.append(TierRuns(tier, int((tiers == k).sum()), tuple(runs)))
+    return tuple(out)
+
+
+def _sweep(graph, link: str, sweep_range: tuple[str, str], plot: Path | None, model: str, ctx) -> Sweep:
+    from partc.planfamily import bandwidth_sweep, plan_family, plot_bandwidth_sweep
+
+    if link not in graph.links:
+        known = ", ".join(graph.links) or "none (one tier)"
+        raise ClusterError(f"--sweep {link!r}: no such link; links are {known}")
+    try:
+        low, high = (parse_bandwidth(text) for text in sweep_range)
+    except ValueError as err:
+        raise ClusterError(f"--sweep-range: {err}") from None
+    if not 0 < low < high:
+        raise ClusterError(f"--sweep-range {sweep_range[0]}:{sweep_range[1]}: the low end must be below the high end")
+    index = graph.links.index(link)
+    started = time.perf_counter()
+    family = plan_family(graph, {index: (low, high)})
+    seconds = time.perf_counter() - started
+    entries = []
+    for p in family.plans:
+        ends = [v[0] for v in p.region]
+        lo, hi = min(ends), max(ends)
+        at = [graph.bandwidth.copy(), graph.bandwidth.copy()]
+        at[0][index], at[1][index] = lo, hi
+        entries.append(FamilyEntry(lo, hi, tuple(np.bincount(p.tiers, minlength=len(graph.tiers)).tolist()),
+                                   p.link_bytes, p.latency(at[0]), p.latency(at[1])))
+    written = None
+    if plot is not None:
+        grid = np.geomspace(low, high, SWEEP_POINTS)
+        series = bandwidth_sweep(graph, index, grid, ctx.objective)
+        written = str(plot_bandwidth_sweep(series, grid, Path(plot), title=f"{model}: {link} bandwidth",
+                                           ylabel=ctx.objective if ctx.objective == "latency" else "bottleneck"))
+    return Sweep(link, low, high, family.breakpoints(), tuple(sorted(entries, key=lambda e: e.low)), seconds, written)

@@ -1,0 +1,156 @@
+"""The emulated testbed: stages in network namespaces, links shaped with tc, CPU quotas (root only)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from partc.build import compile_model
+from partc.cli import main
+from partc.errors import PartcError
+from partc.runtime import testbed as tb
+
+MBIT = 1e6 / 8  # bytes/s
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("tc") is None or not (tb.CGROUP_CPU / "cpu.cfs_quota_us").is_file(),
+    reason="the testbed needs root, iproute2 (ip, tc) and the cgroup v1 cpu controller",
+)
+
+# 1x8x64x64 float32 tensors (128 KB each): the residual block's skip and conv1's output both
+# cross device -> edge (256 KB forward, the 128 KB output comes back in the reply).
+CLUSTER = """\
+tiers:
+  - {name: device, target: rpi4, backend: torchscript}
+  - {name: edge, target: jetson-nano, backend: onnx}
+  - {name: cloud, target: cloud-cpu, backend: onnx}
+links:
+  - {from: device, to: edge, bandwidth: 10Mbit/s, latency: 1ms}
+  - {from: edge, to: cloud, bandwidth: 50Mbit/s, latency: 20ms}
+constraints:
+  pin: {device: [conv1], edge: [conv2], cloud: [relu_1]}
+"""
+SHAPE = (1, 8, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("testbed")
+    (folder / "cluster.yaml").write_text(CLUSTER)
+    return compile_model("tests/models.py:residual", [",".join(map(str, SHAPE))], folder / "cluster.yaml",
+                         folder / "b").path
+
+
+@pytest.fixture(scope="module")
+def testbed(build):
+    """One testbed for the tests below, in file order; the last one exits it (exiting twice is harmless)."""
+    testbed = tb.Testbed(build).__enter__()
+    yield testbed
+    testbed.__exit__(None, None, None)
+
+
+def _ours():
+    """Namespaces, cgroups and live child processes of this process that a testbed may have made."""
+    prefix = f"partc-{os.getpid()}-"
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            children.add(stat.parent.name)
+    return ({line.split()[0] for line in namespaces.splitlines() if line.startswith(prefix)},
+            {p.name for p in tb.CGROUP_CPU.iterdir() if p.name.startswith(prefix)}, children)
+
+
+def _delta(estimate, before):
+    """Bytes and seconds per transfer recorded by ``estimate`` since the totals ``before``."""
+    nbytes, seconds, count = (a - b for a, b in zip(
+        (estimate.total_bytes, estimate.total_seconds, estimate.count), before, strict=True))
+    return nbytes / count, seconds / count
+
+
+def test_a_10_mbit_link_takes_the_time_its_bytes_imply(testbed):
+    assert testbed.addresses["edge.0"] == "10.231.0.2:50051" and testbed.addresses["cloud.0"] == "10.231.1.2:50051"
+    assert testbed.shares["edge.0"] == pytest.approx(17.0 / 9.8)  # jetson-nano vs the calibration host's core
+    report = testbed.measure(requests=4)
+    link, second = report.links
+    assert link.link == "device.0->edge.0" and link.bandwidth == pytest.approx(10 * MBIT)
+    assert link.measured_bytes > 300_000  # 256 KB forward + 128 KB reply
+    assert link.measured_s == pytest.approx(link.measured_bytes / (10 * MBIT) + 2 * link.latency, rel=0.2)
+    assert second.measured_s == pytest.approx(second.measured_bytes / (50 * MBIT) + 0.040, rel=0.2)
+    assert [s.stage for s in report.stages] == ["device.0", "edge.0", "cloud.0"]
+    assert report.measured_s > link.measured_s + second.measured_s
+    assert json.loads(json.dumps(report.to_json()))["links"][0]["link"] == "device.0->edge.0"
+    assert "device.0->edge.0" in report.table()
+
+
+def test_outputs_equal_the_in_process_run(testbed, build):
+    from partc.runtime.local import load
+
+    rng = np.random.default_rng(0)
+    requests = [{"x": rng.standard_normal(SHAPE, dtype=np.float32)} for _ in range(4)]
+    with testbed.driver(window=2) as driver:
+        results = list(driver.run(requests))
+    local = load(build)
+    for request, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result["output"], local(request)["output"])
+
+
+def test_reshaping_mid_run_moves_the_measured_bandwidth_and_delay(testbed):
+    inputs = {"x": np.ones(SHAPE, np.float32)}
+    with testbed.driver(window=1, alpha=0.5) as driver:
+        for i, _ in enumerate(driver.run([inputs] * 12)):
+            if i == 3:
+                slow = driver.links["device.0->edge.0"].bytes_per_second
+                before = driver.links["edge.0->cloud.0"]
+                before = (before.total_bytes, before.total_seconds, before.count)
+                testbed.shape("device.0->edge.0", 40 * MBIT)
+                testbed.shape("edge.0->cloud.0", 50 * MBIT, latency=0.060)
+        fast = driver.links["device.0->edge.0"].bytes_per_second
+        nbytes, seconds = _delta(driver.links["edge.0->cloud.0"], before)
+    assert slow == pytest.approx(10 * MBIT, rel=0.2)
+    assert fast == pytest.approx(40 * MBIT, rel=0.2)
+    assert seconds == pytest.approx(nbytes / (50 * MBIT) + 0.120, rel=0.2)
+    with pytest.raises(PartcError, match=r"no shaped link 'edge\.0->device\.0' in this testbed; links are: "):
+        testbed.shape("edge.0->device.0", MBIT)
+
+
+def test_exit_removes_every_namespace_cgroup_and_process(testbed):
+    namespaces, cgroups, children = _ours()
+    made = set(testbed.namespaces.values())
+    assert made <= namespaces and made <= cgroups and len(children) >= 5  # 3 workers, 2 delay proxies
+    testbed.__exit__(None, None, None)
+    assert _ours() == (namespaces - made, cgroups - made, children - {str(p.pid) for p in testbed.processes.values()}
+                       - {str(p.pid) for p in testbed.proxies.values()})
+    assert all(p.poll() is not None for p in [*testbed.processes.values(), *testbed.proxies.values()])
+
+
+def test_a_worker_that_fails_to_start_leaves_nothing_behind(build, tmp_path, capsys):
+    copy = tmp_path / "b"
+    shutil.copytree(build, copy)
+    with open(copy / "edge.0.onnx", "ab") as f:
+        f.write(b"x")
+    before = _ours()
+    assert main(["testbed", str(copy)]) == 1
+    assert re.fullmatch(r"partc: error: worker for stage 'edge\.0' did not start: .*stages\[1\]\.artifact: "
+                        r"'edge\.0\.onnx' does not match its sha256 \(tampered or rebuilt\); recompile\n",
+                        capsys.readouterr().err)
+    assert _ours() == before
+
+
+def test_cli_needs_root_and_names_bad_shares(build, capsys, monkeypatch):
+    assert main(["testbed", str(build), "--cpu-share", "fog.0=0.5"]) == 2
+    assert capsys.readouterr().err == (
+        "partc: error: --cpu-share fog.0: no such stage; stages are: device.0, edge.0, cloud.0\n")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert main(["testbed", str(build)]) == 2
+    assert capsys.readouterr().err == (
+        "partc: error: partc testbed needs root (network namespaces, tc and cgroups); run it with sudo\n")
