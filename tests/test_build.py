@@ -71,7 +71,8 @@ def test_manifest_records_plan_and_links(build):
     manifest = build.manifest
     predicted = manifest["plan"]["predicted"]
     assert set(predicted["link_bytes"]) == {"device->edge", "edge->cloud"}
-    assert predicted["latency"] == pytest.approx(sum(predicted["compute"].values()) + sum(predicted["transfer"].values()))
+    total = sum(predicted["compute"].values()) + sum(predicted["transfer"].values())
+    assert predicted["latency"] == pytest.approx(total)
     crossing = sum(t["bytes"] for t in manifest["transfers"] if t["to"] == "edge.0" and t["from"] == "device.0")
     assert crossing == predicted["link_bytes"]["device->edge"]
     assert manifest["model"]["inputs"] == [{"name": "x", "shape": [1, 3, 224, 224], "dtype": "float32"}]
