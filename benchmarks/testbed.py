@@ -30,11 +30,11 @@ from partc.runtime.testbed import Testbed
 CLUSTER = """\
 tiers:
   - {{name: device, target: rpi4, backend: torchscript}}
-  - {{name: edge, target: jetson-nano, backend: onnx}}
+  - {{name: edge, target: edge-x86, backend: onnx}}
   - {{name: cloud, target: cloud-cpu, backend: onnx}}
 links:
   - {{from: device, to: edge, bandwidth: {bandwidth}Mbit/s, latency: 10ms}}
-  - {{from: edge, to: cloud, bandwidth: 50Mbit/s, latency: 20ms}}
+  - {{from: edge, to: cloud, bandwidth: 100Mbit/s, latency: 20ms}}
 """
 
 
@@ -57,8 +57,8 @@ def markdown(rows: list[dict], command: str, load: tuple[float, float]) -> str:
         "",
         f"`{command}`, {when}, {platform.machine()}, {os.cpu_count()} cores, load average "
         f"{load[0]:.1f} before and {load[1]:.1f} after (the machine is shared with other engineers' test runs: "
-        "absolute times are noisy). Cluster: device (rpi4, torchscript) -> edge (jetson-nano, onnx) -> cloud "
-        "(cloud-cpu, onnx); device->edge at the bandwidth shown with 10 ms latency, edge->cloud 50 Mbit/s, 20 ms. "
+        "absolute times are noisy). Cluster: device (rpi4, torchscript) -> edge (edge-x86, onnx) -> cloud "
+        "(cloud-cpu, onnx); device->edge at the bandwidth shown with 10 ms latency, edge->cloud 100 Mbit/s, 20 ms. "
         "Each build is compiled for its bandwidth, then run in the testbed; requests one at a time, median.",
         "",
         "| model | device->edge Mbit/s | stages | predicted e2e ms | measured e2e ms | measured / predicted |",
@@ -70,7 +70,8 @@ def markdown(rows: list[dict], command: str, load: tuple[float, float]) -> str:
                      f"{r['measured_s'] / r['predicted_s']:.2f} |")
     lines += ["", "Per stage: predicted compute on the target vs measured on this host under the stage's CPU quota "
               "(cores of this host; smoothed).", "",
-              "| model | Mbit/s | stage | cores | predicted ms | measured ms | ratio |", "|---|---|---|---|---|---|---|"]
+              "| model | Mbit/s | stage | cores | predicted ms | measured ms | ratio |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
         for s in r["stages"]:
             ratio = s["measured_s"] / s["predicted_s"] if s["predicted_s"] else float("nan")

@@ -190,12 +190,9 @@ def _timed(fn: StageFn, measured: dict, name: str) -> StageFn:
 
 
 def _manifest(model, gm, ctx, plan, artifacts, measured, diff, scale) -> dict:
-    from partc.partition import evaluate
-    from partc.passes.cut import cost_graph
+    from partc.passes.cut import assigned_cost
 
-    graph = cost_graph(gm, ctx)
-    tier_index = {n.name: graph.tiers.index(n.meta[META_TIER]) for n in gm.graph.nodes if n.op != "output"}
-    cost = evaluate(graph, np.array([tier_index[name] for name in graph.names]))
+    graph, _, cost = assigned_cost(gm, ctx)
     compute = dict(zip(graph.tiers, cost.compute, strict=True))
     stages = []
     for stage, artifact in zip(plan.stages, artifacts, strict=True):

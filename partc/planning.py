@@ -19,7 +19,7 @@ import numpy as np
 from partc.context import load_cluster, parse_bandwidth
 from partc.errors import ClusterError
 from partc.ir import META_TIER
-from partc.partition import Cost, evaluate
+from partc.partition import Cost
 from partc.pipeline import run_passes
 from partc.report import format_table
 
@@ -165,7 +165,7 @@ def plan_model(
         PartcError: for a bad model, cluster, constraint, sweep link or range.
     """
     from partc.baselines import baselines
-    from partc.passes.cut import cost_graph
+    from partc.passes.cut import assigned_cost
     from partc.report import trace_model
 
     ctx = load_cluster(cluster, profiles)
@@ -173,13 +173,12 @@ def plan_model(
     started = time.perf_counter()
     gm = run_passes(gm, ["select-cuts"], ctx)
     solve_seconds = time.perf_counter() - started
-    graph = cost_graph(gm, ctx)
+    graph, tiers, cost = assigned_cost(gm, ctx)
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
-    tiers = np.array([graph.tiers.index(n.meta[META_TIER]) for n in nodes])
     report = PlanReport(
         model=model, objective=ctx.objective, tiers=graph.tiers, links=graph.links,
         assignment={n.name: n.meta[META_TIER] for n in nodes},
-        layers=_layers(graph.names, tiers, graph.tiers), cost=evaluate(graph, tiers), solve_seconds=solve_seconds,
+        layers=_layers(graph.names, tiers, graph.tiers), cost=cost, solve_seconds=solve_seconds,
         baselines={name: p.cost if p else None for name, p in baselines(graph, ctx.objective).items()},
     )
     if sweep is None:

@@ -16,7 +16,7 @@ from torch import fx
 from partc.context import CompileContext
 from partc.errors import ClusterError, PartcError
 from partc.ir import META_BYTES, META_PARAM_BYTES, META_PROFILE, META_TIER, clone
-from partc.partition import CostGraph, format_size, solve
+from partc.partition import Cost, CostGraph, evaluate, format_size, solve
 from partc.pipeline import PassResult
 
 
@@ -56,6 +56,16 @@ def select_cuts(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         f"({plan.method}); {per_tier}" + (f"; {per_link}" if per_link else "")
     )
     return PassResult(gm, summary)
+
+
+def assigned_cost(gm: fx.GraphModule, ctx: CompileContext) -> tuple[CostGraph, np.ndarray, Cost]:
+    """Return the cost graph of ``gm``, the tier index of each of its nodes, and their cost.
+
+    Reads meta[META_TIER] (run select-cuts first) and what ``cost_graph`` reads.
+    """
+    graph = cost_graph(gm, ctx)
+    tiers = np.array([graph.tiers.index(n.meta[META_TIER]) for n in gm.graph.nodes if n.op != "output"])
+    return graph, tiers, evaluate(graph, tiers)
 
 
 def cost_graph(gm: fx.GraphModule, ctx: CompileContext) -> CostGraph:

@@ -2,7 +2,8 @@
 
 ``Testbed(build)`` (root only) lays a build's chain out as it would run across machines:
 
-- **Namespaces.** Stage ``i`` runs in namespace ``partc-<pid>-<i>``. Consecutive stages are
+- **Namespaces.** Stage ``i`` runs in namespace ``partc-<pid>-<n>-<i>`` (``n`` tells apart
+  the testbeds of one process). Consecutive stages are
   joined by a veth pair, ``10.231.<i>.1`` (stage ``i``) -- ``10.231.<i>.2`` (stage ``i+1``);
   the addresses exist only inside the namespaces, so parallel testbeds never collide.
   Every stage is reached at ``PORT`` on its veth address, so all addresses are known up
@@ -23,7 +24,7 @@
   veth gets the narrowest bandwidth and the summed latency. Consecutive stages on one tier
   get an unshaped veth and no proxy.
 - **CPU.** Each worker is moved, once it listens, into the cgroup (v1 ``cpu`` controller)
-  ``/sys/fs/cgroup/cpu/partc-<pid>-<i>`` with ``cfs_quota_us = share x cfs_period_us``.
+  ``/sys/fs/cgroup/cpu/partc-<pid>-<n>-<i>`` with ``cfs_quota_us = share x cfs_period_us``.
   The share emulates the target's speed in cores of this host: the target's
   ``peak_gflops`` over the cost model's reference host's per-core ``peak_gflops``
   (``partc.costmodel``: the reference is this kind of host at one thread), clamped to
@@ -175,7 +176,7 @@ class Testbed:
         try:
             self._start()
         except BaseException:
-            self.__exit__(None, None, None)
+            self.__exit__(*sys.exc_info())
             raise
         return self
 
@@ -196,10 +197,13 @@ class Testbed:
                 self._tbf(hop, hop.bandwidth)
         for name in names:
             cgroup = CGROUP_CPU / self.namespaces[name]
-            cgroup.mkdir()
-            self._cgroups.append(cgroup)
-            (cgroup / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-            (cgroup / "cpu.cfs_quota_us").write_text(str(max(1000, round(self.shares[name] * CFS_PERIOD_US))))
+            try:
+                cgroup.mkdir()
+                self._cgroups.append(cgroup)
+                (cgroup / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+                (cgroup / "cpu.cfs_quota_us").write_text(str(max(1000, round(self.shares[name] * CFS_PERIOD_US))))
+            except OSError as err:
+                raise RunError(f"testbed: cannot make the cgroup {cgroup} for stage {name!r}: {err}") from err
         scratch = Path(self._scratch.name)
         self.addresses = {name: self._address(i) for i, name in enumerate(names)}
         waits = {}
@@ -218,12 +222,20 @@ class Testbed:
                     raise RunError(f"worker for stage {name!r} did not start within {START_TIMEOUT:.0f} s")
                 if ready.exists() or process.poll() is not None:
                     wait_ready(process, ready, log_path, f"worker for stage {name!r}")
-                    (CGROUP_CPU / self.namespaces[name] / "cgroup.procs").write_text(str(process.pid))
+                    self._limit(name, process)
                     del waits[name]
             time.sleep(0.05)
         for hop in self.hops:
             if hop.dst in self.proxies:
                 wait_ready(self.proxies[hop.dst], *self._proxy_files(hop), f"delay proxy of link {hop.src}->{hop.dst}")
+
+    def _limit(self, stage: str, process: subprocess.Popen) -> None:
+        """Move every thread of ``stage``'s worker into its cgroup (``cgroup.procs`` moves them all)."""
+        procs = CGROUP_CPU / self.namespaces[stage] / "cgroup.procs"
+        try:
+            procs.write_text(str(process.pid))
+        except OSError as err:
+            raise RunError(f"testbed: cannot move the worker for stage {stage!r} into {procs}: {err}") from err
 
     def _proxied(self, i: int) -> bool:
         return i > 0 and self.hops[i - 1].bandwidth is not None
@@ -280,7 +292,7 @@ class Testbed:
         return connect_build(self.build, self.addresses, **options)
 
     def measure(self, requests: int = 10, inputs: Mapping[str, np.ndarray] | None = None,
-                warmup: int = 1) -> TestbedReport:
+                warmup: int = 2) -> TestbedReport:
         """Run ``warmup`` + ``requests`` requests one after another (no pipelining) and compare.
 
         ``inputs`` default to the compiled shapes' seeded example. Warm-up requests are not
