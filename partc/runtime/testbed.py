@@ -9,8 +9,10 @@
   Every stage is reached at ``PORT`` on its veth address, so all addresses are known up
   front and all workers start at once.
 - **Driver.** The driver stays in the calling process, in the root namespace, and reaches
-  the first stage through a Unix socket: the hop from where an input is produced to the
-  device that runs stage 0 is local, unshaped (as a camera attached to the device).
+  the chain through a Unix socket. Model inputs come from the first tier: when the first
+  stage runs there, the driver's hop is local and unshaped (a camera attached to the
+  device); otherwise a namespace for the driver (``DRIVER``) on the first tier holds a relay
+  (the delay proxy with no delay) from the Unix socket over the shaped link(s) to stage 0.
 - **Bandwidth.** Each direction of a link is shaped by an egress ``tbf`` qdisc on its end
   of the veth (netem is not available: tbf shapes the rate, its ``latency`` only bounds
   the queue). tbf counts whole frames, so TCP payload gets about 95% of the rate, as on a
@@ -65,6 +67,7 @@ WORKER_LISTEN = "127.0.0.1:50052"  # a proxied worker, on its namespace's loopba
 MIN_SHARE = 0.05  # cores: below this a stage barely runs
 CFS_PERIOD_US = 100_000
 CHUNK = 65536
+DRIVER = "driver"  # the driver's node of the chain, when it needs a namespace of its own
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class Hop:
     """The link between two consecutive stages as the testbed shapes it.
 
     Attributes:
-        src, dst: stage names.
+        src, dst: stage names (``src`` is ``DRIVER`` for the hop from where inputs come).
         key: the plan's link name(s), ``"edge->cloud"``; several joined by ``","`` for a path.
         bandwidth: bytes/s, or None when both stages share a tier (unshaped).
         latency: one-way seconds.
@@ -89,18 +92,27 @@ class Hop:
     predicted_bytes: int
 
 
+def chain(manifest: Mapping) -> list[tuple[str, str]]:
+    """Return (name, tier) of every node of the testbed's chain: ``DRIVER`` first where the first
+    stage does not run on the first tier (model inputs come from the first tier), then the stages."""
+    first = manifest["cluster"]["tiers"][0]["name"]
+    stages = [(s["name"], s["tier"]) for s in manifest["stages"]]
+    return stages if stages[0][1] == first else [(DRIVER, first), *stages]
+
+
 def hops(manifest: Mapping) -> list[Hop]:
-    """Return the hops between consecutive stages of ``manifest``, shaped per the cluster's links."""
+    """Return the hops between consecutive nodes of ``chain(manifest)``, shaped per the cluster's links."""
     tiers = [t["name"] for t in manifest["cluster"]["tiers"]]
     links = {(lk["from"], lk["to"]): lk for lk in manifest["cluster"]["links"]}
     predicted = manifest["plan"]["predicted"]
     out = []
-    for src, dst in zip(manifest["stages"], manifest["stages"][1:], strict=False):
-        a, c = tiers.index(src["tier"]), tiers.index(dst["tier"])
+    nodes = chain(manifest)
+    for (src, src_tier), (dst, dst_tier) in zip(nodes, nodes[1:], strict=False):
+        a, c = tiers.index(src_tier), tiers.index(dst_tier)
         path = [links[(tiers[b], tiers[b + 1])] for b in range(a, c)]
         keys = [f"{lk['from']}->{lk['to']}" for lk in path]
         out.append(Hop(
-            src["name"], dst["name"], ",".join(keys), min((lk["bandwidth"] for lk in path), default=None),
+            src, dst, ",".join(keys), min((lk["bandwidth"] for lk in path), default=None),
             sum(lk["latency"] for lk in path), sum(predicted["transfer"].get(k, 0.0) for k in keys),
             predicted["link_bytes"].get(keys[0], 0) if keys else 0,
         ))
@@ -134,9 +146,10 @@ class Testbed:
         build: the build folder.
         hops: the links between consecutive stages, in chain order.
         shares: cores of this host each stage may use.
-        addresses: where the driver (stage 0) and each stage's predecessor reach each stage.
-        namespaces: stage -> network namespace.
-        processes: stage -> its worker process; proxies: receiving stage -> its delay proxy.
+        addresses: stage -> where it is reached (stage 0: the driver's Unix socket).
+        namespaces: node of ``chain`` (a stage, or ``DRIVER``) -> network namespace.
+        processes: stage -> its worker process; proxies: node -> the delay proxy (or the
+            driver's relay) in its namespace.
     """
 
     def __init__(self, build: Path | str, *, cpu_shares: Mapping[str, float] | None = None,
@@ -163,7 +176,7 @@ class Testbed:
         self.hops = hops(self.manifest)
         self.token_file = token_file
         prefix = f"partc-{os.getpid()}-{id(self) % 10_000}"
-        self.namespaces = {name: f"{prefix}-{i}" for i, name in enumerate(names)}
+        self.namespaces = {name: f"{prefix}-{i}" for i, (name, _) in enumerate(chain(self.manifest))}
         self.addresses: dict[str, str] = {}
         self._cgroups: list[Path] = []
         self._made_ns: list[str] = []
@@ -181,9 +194,8 @@ class Testbed:
         return self
 
     def _start(self) -> None:
-        names = list(self.namespaces)
-        for name in names:
-            ns = self.namespaces[name]
+        nodes = list(self.namespaces)
+        for ns in self.namespaces.values():
             _sh("ip", "netns", "add", ns)
             self._made_ns.append(ns)
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -195,7 +207,7 @@ class Testbed:
                 _sh("ip", "-n", ns, "link", "set", dev, "up")
             if hop.bandwidth is not None:
                 self._tbf(hop, hop.bandwidth)
-        for name in names:
+        for name in self.shares:
             cgroup = CGROUP_CPU / self.namespaces[name]
             try:
                 cgroup.mkdir()
@@ -205,16 +217,21 @@ class Testbed:
             except OSError as err:
                 raise RunError(f"testbed: cannot make the cgroup {cgroup} for stage {name!r}: {err}") from err
         scratch = Path(self._scratch.name)
-        self.addresses = {name: self._address(i) for i, name in enumerate(names)}
+        self.addresses = {name: self._address(i) for i, name in enumerate(nodes) if name != DRIVER}
+        if nodes[0] == DRIVER:  # a relay on the first tier carries the driver's requests over the first link
+            self.addresses[nodes[1]] = self._address(0)
+            self._start_proxy(DRIVER, self._address(0), self._address(1), 0.0)
         waits = {}
-        for i, name in enumerate(names):  # every address is known up front: start them all at once
-            listen = WORKER_LISTEN if self._proxied(i) else self.addresses[name]
-            next_address = self.addresses[names[i + 1]] if i + 1 < len(names) else None
+        for i, name in enumerate(nodes):  # every address is known up front: start them all at once
+            if name == DRIVER:
+                continue
+            listen = WORKER_LISTEN if self._proxied(i) else self._address(i)
+            next_address = self._address(i + 1) if i + 1 < len(nodes) else None
             prefix = ("ip", "netns", "exec", self.namespaces[name])
             waits[name] = spawn_worker(self.build, name, scratch, listen=listen, next_address=next_address,
                                        token_file=self.token_file, prefix=prefix, processes=self.processes)
             if self._proxied(i):
-                self._start_proxy(self.hops[i - 1], self.addresses[name], WORKER_LISTEN)
+                self._start_proxy(name, self._address(i), WORKER_LISTEN, self.hops[i - 1].latency)
         deadline = time.monotonic() + START_TIMEOUT
         while waits:  # the first worker to fail is reported at once
             for name, (process, ready, log_path) in list(waits.items()):
@@ -225,9 +242,8 @@ class Testbed:
                     self._limit(name, process)
                     del waits[name]
             time.sleep(0.05)
-        for hop in self.hops:
-            if hop.dst in self.proxies:
-                wait_ready(self.proxies[hop.dst], *self._proxy_files(hop), f"delay proxy of link {hop.src}->{hop.dst}")
+        for node, proxy in self.proxies.items():
+            wait_ready(proxy, *self._proxy_files(node), f"delay proxy in the namespace of {node!r}")
 
     def _limit(self, stage: str, process: subprocess.Popen) -> None:
         """Move every thread of ``stage``'s worker into its cgroup (``cgroup.procs`` moves them all)."""
@@ -241,20 +257,20 @@ class Testbed:
         return i > 0 and self.hops[i - 1].bandwidth is not None
 
     def _address(self, i: int) -> str:
-        """Where stage ``i`` is reached: a Unix socket for the driver, else its end of the veth from stage i-1."""
+        """Where node ``i`` is reached: a Unix socket for the driver, else its end of the veth from node i-1."""
         return f"unix:{Path(self._scratch.name) / 'entry.sock'}" if i == 0 else f"{SUBNET}.{i - 1}.2:{PORT}"
 
-    def _proxy_files(self, hop: Hop) -> tuple[Path, Path]:
+    def _proxy_files(self, node: str) -> tuple[Path, Path]:
         scratch = Path(self._scratch.name)
-        return scratch / f"proxy-{hop.dst}.ready", scratch / f"proxy-{hop.dst}.log"
+        return scratch / f"proxy-{node}.ready", scratch / f"proxy-{node}.log"
 
-    def _start_proxy(self, hop: Hop, listen: str, to: str) -> None:
-        ready, log_path = self._proxy_files(hop)
-        argv = ["ip", "netns", "exec", self.namespaces[hop.dst], sys.executable, "-m", "partc.runtime.testbed",
-                "--listen", listen, "--to", to, "--delay", repr(hop.latency), "--ready-file", str(ready)]
+    def _start_proxy(self, node: str, listen: str, to: str, delay: float) -> None:
+        ready, log_path = self._proxy_files(node)
+        argv = ["ip", "netns", "exec", self.namespaces[node], sys.executable, "-m", "partc.runtime.testbed",
+                "--listen", listen, "--to", to, "--delay", repr(delay), "--ready-file", str(ready)]
         with open(log_path, "wb") as log_file:
-            self.proxies[hop.dst] = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_file,
-                                                     stderr=subprocess.STDOUT)
+            self.proxies[node] = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_file,
+                                                  stderr=subprocess.STDOUT)
 
     def _tbf(self, hop: Hop, bandwidth: float) -> None:
         rate = f"{round(bandwidth * 8)}bit"
@@ -295,8 +311,10 @@ class Testbed:
                 warmup: int = 2) -> TestbedReport:
         """Run ``warmup`` + ``requests`` requests one after another (no pipelining) and compare.
 
-        ``inputs`` default to the compiled shapes' seeded example. Warm-up requests are not
-        counted.
+        ``inputs`` default to the compiled shapes' seeded example. The warm-up requests run
+        on a driver of their own; the timed ones on a fresh driver after one untimed request,
+        so its smoothed stage times (``Driver.compute``) start warm. Links report the mean of
+        the timed transfers.
 
         Raises:
             PartcError: if ``requests`` < 1.
@@ -312,6 +330,8 @@ class Testbed:
         with self.driver(window=1) as driver:
             for _ in range(warmup):
                 driver.run_one(inputs)
+        with self.driver(window=1) as driver:  # its stage estimates hold no cold-start (JIT, first call) samples
+            driver.run_one(inputs)  # opens the driver's connection
             before = {k: (e.total_bytes, e.total_seconds, e.count) for k, e in driver.links.items()}
             latencies = []
             for _ in range(requests):
@@ -330,7 +350,7 @@ class Testbed:
             stages = [StageRow(s["name"], s["target"], self.shares[s["name"]], s["predicted_s"],
                                driver.compute[s["name"]].value) for s in self.manifest["stages"]]
         return TestbedReport(requests, self.manifest["plan"]["predicted"]["latency"], statistics.median(latencies),
-                             stages, links)
+                             min(latencies), stages, links)
 
     def __exit__(self, *exc: object) -> None:
         stop_processes(self.processes)
@@ -393,7 +413,8 @@ class TestbedReport:
 
     requests: int
     predicted_s: float
-    measured_s: float
+    measured_s: float  # median
+    measured_min_s: float
     stages: list[StageRow]
     links: list[LinkRow]
 
@@ -404,7 +425,8 @@ class TestbedReport:
     def table(self) -> str:
         """Return the report as aligned text."""
         lines = [f"{self.requests} requests, one at a time: end to end predicted {self.predicted_s * 1e3:.1f} ms, "
-                 f"measured {self.measured_s * 1e3:.1f} ms (median), ratio {self.measured_s / self.predicted_s:.2f}",
+                 f"measured {self.measured_s * 1e3:.1f} ms (median; min {self.measured_min_s * 1e3:.1f}), "
+                 f"ratio {self.measured_s / self.predicted_s:.2f}",
                  f"{'stage':<12} {'target':<12} {'cores':>5} {'predicted ms':>12} {'measured ms':>11} {'ratio':>6}"]
         lines += [f"{s.stage:<12} {s.target:<12} {s.share:5.2f} {s.predicted_s * 1e3:12.2f} {s.measured_s * 1e3:11.2f} "
                   f"{s.measured_s / s.predicted_s if s.predicted_s else float('nan'):6.2f}" for s in self.stages]
@@ -472,8 +494,11 @@ async def _delay_proxy(listen: str, to: str, delay: list[float], ready: Path) ->
             writer.close()
             up_writer.close()
 
-    host, port = listen.rsplit(":", 1)
-    server = await asyncio.start_server(connection, host, int(port))
+    if listen.startswith("unix:"):
+        server = await asyncio.start_unix_server(connection, listen.removeprefix("unix:"))
+    else:
+        host, port = listen.rsplit(":", 1)
+        server = await asyncio.start_server(connection, host, int(port))
     tmp = ready.with_name(ready.name + ".tmp")
     tmp.write_text(json.dumps({"address": listen}))
     os.replace(tmp, ready)

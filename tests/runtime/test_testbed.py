@@ -146,6 +146,23 @@ def test_a_worker_that_fails_to_start_leaves_nothing_behind(build, tmp_path, cap
     assert _ours() == before
 
 
+def test_inputs_cross_the_first_link_when_the_first_stage_is_not_on_the_first_tier(build):
+    manifest = json.loads((build / "manifest.json").read_text())
+    assert [h.src for h in tb.hops(manifest)] == ["device.0", "edge.0"]
+    manifest["stages"] = manifest["stages"][1:]  # as if the plan ran nothing on the device
+    assert tb.chain(manifest) == [(tb.DRIVER, "device"), ("edge.0", "edge"), ("cloud.0", "cloud")]
+    first, second = tb.hops(manifest)
+    predicted = manifest["plan"]["predicted"]
+    assert (first.src, first.dst, first.key, first.bandwidth, first.latency) == (
+        "driver", "edge.0", "device->edge", 10 * MBIT, 0.001)
+    assert first.predicted_s == predicted["transfer"]["device->edge"]
+    assert (second.src, second.key, second.bandwidth) == ("edge.0", "edge->cloud", 50 * MBIT)
+    manifest["stages"] = manifest["stages"][1:]  # device -> cloud: the path's narrowest link, summed latency
+    (hop,) = tb.hops(manifest)
+    assert (hop.key, hop.bandwidth, hop.latency) == ("device->edge,edge->cloud", 10 * MBIT, pytest.approx(0.021))
+    assert hop.predicted_s == pytest.approx(sum(predicted["transfer"].values()))
+
+
 def test_cli_needs_root_and_names_bad_shares(build, capsys, monkeypatch):
     assert main(["testbed", str(build), "--cpu-share", "fog.0=0.5"]) == 2
     assert capsys.readouterr().err == (

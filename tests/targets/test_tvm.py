@@ -112,5 +112,6 @@ def test_tuning_records_are_kept_and_reused_across_builds(x86_target, tmp_path, 
     with torch.no_grad():
         expected = model(x).numpy()
     for artifact in (tuned, again):
-        out = run_plan(plan, {artifact.stage: BACKEND.load(artifact)}, {"x": x.numpy()})["output"]
+        inputs = {plan.model_inputs[0].name: x.numpy()}
+        out = run_plan(plan, {artifact.stage: BACKEND.load(artifact)}, inputs)["output"]
         assert abs(out - expected).max() <= 1e-4 * abs(expected).max()
