@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from partc.targets import target
-from partc.targets.onnx import OnnxBackend
-from partc.targets.torchscript import TorchScriptBackend
-from partc.targets.tvm import TvmBackend
 
 from partc.context import CompileContext, Tier
 from partc.ir import META_TIER, compute_nodes
 from partc.plan import Plan, build_plan, eager_stage_fn, run_plan
+from partc.targets import target
+from partc.targets.onnx import OnnxBackend
+from partc.targets.torchscript import TorchScriptBackend
+from partc.targets.tvm import TvmBackend
 from partc.trace import InputSpec, load_model, trace
 
 TIERS = ("device", "edge", "cloud")

@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-from partc.targets import TARGETS, TargetDesc
 
 from partc.costmodel import Calibration, fit_calibration, predict_profile_total, write_calibration
 from partc.profile import Profile, host_fingerprint, profile_model, read_profile, write_profile
 from partc.report import trace_model
+from partc.targets import TARGETS, TargetDesc
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

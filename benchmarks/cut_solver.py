@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from partc.passes.cut import cost_graph
 
 from partc.baselines import baselines
 from partc.context import CompileContext, Link, Tier
 from partc.ir import META_FLOPS, META_PROFILE
 from partc.partition import CostGraph, LayeredCut, solve
+from partc.passes.cut import cost_graph
 from partc.planfamily import bandwidth_sweep, plan_family, plot_bandwidth_sweep
 from partc.trace import load_model, parse_input_spec, trace
 

@@ -7,7 +7,6 @@ never mutates its input (it ``clone``s it), and records its results in node meta
 from partc.passes.cut import select_cuts
 from partc.passes.profile import annotate_profile
 from partc.passes.tile import tile_conv_stages
-
 from partc.pipeline import Pass
 
 PASSES: dict[str, Pass] = {

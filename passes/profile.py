@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from partc.targets import target
 from torch import fx
 
 from partc.context import CompileContext
@@ -10,6 +9,7 @@ from partc.costmodel import load_calibration, predict_graph
 from partc.ir import META_PROFILE, clone
 from partc.pipeline import PassResult
 from partc.profile import check_matches, read_profile
+from partc.targets import target
 
 
 def annotate_profile(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:

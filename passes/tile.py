@@ -33,7 +33,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from partc.targets import target
 from torch import fx, nn
 
 from partc.context import CompileContext, Link, Tier
@@ -63,6 +62,7 @@ from partc.regions import (
     spatial_op,
     tile_flops,
 )
+from partc.targets import target
 from partc.trace import annotate
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,6 @@
 import dataclasses
 
 import pytest
-from partc.targets import TARGETS, TargetDesc, target
 
 from partc.costmodel import (
     DEFAULT,
@@ -18,6 +17,7 @@ from partc.errors import ClusterError
 from partc.ir import compute_nodes
 from partc.profile import NodeTiming, Profile
 from partc.report import trace_model
+from partc.targets import TARGETS, TargetDesc, target
 
 REFERENCE = TargetDesc(
     name="ref",

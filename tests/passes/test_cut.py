@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from cutcases import cluster, profile
-from partc.passes import DEFAULT_PIPELINE, PASSES
-from partc.passes.cut import cost_graph, select_cuts
 from torch import nn
 
 from partc.baselines import baselines
@@ -14,6 +12,8 @@ from partc.context import CompileContext, Constraints, Link, Tier
 from partc.errors import ClusterError, PartcError
 from partc.ir import META_PROFILE, META_TIER, compute_nodes
 from partc.partition import evaluate
+from partc.passes import DEFAULT_PIPELINE, PASSES
+from partc.passes.cut import cost_graph, select_cuts
 from partc.pipeline import run_passes
 from partc.trace import InputSpec, load_model, parse_input_spec, trace
 

@@ -1,10 +1,10 @@
 import pytest
-from partc.passes import DEFAULT_PIPELINE, PASSES
-from partc.passes.profile import annotate_profile
 
 from partc.context import CompileContext, Link, Tier
 from partc.errors import PartcError
 from partc.ir import META_PROFILE, compute_nodes
+from partc.passes import DEFAULT_PIPELINE, PASSES
+from partc.passes.profile import annotate_profile
 from partc.pipeline import run_passes
 from partc.profile import profile_model, write_profile
 from partc.report import trace_model

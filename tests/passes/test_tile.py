@@ -7,8 +7,6 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from partc.passes import DEFAULT_PIPELINE, PASSES
-from partc.passes.tile import candidate_grids, tile_conv_stages, tile_graph, tile_nodes
 from torch import nn
 
 from partc.context import CompileContext, Link, Tier
@@ -23,6 +21,8 @@ from partc.ir import (
     META_TILE,
     compute_nodes,
 )
+from partc.passes import DEFAULT_PIPELINE, PASSES
+from partc.passes.tile import candidate_grids, tile_conv_stages, tile_graph, tile_nodes
 from partc.pipeline import run_passes
 from partc.trace import InputSpec, load_model, parse_input_spec, trace
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from partc.targets import BACKENDS, backend
 from partc.targets.torchscript import BACKEND, TorchScriptBackend
 

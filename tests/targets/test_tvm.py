@@ -12,14 +12,14 @@ import pytest
 pytest.importorskip("tvm")
 
 import torch  # noqa: E402
-from partc.targets import BACKENDS, backend, target  # noqa: E402
-from partc.targets.tvm import BACKEND, TvmBackend, elf_machine, host_arch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from partc.context import CompileContext, Tier  # noqa: E402
 from partc.errors import PartcError, RunError  # noqa: E402
 from partc.ir import META_TIER, compute_nodes  # noqa: E402
 from partc.plan import build_plan, run_plan  # noqa: E402
+from partc.targets import BACKENDS, backend, target  # noqa: E402
+from partc.targets.tvm import BACKEND, TvmBackend, elf_machine, host_arch  # noqa: E402
 from partc.trace import InputSpec, trace  # noqa: E402
 
 
