@@ -63,6 +63,29 @@ def branches() -> nn.Module:
     return _seeded(Branches())
 
 
+class SqueezeExcite(nn.Module):
+    """conv -> relu -> (x * se(x)) -> conv -> + relu output: the broadcast multiply is not
+    spatially local, so it breaks a tiling run, and the add joins the second run."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Conv2d(8, 8, 1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        a = self.relu(self.conv1(x))
+        return self.conv2(a * torch.sigmoid(self.fc(self.pool(a)))) + a
+
+
+def squeeze_excite() -> nn.Module:
+    """Inputs 1x4xHxW."""
+    torch.manual_seed(0)
+    return _seeded(SqueezeExcite())
+
+
 class TwoInputs(nn.Module):
     """A model with two inputs: an image and a feature vector."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 
+import models
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,25 +88,8 @@ def test_split_is_balanced_and_covers_the_map():
     assert split(224, 1) == [(0, 224)]
 
 
-class SqueezeExcite(nn.Module):
-    """conv -> relu -> (x * se(x)) -> conv -> + relu output: SE breaks the run, the add joins the second."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Conv2d(8, 8, 1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        a = self.relu(self.conv1(x))
-        b = a * torch.sigmoid(self.fc(self.pool(a)))
-        return self.conv2(b) + a
-
-
 def test_squeeze_excite_splits_runs_so_that_no_path_leaves_a_run_and_comes_back():
-    gm = _gm(SqueezeExcite())
+    gm = _gm(models.squeeze_excite())
     runs = [[n.name for n in run] for run in find_runs(gm, lambda n: True)]
     assert runs == [["conv1", "relu"], ["conv2", "add"]]  # fc + sigmoid on a 1x1 map: nothing to tile
 

@@ -18,7 +18,7 @@
   the queue). tbf counts whole frames, so TCP payload gets about 95% of the rate, as on a
   real link of that line rate.
 - **Latency.** One-way delay is emulated in user space: a forwarding proxy
-  (``python -m partc.runtime.testbed``) in the receiving namespace listens on the veth
+  (``python -m partc.runtime.delayproxy``) in the receiving namespace listens on the veth
   address and holds every chunk, in either direction, until its arrival + the link's
   latency before passing it on to the worker on that namespace's loopback. The runtime's
   transport is untouched. The delay is changed at run time through the proxy's stdin.
@@ -39,17 +39,14 @@ starting fails half-way.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,7 +63,6 @@ PORT = 50051  # where a stage is reached on its veth (its proxy, or its worker o
 WORKER_LISTEN = "127.0.0.1:50052"  # a proxied worker, on its namespace's loopback
 MIN_SHARE = 0.05  # cores: below this a stage barely runs
 CFS_PERIOD_US = 100_000
-CHUNK = 65536
 DRIVER = "driver"  # the driver's node of the chain, when it needs a namespace of its own
 
 
@@ -266,7 +262,7 @@ class Testbed:
 
     def _start_proxy(self, node: str, listen: str, to: str, delay: float) -> None:
         ready, log_path = self._proxy_files(node)
-        argv = ["ip", "netns", "exec", self.namespaces[node], sys.executable, "-m", "partc.runtime.testbed",
+        argv = ["ip", "netns", "exec", self.namespaces[node], sys.executable, "-m", "partc.runtime.delayproxy",
                 "--listen", listen, "--to", to, "--delay", repr(delay), "--ready-file", str(ready)]
         with open(log_path, "wb") as log_file:
             self.proxies[node] = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_file,
@@ -454,78 +450,3 @@ def check_privileges() -> None:
         raise PartcError(f"partc testbed needs '{missing[0]}' (iproute2); install the iproute2 package")
     if not (CGROUP_CPU / "cpu.cfs_quota_us").is_file():
         raise PartcError(f"partc testbed needs the cgroup v1 cpu controller mounted at {CGROUP_CPU}")
-
-
-async def _delay_proxy(listen: str, to: str, delay: list[float], ready: Path) -> None:
-    loop = asyncio.get_running_loop()
-
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def deliver() -> None:
-            while (item := await queue.get())[1]:
-                if (wait := item[0] - loop.time()) > 0:
-                    await asyncio.sleep(wait)
-                writer.write(item[1])
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-
-        task = asyncio.create_task(deliver())
-        try:
-            while chunk := await reader.read(CHUNK):
-                queue.put_nowait((loop.time() + delay[0], chunk))
-        finally:
-            queue.put_nowait((0.0, b""))
-            await task
-
-    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        host, port = to.rsplit(":", 1)
-        try:
-            up_reader, up_writer = await asyncio.open_connection(host, int(port))
-        except OSError:
-            writer.close()
-            return
-        try:
-            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        except OSError:
-            pass
-        finally:
-            writer.close()
-            up_writer.close()
-
-    if listen.startswith("unix:"):
-        server = await asyncio.start_unix_server(connection, listen.removeprefix("unix:"))
-    else:
-        host, port = listen.rsplit(":", 1)
-        server = await asyncio.start_server(connection, host, int(port))
-    tmp = ready.with_name(ready.name + ".tmp")
-    tmp.write_text(json.dumps({"address": listen}))
-    os.replace(tmp, ready)
-    async with server:
-        await server.serve_forever()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The delay proxy the testbed runs in a receiving namespace; new delays (seconds) come on stdin."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m partc.runtime.testbed", description=main.__doc__)
-    parser.add_argument("--listen", required=True, metavar="HOST:PORT")
-    parser.add_argument("--to", required=True, metavar="HOST:PORT")
-    parser.add_argument("--delay", type=float, required=True, metavar="SECONDS", help="one-way delay")
-    parser.add_argument("--ready-file", type=Path, required=True)
-    args = parser.parse_args(argv)
-    delay = [args.delay]
-
-    def read_delays() -> None:
-        for line in sys.stdin:
-            delay[0] = float(line)
-
-    threading.Thread(target=read_delays, daemon=True).start()
-    asyncio.run(_delay_proxy(args.listen, args.to, delay, args.ready_file))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

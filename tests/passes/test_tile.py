@@ -81,26 +81,10 @@ def test_halo_flops_predicted_per_tile_match_the_reannotated_graph():
 def test_squeeze_excitation_blocks_break_runs_and_still_tile_exactly():
     spec = InputSpec((1, 4, 16, 16))
     torch.manual_seed(0)
-    gm = trace(SqueezeExcite().eval(), [spec])
+    gm = trace(models.squeeze_excite(), [spec])
     tiled, runs = tile_graph(gm, (2, 2))
     assert [run.nodes for run in runs] == [("conv1", "relu"), ("conv2", "add")]
     assert _relative_error(gm, tiled, spec) <= 1e-5
-
-
-class SqueezeExcite(nn.Module):
-    """The run conv1 -> relu is read by conv2's run through a broadcast multiply and an add."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Conv2d(8, 8, 1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        a = self.relu(self.conv1(x))
-        return self.conv2(a * torch.sigmoid(self.fc(self.pool(a)))) + a
 
 
 @st.composite

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 
 import pytest
@@ -83,11 +82,6 @@ def test_a_missing_cross_compiler_or_unknown_architecture_is_named(model_case, t
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("PARTC_TUNING_TESTS") != "1",
-    reason="MetaSchedule tuning takes minutes here (importing tvm.s_tir.tensor_intrin alone costs ~100 s CPU); "
-    "set PARTC_TUNING_TESTS=1 to run it; benchmarks/backends.py measures tuned vs untuned",
-)
 def test_tuning_records_are_kept_and_reused_across_builds(x86_target, tmp_path, caplog):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
