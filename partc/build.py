@@ -150,15 +150,17 @@ def _verify(
 ) -> tuple[dict[str, float | None], float, float]:
     """Run the pipeline through the artifacts; time each stage; compare with the model.
 
-    A stage whose artifact cannot run here (cross-compiled) runs eagerly and is not timed.
+    A stage whose artifact cannot run here (cross-compiled for another architecture) runs
+    eagerly and is not timed.
     """
     from partc.targets import backend
+    from partc.targets.tvm import host_arch
 
     examples = [spec.example() for spec in gm.meta["partc.inputs"]]
     fns: dict[str, StageFn] = {}
     runnable: dict[str, bool] = {}
     for stage, artifact in zip(plan.stages, artifacts, strict=True):
-        runnable[stage.name] = artifact.info.get("runs_here", True)
+        runnable[stage.name] = artifact.info.get("arch", host_arch()) == host_arch()
         fns[stage.name] = backend(artifact.backend).load(artifact) if runnable[stage.name] else eager_stage_fn(stage)
     measured: dict[str, float | None] = {}
     timed = {name: _timed(fn, measured, name) if runnable[name] else fn for name, fn in fns.items()}

@@ -179,3 +179,17 @@ def test_deployment_files_are_rendered_from_the_manifest(build):
         assert f'- "{stage["name"]}": tier "{stage["tier"]}", target "{stage["target"]}"' in readme
     bytes_ = manifest["plan"]["predicted"]["link_bytes"]["device->edge"]
     assert f'- from "device" to "edge": {bytes_} bytes per inference' in readme
+
+
+def test_a_cross_compiled_stage_is_verified_eagerly_and_not_timed(tmp_path):
+    import shutil as sh
+
+    pytest.importorskip("tvm")
+    if sh.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("no aarch64 cross compiler: apt-get install gcc-aarch64-linux-gnu")
+    cluster = tmp_path / "pi.yaml"
+    cluster.write_text("tiers:\n  - {name: device, target: rpi4, backend: tvm}\n")
+    build = compile_model("tests/models.py:conv_stack", ["1,3,32,32"], cluster, tmp_path / "b")
+    (stage,) = build.manifest["stages"]
+    assert stage["info"]["arch"] == "aarch64" and stage["measured_s"] is None
+    assert build.manifest["verification"]["max_abs_diff"] == 0.0  # the eager stand-in, not the artifact
