@@ -297,8 +297,9 @@ def _run_distributed(args, inputs):
     import time
 
     from partc.runtime.deploy import LocalWorkers, connect_build
+    from partc.runtime.worker import parse_pair
 
-    addresses = dict(_pair(text, "--connect", "STAGE=HOST:PORT") for text in args.connect)
+    addresses = dict(parse_pair(text, "--connect", "STAGE=HOST:PORT") for text in args.connect)
     with contextlib.ExitStack() as stack:
         if not addresses:
             print("partc: starting one worker process per stage on 127.0.0.1", file=sys.stderr)
@@ -328,15 +329,6 @@ def _stamped(inputs, count: int, sent: list):
     for _ in range(count):
         sent.append(time.perf_counter())
         yield inputs
-
-
-def _pair(text: str, flag: str, form: str) -> tuple[str, str]:
-    from partc.errors import PartcError
-
-    key, _, value = text.partition("=")
-    if not key or not value:
-        raise PartcError(f"{flag} {text!r}: expected {form}")
-    return key, value
 
 
 def _add_serve(sub) -> None:
@@ -427,10 +419,11 @@ def _add_testbed(sub) -> None:
 
 def _run_testbed(args) -> int:
     from partc.runtime.testbed import Testbed, check_privileges
+    from partc.runtime.worker import parse_pair
 
     shares = {}
     for text in args.cpu_share:
-        stage, value = _pair(text, "--cpu-share", "STAGE=FRACTION")
+        stage, value = parse_pair(text, "--cpu-share", "STAGE=FRACTION")
         try:
             shares[stage] = float(value)
         except ValueError:

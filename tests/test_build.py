@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from clusters import three_tier
 
 from partc.build import compile_model
 from partc.cli import main
@@ -14,17 +15,7 @@ from partc.manifest import read_manifest
 from partc.runtime.local import load
 from partc.trace import load_model, parse_input_spec
 
-CLUSTER = """\
-tiers:
-  - {name: device, target: rpi4, backend: torchscript}
-  - {name: edge, target: jetson-nano, backend: onnx}
-  - {name: cloud, target: cloud-cpu, backend: onnx}
-links:
-  - {from: device, to: edge, bandwidth: 20Mbit/s, latency: 5ms}
-  - {from: edge, to: cloud, bandwidth: 50Mbit/s, latency: 20ms}
-constraints:
-  pin: {device: ["layer1*"], edge: ["layer2*"]}
-"""
+CLUSTER = three_tier(pin='{device: ["layer1*"], edge: ["layer2*"]}')
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +28,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plain_cluster(tmp_path_factory):
     path = tmp_path_factory.mktemp("cluster") / "plain.yaml"
-    path.write_text(CLUSTER.split("constraints:")[0])
+    path.write_text(three_tier())
     return path
 
 

@@ -3,20 +3,13 @@
 import json
 
 import pytest
+from clusters import three_tier
 
 from partc.cli import main
 from partc.errors import ClusterError
 from partc.planning import plan_model
 
-CLUSTER = """\
-tiers:
-  - {name: device, target: rpi4, backend: torchscript}
-  - {name: edge, target: edge-x86, backend: onnx}
-  - {name: cloud, target: cloud-cpu, backend: onnx}
-links:
-  - {from: device, to: edge, bandwidth: 20Mbit/s, latency: 5ms}
-  - {from: edge, to: cloud, bandwidth: 50Mbit/s, latency: 20ms}
-"""
+CLUSTER = three_tier(edge="edge-x86")
 
 
 @pytest.fixture(scope="module")

@@ -317,7 +317,8 @@ def load_factory(spec: str) -> Callable[[str], StageFn]:
         raise PartcError(f"--fn {spec!r}: {err}") from err
 
 
-def _pair(text: str, flag: str, form: str) -> tuple[str, str]:
+def parse_pair(text: str, flag: str, form: str) -> tuple[str, str]:
+    """Split a command-line ``KEY=VALUE``; raise PartcError naming ``flag`` and the ``form`` expected."""
     key, _, value = text.partition("=")
     if not key or not value:
         raise PartcError(f"{flag} {text!r}: expected {form}")
@@ -349,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        next_stage, next_address = _pair(args.next, "--next", "NAME=HOST:PORT") if args.next else (None, None)
+        next_stage, next_address = parse_pair(args.next, "--next", "NAME=HOST:PORT") if args.next else (None, None)
         route = Route(
             args.stage,
             _names(args.reads),
@@ -358,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _names(args.results),
             next_stage,
             next_address,
-            dict(_pair(text, "--codec", "TENSOR=CODEC") for text in args.codec),
+            dict(parse_pair(text, "--codec", "TENSOR=CODEC") for text in args.codec),
         )
         for codec in route.codecs.values():
             parse_codec(codec)

@@ -6,6 +6,7 @@ import signal
 
 import numpy as np
 import pytest
+from clusters import three_tier
 
 from partc.build import compile_model
 from partc.cli import main
@@ -13,17 +14,7 @@ from partc.errors import ManifestError, PartcError, RunError
 from partc.runtime.deploy import LocalWorkers, connect_build, serve
 from partc.runtime.local import load
 
-CLUSTER = """\
-tiers:
-  - {name: device, target: rpi4, backend: torchscript}
-  - {name: edge, target: jetson-nano, backend: onnx}
-  - {name: cloud, target: cloud-cpu, backend: onnx}
-links:
-  - {from: device, to: edge, bandwidth: 20Mbit/s, latency: 5ms}
-  - {from: edge, to: cloud, bandwidth: 50Mbit/s, latency: 20ms}
-constraints:
-  pin: {device: [conv1], edge: [conv2], cloud: [relu_1]}
-"""
+CLUSTER = three_tier(pin="{device: [conv1], edge: [conv2], cloud: [relu_1]}")
 
 
 @pytest.fixture(scope="module")

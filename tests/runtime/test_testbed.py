@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clusters import three_tier
 
 from partc.build import compile_model
 from partc.cli import main
@@ -25,17 +26,7 @@ pytestmark = pytest.mark.skipif(
 
 # 1x8x64x64 float32 tensors (128 KB each): the residual block's skip and conv1's output both
 # cross device -> edge (256 KB forward, the 128 KB output comes back in the reply).
-CLUSTER = """\
-tiers:
-  - {name: device, target: rpi4, backend: torchscript}
-  - {name: edge, target: jetson-nano, backend: onnx}
-  - {name: cloud, target: cloud-cpu, backend: onnx}
-links:
-  - {from: device, to: edge, bandwidth: 10Mbit/s, latency: 1ms}
-  - {from: edge, to: cloud, bandwidth: 50Mbit/s, latency: 20ms}
-constraints:
-  pin: {device: [conv1], edge: [conv2], cloud: [relu_1]}
-"""
+CLUSTER = three_tier(pin="{device: [conv1], edge: [conv2], cloud: [relu_1]}", uplink="10Mbit/s, latency: 1ms")
 SHAPE = (1, 8, 64, 64)
 
 

@@ -1,0 +1,19 @@
+"""Cluster files for tests: a device -> edge -> cloud chain with its links, and optional pins."""
+
+
+def three_tier(pin: str = "", edge: str = "jetson-nano", uplink: str = "20Mbit/s, latency: 5ms") -> str:
+    """Return cluster YAML: rpi4 (torchscript) -> ``edge`` (onnx) -> cloud-cpu (onnx).
+
+    ``pin`` is a YAML mapping for ``constraints.pin`` ("" for no constraints); ``uplink`` is
+    the device -> edge link's ``bandwidth: ..., latency: ...`` text.
+    """
+    text = f"""\
+tiers:
+  - {{name: device, target: rpi4, backend: torchscript}}
+  - {{name: edge, target: {edge}, backend: onnx}}
+  - {{name: cloud, target: cloud-cpu, backend: onnx}}
+links:
+  - {{from: device, to: edge, bandwidth: {uplink}}}
+  - {{from: edge, to: cloud, bandwidth: 50Mbit/s, latency: 20ms}}
+"""
+    return text + (f"constraints:\n  pin: {pin}\n" if pin else "")
