@@ -167,8 +167,10 @@ class LocalWorkers:
         try:
             next_address = None
             for stage in reversed(stages):
-                next_address = start_worker(self.build, stage.name, Path(self._scratch.name), next_address=next_address,
-                                            token_file=self.token_file, processes=self.processes)[1]
+                process, ready, log_path = spawn_worker(self.build, stage.name, Path(self._scratch.name),
+                                                        next_address=next_address, token_file=self.token_file,
+                                                        processes=self.processes)
+                next_address = wait_ready(process, ready, log_path, f"worker for stage {stage.name!r}")["address"]
                 self.addresses[stage.name] = next_address
         except BaseException:
             self.__exit__(None, None, None)
@@ -178,31 +180,6 @@ class LocalWorkers:
     def __exit__(self, *exc) -> None:
         stop_processes(self.processes)
         self._scratch.cleanup()
-
-
-def start_worker(
-    build: Path | str,
-    stage: str,
-    scratch: Path,
-    *,
-    listen: str = "127.0.0.1:0",
-    next_address: str | None = None,
-    token_file: Path | None = None,
-    prefix: Sequence[str] = (),
-    processes: dict[str, subprocess.Popen] | None = None,
-) -> tuple[subprocess.Popen, str]:
-    """Start ``partc serve`` for ``stage`` of ``build`` and wait until it listens.
-
-    See ``spawn_worker`` for the arguments. Returns the process and the address it serves
-    (from its ``--ready-file``).
-
-    Raises:
-        RunError: if the worker exits or does not listen within ``START_TIMEOUT`` seconds,
-            with the last line of its output.
-    """
-    process, ready, log_path = spawn_worker(build, stage, scratch, listen=listen, next_address=next_address,
-                                            token_file=token_file, prefix=prefix, processes=processes)
-    return process, wait_ready(process, ready, log_path, f"worker for stage {stage!r}")["address"]
 
 
 def spawn_worker(
