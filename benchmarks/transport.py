@@ -85,7 +85,7 @@ def serve(kind: str, ready: Path) -> None:
     if kind == "partc":
         from partc.runtime.worker import Route, serve_stage
 
-        server = serve_stage(Route("bench.0", ("x",), ("ack",), (), ("ack",)), ack_stage("bench.0"))
+        server = serve_stage({0: Route("bench.0", ("x",), ("ack",), (), ("ack",))}, {0: ack_stage("bench.0")})
         announce(ready, server.address)
         server.wait()
 

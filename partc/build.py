@@ -1,6 +1,14 @@
 """``partc compile``: from a model and a cluster file to a build folder.
 
-The build folder holds one artifact per stage and ``manifest.json``. It is written as a
+A build carries several plans (``partc.planfamily.deployment_plans``): the primary one for
+the cluster file's bandwidths, the other plans of its family (optimal at other
+bandwidths, for the runtime to switch to) and fallbacks that stop before a tier. Each tier
+with work in some plan is one stage, ``<tier>.0``, served by one worker; a stage holds one
+program per distinct piece of the model it runs across the plans (a piece shared by
+several plans is emitted once). The primary plan's programs are named after their stage
+(``edge.0``), the others after the plan that first needs them (``edge.0-p2``).
+
+The build folder holds one artifact per program and ``manifest.json``. It is written as a
 good build step should be: everything goes to a temporary folder beside the output, the
 manifest last, and the folder is renamed into place only when all of it is there, so a
 failed compile leaves no complete-looking build (and an older build stays intact).
@@ -15,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +31,12 @@ import torch
 from torch import fx
 
 import partc
-from partc.context import CompileContext, load_cluster
+from partc.context import load_cluster
 from partc.errors import PartcError
-from partc.ir import META_TIER
-from partc.manifest import MANIFEST, render_deployment, tensor_json, write_manifest
+from partc.ir import META_TIER, clone
+from partc.manifest import MANIFEST, SCHEMA_VERSION, render_deployment, tensor_json, write_manifest
 from partc.pipeline import run_passes
-from partc.plan import Artifact, Plan, StageFn, build_plan, eager_stage_fn, run_plan
+from partc.plan import Artifact, Plan, Stage, StageFn, build_plan, eager_stage_fn, run_plan
 from partc.report import trace_model
 from partc.trace import load_model
 
@@ -84,6 +92,8 @@ def compile_model(
         PartcError: for bad input (model, shapes, cluster, constraints, unsupported layers).
     """
     from partc.passes import DEFAULT_PIPELINE
+    from partc.passes.cut import assigned_cost
+    from partc.planfamily import deployment_plans
     from partc.targets import backend, target
 
     output = Path(output)
@@ -96,19 +106,25 @@ def compile_model(
         progress(f"pass {name}")
         gm = run_passes(gm, [name], ctx, dump_after=[d for d in dump_after if d in (name, "trace")], dump_dir=dump_dir)
         dump_after = [d for d in dump_after if d not in (name, "trace")]
-    plan = build_plan(gm, ctx)
+    graph, primary, _ = assigned_cost(gm, ctx)
+    progress("planning for other bandwidths and for failed tiers")
+    choices = deployment_plans(graph, primary, ctx.objective)
+    assigned = [_assign(gm, graph.tiers, tiers) for _, tiers in choices]
+    plans = [build_plan(g, ctx) for g in assigned]
+    programs, uses = _programs(plans)
 
     staging = _staging_folder(output)
     try:
-        artifacts = []
-        for stage in plan.stages:
+        artifacts: dict[str, Artifact] = {}
+        for pid, stage in programs.items():
             tier = ctx.tier(stage.tier)
-            progress(f"emitting {stage.name} with {tier.backend} for {tier.target}")
+            progress(f"emitting {pid} with {tier.backend} for {tier.target}")
             emitter = _tvm_backend(tvm_trials, tuning_db) if tier.backend == "tvm" else backend(tier.backend)
-            artifacts.append(emitter.emit(stage, target(tier.target), staging))
-        progress("verifying and timing the artifacts on this machine")
-        measured, diff, scale = _verify(gm, plan, artifacts, ctx)
-        manifest = _manifest(model, gm, ctx, plan, artifacts, measured, diff, scale)
+            artifacts[pid] = emitter.emit(replace(stage, name=pid), target(tier.target), staging)
+        progress(f"verifying {len(plans)} plan(s) and timing the artifacts on this machine")
+        measured, diffs, scale = _verify(gm, plans, programs, uses, artifacts)
+        manifest = _manifest(model, gm, ctx, graph, choices, assigned, plans, uses, programs, artifacts, measured,
+                             diffs, scale)
         render_deployment(manifest, staging, output.name)
         write_manifest(manifest, staging)  # last: a folder without it is not a build
         _replace(staging, output)
@@ -145,38 +161,68 @@ def _replace(staging: Path, output: Path) -> None:
         shutil.rmtree(old)
 
 
-def _verify(
-    gm: fx.GraphModule, plan: Plan, artifacts: Sequence[Artifact], ctx: CompileContext
-) -> tuple[dict[str, float | None], float, float]:
-    """Run the pipeline through the artifacts; time each stage; compare with the model.
+def _assign(gm: fx.GraphModule, tier_names: Sequence[str], tiers: np.ndarray) -> fx.GraphModule:
+    """A copy of ``gm`` with the tier of each node (cost-graph order: every node but the output)."""
+    gm = clone(gm)
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    for node, tier in zip(nodes, tiers.tolist(), strict=True):
+        node.meta[META_TIER] = tier_names[tier]
+    out = gm.graph.output_node()
+    out.meta[META_TIER] = tier_names[max((tier_names.index(a.meta[META_TIER]) for a in out.all_input_nodes), default=0)]
+    return gm
 
-    A stage whose artifact cannot run here (cross-compiled for another architecture) runs
-    eagerly and is not timed.
+
+def _programs(plans: Sequence[Plan]) -> tuple[dict[str, Stage], list[dict[str, str]]]:
+    """Every distinct stage program of ``plans`` by program id (see the module docstring), and
+    for each plan, the program each of its stages runs."""
+    programs: dict[str, Stage] = {}
+    seen: dict[tuple, str] = {}
+    uses = []
+    for i, plan in enumerate(plans):
+        for stage in plan.stages:
+            key = (stage.name, stage.gm.code, stage.inputs, stage.outputs)
+            if key not in seen:
+                seen[key] = stage.name if i == 0 else f"{stage.name}-p{i}"
+                programs[seen[key]] = stage
+        uses.append({s.name: seen[(s.name, s.gm.code, s.inputs, s.outputs)] for s in plan.stages})
+    return programs, uses
+
+
+def _verify(
+    gm: fx.GraphModule, plans: Sequence[Plan], programs: Mapping[str, Stage], uses: Sequence[Mapping[str, str]],
+    artifacts: Mapping[str, Artifact],
+) -> tuple[dict[str, float | None], list[float], float]:
+    """Run every plan through the artifacts; time each program; compare with the model.
+
+    A program whose artifact cannot run here (cross-compiled for another architecture)
+    runs eagerly and is not timed. Returns the median seconds per program, the largest
+    absolute difference per plan, and the output scale.
     """
     from partc.targets import backend
     from partc.targets.tvm import host_arch
 
     examples = [spec.example() for spec in gm.meta["partc.inputs"]]
+    measured: dict[str, list[float]] = {}
     fns: dict[str, StageFn] = {}
-    runnable: dict[str, bool] = {}
-    for stage, artifact in zip(plan.stages, artifacts, strict=True):
-        runnable[stage.name] = artifact.info.get("arch", host_arch()) == host_arch()
-        fns[stage.name] = backend(artifact.backend).load(artifact) if runnable[stage.name] else eager_stage_fn(stage)
-    measured: dict[str, float | None] = {}
-    timed = {name: _timed(fn, measured, name) if runnable[name] else fn for name, fn in fns.items()}
-    inputs = {t.name: x.numpy() for t, x in zip(plan.model_inputs, examples, strict=True)}
-    for _ in range(TIMING_RUNS + 1):
-        outputs = run_plan(plan, timed, inputs)
+    for pid, artifact in artifacts.items():
+        if artifact.info.get("arch", host_arch()) == host_arch():
+            fns[pid] = _timed(backend(artifact.backend).load(artifact), measured, pid)
+        else:
+            fns[pid] = eager_stage_fn(programs[pid])
     with torch.no_grad():
         expected = gm(*examples)
-    expected = expected if isinstance(expected, (tuple, list)) else [expected]
-    diff = scale = 0.0
-    for spec, want in zip(plan.model_outputs, expected, strict=True):
-        want = want.numpy()
-        diff = max(diff, float(np.abs(outputs[spec.name] - want).max()))
-        scale = max(scale, float(np.abs(want).max()))
-    times = {name: statistics.median(ts[1:]) if ts else None for name, ts in measured.items()}
-    return {s.name: times.get(s.name) for s in plan.stages}, diff, scale
+    expected = [t.numpy() for t in (expected if isinstance(expected, (tuple, list)) else [expected])]
+    scale = max(float(np.abs(want).max()) for want in expected)
+    diffs = []
+    for plan, use in zip(plans, uses, strict=True):
+        inputs = {t.name: x.numpy() for t, x in zip(plan.model_inputs, examples, strict=True)}
+        plan_fns = {stage: fns[pid] for stage, pid in use.items()}
+        for _ in range(TIMING_RUNS + 1):
+            outputs = run_plan(plan, plan_fns, inputs)
+        diffs.append(max(float(np.abs(outputs[spec.name] - want).max())
+                         for spec, want in zip(plan.model_outputs, expected, strict=True)))
+    times = {pid: statistics.median(ts[1:]) if len(ts) > 1 else None for pid, ts in measured.items()}
+    return {pid: times.get(pid) for pid in programs}, diffs, scale
 
 
 def _timed(fn: StageFn, measured: dict, name: str) -> StageFn:
@@ -191,27 +237,62 @@ def _timed(fn: StageFn, measured: dict, name: str) -> StageFn:
     return run
 
 
-def _manifest(model, gm, ctx, plan, artifacts, measured, diff, scale) -> dict:
-    from partc.passes.cut import assigned_cost
+def _manifest(model, gm, ctx, graph, choices, assigned, plans, uses, programs, artifacts, measured, diffs,
+              scale) -> dict:
+    from partc.partition import evaluate
 
-    graph, _, cost = assigned_cost(gm, ctx)
-    compute = dict(zip(graph.tiers, cost.compute, strict=True))
+    costs = [evaluate(graph, tiers) for _, tiers in choices]
+    order = {name: i for i, name in enumerate(ctx.tier_names)}
+    workers = sorted({s.name: s for plan in plans for s in plan.stages}.values(), key=lambda s: order[s.tier])
+    first_use = {}
+    for i, use in enumerate(uses):
+        for pid in use.values():
+            first_use.setdefault(pid, i)
     stages = []
-    for stage, artifact in zip(plan.stages, artifacts, strict=True):
-        stages.append({
-            "name": stage.name, "tier": stage.tier, "index": stage.index, "backend": artifact.backend,
-            "target": ctx.tier(stage.tier).target, "artifact": artifact.path.name, "sha256": artifact.sha256,
-            "bytes": artifact.bytes, "inputs": [tensor_json(t) for t in artifact.inputs],
-            "outputs": [tensor_json(t) for t in artifact.outputs], "predicted_s": compute[stage.tier],
-            "measured_s": measured[stage.name], "info": dict(artifact.info),
+    for worker in workers:
+        tier = ctx.tier(worker.tier)
+        entries = []
+        for pid, stage in programs.items():
+            if stage.name != worker.name:
+                continue
+            artifact = artifacts[pid]
+            compute = costs[first_use[pid]].compute[order[stage.tier]]
+            entries.append({
+                "id": pid, "artifact": artifact.path.name, "sha256": artifact.sha256, "bytes": artifact.bytes,
+                "inputs": [tensor_json(t) for t in artifact.inputs],
+                "outputs": [tensor_json(t) for t in artifact.outputs], "predicted_s": compute,
+                "measured_s": measured[pid], "info": dict(artifact.info),
+            })
+        stages.append({"name": worker.name, "tier": worker.tier, "index": worker.index, "backend": tier.backend,
+                       "target": tier.target, "programs": entries})
+    names = [w.name for w in workers]
+    plan_entries = []
+    for i, ((kind, _), g, plan, use, cost) in enumerate(zip(choices, assigned, plans, uses, costs, strict=True)):
+        chain = names[: max(names.index(stage) for stage in use) + 1]
+        stream = sum(b / bw for b, bw in zip(cost.link_bytes, graph.bandwidth, strict=True))
+        plan_entries.append({
+            "name": f"p{i}", "kind": kind, "stages": chain, "programs": dict(use),
+            "assignment": {n.name: n.meta[META_TIER] for n in g.graph.nodes},
+            "predicted": {
+                "latency": cost.latency, "base": cost.latency - stream, "bottleneck": cost.bottleneck,
+                "compute": dict(zip(graph.tiers, cost.compute, strict=True)),
+                "transfer": dict(zip(graph.links, cost.transfer, strict=True)),
+                "link_bytes": dict(zip(graph.links, map(int, cost.link_bytes), strict=True)),
+            },
+            "transfers": [
+                {"tensor": tensor_json(t.tensor), "from": t.src, "to": t.dst,
+                 "bytes": int(np.prod(t.tensor.shape)) * np.dtype(t.tensor.dtype).itemsize}
+                for t in plan.transfers
+            ],
+            "max_abs_diff": diffs[i],
         })
     return {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "partc_version": partc.__version__,
         "model": {
             "spec": model, "tracer": gm.meta["partc.tracer"],
-            "inputs": [tensor_json(t) for t in plan.model_inputs],
-            "outputs": [tensor_json(t) for t in plan.model_outputs],
+            "inputs": [tensor_json(t) for t in plans[0].model_inputs],
+            "outputs": [tensor_json(t) for t in plans[0].model_outputs],
         },
         "cluster": {
             "source": ctx.source, "objective": ctx.objective,
@@ -219,21 +300,9 @@ def _manifest(model, gm, ctx, plan, artifacts, measured, diff, scale) -> dict:
             "links": [{"from": lk.src, "to": lk.dst, "bandwidth": lk.bandwidth, "latency": lk.latency}
                       for lk in ctx.links],
         },
-        "plan": {
-            "assignment": {n.name: n.meta[META_TIER] for n in gm.graph.nodes},
-            "predicted": {
-                "latency": cost.latency, "bottleneck": cost.bottleneck, "compute": compute,
-                "transfer": dict(zip(graph.links, cost.transfer, strict=True)),
-                "link_bytes": dict(zip(graph.links, map(int, cost.link_bytes), strict=True)),
-            },
-        },
         "stages": stages,
-        "transfers": [
-            {"tensor": tensor_json(t.tensor), "from": t.src, "to": t.dst,
-             "bytes": int(np.prod(t.tensor.shape)) * np.dtype(t.tensor.dtype).itemsize}
-            for t in plan.transfers
-        ],
-        "verification": {"max_abs_diff": diff, "output_scale": scale, "inputs": "seeded example"},
+        "plans": plan_entries,
+        "verification": {"max_abs_diff": max(diffs), "output_scale": scale, "inputs": "seeded example"},
     }
 
 

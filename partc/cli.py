@@ -198,18 +198,23 @@ def _run_compile(args) -> int:
         depfile=args.depfile, progress=lambda line: print(f"partc: {line}", file=sys.stderr),
     )
     manifest = build.manifest
-    rows = [("stage", "backend", "target", "artifact", "MB", "predicted ms", "measured ms")]
+    rows = [("stage", "program", "backend", "target", "artifact", "MB", "predicted ms", "measured ms")]
     for s in manifest["stages"]:
-        measured = f"{s['measured_s'] * 1e3:.2f}" if s["measured_s"] is not None else "-"
-        rows.append((s["name"], s["backend"], s["target"], s["artifact"], f"{s['bytes'] / 1e6:.2f}",
-                     f"{s['predicted_s'] * 1e3:.2f}", measured))
-    print(format_table(rows, right=(4, 5, 6)))
-    predicted = manifest["plan"]["predicted"]
-    for link, nbytes in predicted["link_bytes"].items():
-        print(f"link {link}: {nbytes / 1e6:.3f} MB, predicted {predicted['transfer'][link] * 1e3:.2f} ms")
+        for p in s["programs"]:
+            measured = f"{p['measured_s'] * 1e3:.2f}" if p["measured_s"] is not None else "-"
+            rows.append((s["name"], p["id"], s["backend"], s["target"], p["artifact"], f"{p['bytes'] / 1e6:.2f}",
+                         f"{p['predicted_s'] * 1e3:.2f}", measured))
+    print(format_table(rows, right=(5, 6, 7)))
+    links = list(manifest["plans"][0]["predicted"]["link_bytes"])
+    rows = [("plan", "kind", "stages", "predicted ms", *(f"{link} MB" for link in links))]
+    for p in manifest["plans"]:
+        predicted = p["predicted"]
+        rows.append((p["name"], p["kind"], " ".join(p["programs"]), f"{predicted['latency'] * 1e3:.2f}",
+                     *(f"{predicted['link_bytes'][link] / 1e6:.3f}" for link in links)))
+    print(format_table(rows, right=tuple(range(3, 4 + len(links)))))
     check = manifest["verification"]
-    print(f"predicted end-to-end latency {predicted['latency'] * 1e3:.2f} ms; artifacts match the model "
-          f"within {check['max_abs_diff']:.2e} (output scale {check['output_scale']:.3g})")
+    print(f"every plan's artifacts match the model within {check['max_abs_diff']:.2e} "
+          f"(output scale {check['output_scale']:.3g})")
     print(f"wrote {build.path}/manifest.json")
     return 0
 
@@ -319,6 +324,8 @@ def _run_distributed(args, inputs):
             print(f"link {link}: " + (f"{rate * 8 / 1e6:.1f} Mbit/s measured" if rate else "no transfers"))
         for stage, ewma in driver.compute.items():
             print(f"stage {stage}: compute {ewma.value * 1e3:.2f} ms (smoothed)")
+        for switch in driver.switches:
+            print(f"request {switch.request}: switched from plan {switch.old} to {switch.new}: {switch.reason}")
     return outputs
 
 
@@ -334,10 +341,11 @@ def _stamped(inputs, count: int, sent: list):
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve one stage of a build as a gRPC worker",
-        description="Serve STAGE of BUILD over gRPC until SIGTERM or Ctrl-C. The worker checks its artifact "
-        "against the manifest's sha256, loads it, runs it for every request and forwards what later stages "
-        "read to the next stage's worker (--next). Only the manifest and this stage's artifact are needed "
-        "on the machine ('partc bundle').",
+        description="Serve STAGE of BUILD over gRPC until SIGTERM or Ctrl-C. The worker checks its artifacts "
+        "(one per program: the stage's share of each of the build's plans) against the manifest's sha256, "
+        "loads them, runs the one of each request's plan and forwards what later stages read to the next "
+        "stage's worker (--next). Only the manifest and this stage's artifacts are needed on the machine "
+        "('partc bundle').",
         epilog="example (three machines, last stage first):\n"
         "  partc serve build/resnet50 --stage cloud.0 --listen 0.0.0.0:50051\n"
         "  partc serve build/resnet50 --stage edge.0 --listen 0.0.0.0:50051 --next 10.0.0.4:50051\n"
@@ -380,7 +388,7 @@ def _add_bundle(sub) -> None:
     p = sub.add_parser(
         "bundle", help="pack what one tier's machines need from a build",
         description="Write a .tar.gz with the manifest, the build README, and for every stage of TIER its "
-        "artifact (checked against the manifest's sha256), its serve script and its systemd unit.",
+        "artifacts (checked against the manifest's sha256), its serve script and its systemd unit.",
         epilog="example:\n  partc bundle build/resnet50 --tier edge -o edge.tar.gz\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

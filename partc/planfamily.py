@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from partc.baselines import baselines
+from partc.errors import ClusterError
 from partc.partition import CostGraph, LayeredCut, Partition, evaluate, solve
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,41 @@ def plan_family(graph: CostGraph, ranges: dict[int, tuple[float, float]]) -> Pla
     ]
     log.info("plan family: %d plans from %d solves", len(plans), solves)
     return PlanFamily(links, tuple(ranges[b] for b in links), tuple(graph.bandwidth), tuple(plans), solves)
+
+
+ADAPT_SPREAD = 10.0  # a build adapts to bandwidths from a tenth to ten times the cluster file's
+
+
+def deployment_plans(
+    graph: CostGraph, primary: np.ndarray, objective: str = "latency", spread: float = ADAPT_SPREAD
+) -> list[tuple[str, np.ndarray]]:
+    """The plans a build carries, as (kind, tier index per node), each assignment once.
+
+    First ``primary`` ("primary"); then, for the latency objective with one or two links,
+    every other plan of the family over ``bandwidth / spread .. bandwidth * spread`` on
+    each link ("adaptive"); then, for each tier after the first, the best plan that runs
+    nothing on it or later ("fallback", for when that tier's worker dies), where the
+    constraints allow one and no plan before already stops there.
+    """
+    plans = [("primary", np.asarray(primary))]
+    n_links = len(graph.tiers) - 1
+    if objective == "latency" and 1 <= n_links <= 2:
+        ranges = {b: (graph.bandwidth[b] / spread, graph.bandwidth[b] * spread) for b in range(n_links)}
+        plans += [("adaptive", p.tiers) for p in plan_family(graph, ranges).plans]
+    for k in range(1, len(graph.tiers)):
+        if any(tiers.max(initial=0) < k for _, tiers in plans):
+            continue
+        allowed = graph.allowed.copy()
+        allowed[:, k:] = False
+        try:
+            found = solve(replace(graph, allowed=allowed), objective)
+        except ClusterError:
+            continue
+        plans.append(("fallback", found.tiers))
+    unique: dict[bytes, tuple[str, np.ndarray]] = {}
+    for kind, tiers in plans:
+        unique.setdefault(np.asarray(tiers, dtype=np.int8).tobytes(), (kind, np.asarray(tiers, dtype=np.int64)))
+    return list(unique.values())
 
 
 def _beats(found: Partition, plans: list[FamilyPlan], bandwidth: np.ndarray) -> bool:

@@ -43,12 +43,16 @@ def test_three_tier_build_runs_exactly_through_its_artifacts(build):
     manifest = read_manifest(build.path)
     assert [s["name"] for s in manifest["stages"]] == ["device.0", "edge.0", "cloud.0"]
     assert [s["backend"] for s in manifest["stages"]] == ["torchscript", "onnx", "onnx"]
-    assert all((build.path / s["artifact"]).is_file() for s in manifest["stages"])
-    assert all(s["measured_s"] > 0 and s["predicted_s"] > 0 for s in manifest["stages"])
-    assert manifest["plan"]["assignment"]["layer1_0_conv1"] == "device"
-    assert manifest["plan"]["assignment"]["layer2_0_conv1"] == "edge"
+    programs = [p for s in manifest["stages"] for p in s["programs"]]
+    assert all((build.path / p["artifact"]).is_file() for p in programs)
+    assert all(p["measured_s"] > 0 and p["predicted_s"] > 0 for p in programs)
+    primary = manifest["plans"][0]
+    assert primary["kind"] == "primary"
+    assert primary["programs"] == {"device.0": "device.0", "edge.0": "edge.0", "cloud.0": "cloud.0"}
+    assert primary["assignment"]["layer1_0_conv1"] == "device"
+    assert primary["assignment"]["layer2_0_conv1"] == "edge"
     # the residual skip crosses the layer1 -> layer2 boundary with the block input: the transfers say so
-    assert {t["to"] for t in manifest["transfers"]} >= {"edge.0", "cloud.0"}
+    assert {t["to"] for t in primary["transfers"]} >= {"edge.0", "cloud.0"}
     pipeline = load(build.path)
     x = parse_input_spec("1,3,224,224").example()
     with torch.no_grad():
@@ -58,13 +62,33 @@ def test_three_tier_build_runs_exactly_through_its_artifacts(build):
     assert manifest["verification"]["max_abs_diff"] <= 1e-4 * manifest["verification"]["output_scale"]
 
 
+def test_every_plan_is_verified_and_identical_stages_are_stored_once(build):
+    manifest = build.manifest
+    plans = manifest["plans"]
+    assert len(plans) >= 2 and all(p["kind"] in ("primary", "adaptive", "fallback") for p in plans[1:])
+    assert len({json.dumps(p["assignment"], sort_keys=True) for p in plans}) == len(plans)
+    scale = manifest["verification"]["output_scale"]
+    assert all(p["max_abs_diff"] <= 1e-4 * scale for p in plans)
+    used = {(stage, pid) for p in plans for stage, pid in p["programs"].items()}
+    stored = {(s["name"], p["id"]) for s in manifest["stages"] for p in s["programs"]}
+    assert used == stored  # every program is used, and one used by several plans is stored once
+    artifacts = [p["artifact"] for s in manifest["stages"] for p in s["programs"]]
+    on_disk = [*build.path.glob("*.onnx"), *build.path.glob("*.pt")]
+    assert len(artifacts) == len(set(artifacts)) == len(on_disk)
+    # a fallback for a dead cloud worker: a plan stops on the edge (the pins keep layer2 there, so none
+    # can stop on the device)
+    assert any(p["stages"] == ["device.0", "edge.0"] for p in plans)
+    assert not any(p["stages"] == ["device.0"] for p in plans)
+
+
 def test_manifest_records_plan_and_links(build):
     manifest = build.manifest
-    predicted = manifest["plan"]["predicted"]
+    predicted = manifest["plans"][0]["predicted"]
     assert set(predicted["link_bytes"]) == {"device->edge", "edge->cloud"}
     total = sum(predicted["compute"].values()) + sum(predicted["transfer"].values())
     assert predicted["latency"] == pytest.approx(total)
-    crossing = sum(t["bytes"] for t in manifest["transfers"] if t["to"] == "edge.0" and t["from"] == "device.0")
+    transfers = manifest["plans"][0]["transfers"]
+    crossing = sum(t["bytes"] for t in transfers if t["to"] == "edge.0" and t["from"] == "device.0")
     assert crossing == predicted["link_bytes"]["device->edge"]
     assert manifest["model"]["inputs"] == [{"name": "x", "shape": [1, 3, 224, 224], "dtype": "float32"}]
     text = (build.path / "manifest.json").read_text()
@@ -83,10 +107,11 @@ def test_tampered_and_missing_artifacts_are_refused(build, tmp_path):
     shutil.copytree(build.path, copy)
     with open(copy / "edge.0.onnx", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(ManifestError, match=r"stages\[1\]\.artifact: 'edge.0.onnx' does not match its sha256"):
+    where = r"stages\[1\]\.programs\[0\]\.artifact: 'edge.0.onnx'"
+    with pytest.raises(ManifestError, match=where + " does not match its sha256"):
         load(copy)
     (copy / "edge.0.onnx").unlink()
-    with pytest.raises(ManifestError, match=r"stages\[1\]\.artifact: 'edge.0.onnx' not found"):
+    with pytest.raises(ManifestError, match=where + " not found"):
         load(copy)
 
 
@@ -94,9 +119,9 @@ def test_malformed_manifest_names_the_key(build, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(build.path, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    del manifest["stages"][2]["sha256"]
+    del manifest["stages"][2]["programs"][0]["sha256"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ManifestError, match=r"manifest.json: stages\[2\]\.sha256: missing$"):
+    with pytest.raises(ManifestError, match=r"manifest.json: stages\[2\]\.programs\[0\]\.sha256: missing$"):
         load(copy)
 
 
@@ -145,8 +170,8 @@ def test_cli_compile_prints_stage_table(tmp_path, plain_cluster, capsys):
                  str(plain_cluster), "-o", str(tmp_path / "b")])
     out, err = capsys.readouterr()
     assert code == 0
-    assert out.splitlines()[0].split() == ["stage", "backend", "target", "artifact", "MB", "predicted", "ms",
-                                           "measured", "ms"]
+    assert out.splitlines()[0].split() == ["stage", "program", "backend", "target", "artifact", "MB", "predicted",
+                                           "ms", "measured", "ms"]
     assert "partc: tracing tests/models.py:conv_stack" in err and "partc: pass select-cuts" in err
     assert f"wrote {tmp_path / 'b'}/manifest.json" in out
 
@@ -168,7 +193,7 @@ def test_deployment_files_are_rendered_from_the_manifest(build):
     readme = (build.path / "README.md").read_text()
     for stage in manifest["stages"]:
         assert f'- "{stage["name"]}": tier "{stage["tier"]}", target "{stage["target"]}"' in readme
-    bytes_ = manifest["plan"]["predicted"]["link_bytes"]["device->edge"]
+    bytes_ = manifest["plans"][0]["predicted"]["link_bytes"]["device->edge"]
     assert f'- from "device" to "edge": {bytes_} bytes per inference' in readme
 
 
@@ -182,5 +207,6 @@ def test_a_cross_compiled_stage_is_verified_eagerly_and_not_timed(tmp_path):
     cluster.write_text("tiers:\n  - {name: device, target: rpi4, backend: tvm}\n")
     build = compile_model("tests/models.py:conv_stack", ["1,3,32,32"], cluster, tmp_path / "b")
     (stage,) = build.manifest["stages"]
-    assert stage["info"]["arch"] == "aarch64" and stage["measured_s"] is None
+    (program,) = stage["programs"]
+    assert program["info"]["arch"] == "aarch64" and program["measured_s"] is None
     assert build.manifest["verification"]["max_abs_diff"] == 0.0  # the eager stand-in, not the artifact

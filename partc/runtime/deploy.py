@@ -2,8 +2,9 @@
 machine, and connect a driver (``partc run --distributed``).
 
 Every stage of a build is served by its own worker; the workers form the chain that
-``partc.runtime.driver`` describes. A worker verifies its own artifact against the
-manifest's sha256 before loading it, and holds nothing but that artifact and the manifest.
+``partc.runtime.driver`` describes. A worker serves its stage in every plan of the build
+(``partc.runtime.plans``): it verifies its own programs' artifacts against the manifest's
+sha256 before loading them, and holds nothing but those artifacts and the manifest.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from pathlib import Path
 
 from partc.errors import PartcError, RunError
 from partc.manifest import ManifestStage, manifest_stages, read_manifest
-from partc.runtime.driver import Driver, connect
+from partc.runtime.driver import Driver, connect, stage_routes
+from partc.runtime.plans import from_manifest
 from partc.runtime.transport import NO_SECURITY, Security, StageServer
-from partc.runtime.worker import StageSpec, plan_routes, serve_stage
+from partc.runtime.worker import serve_stage
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +34,6 @@ START_TIMEOUT = 120.0  # seconds for a worker process to load its artifact and l
 def _folder(build: Path | str) -> Path:
     build = Path(build)
     return build if build.is_dir() else build.parent
-
-
-def stage_specs(manifest: Mapping, addresses: Mapping[str, str]) -> list[StageSpec]:
-    """Return the runtime's view of every stage of ``manifest``, at ``addresses`` (stage -> host:port).
-
-    Raises:
-        PartcError: if an address names no stage of the build.
-    """
-    names = [s["name"] for s in manifest["stages"]]
-    unknown = sorted(set(addresses) - set(names))
-    if unknown:
-        raise PartcError(f"no stage {unknown[0]!r} in this build; stages are: {', '.join(names)}")
-    return [
-        StageSpec(s["name"], addresses.get(s["name"], ""), tuple(t["name"] for t in s["inputs"]),
-                  tuple(t["name"] for t in s["outputs"]))
-        for s in manifest["stages"]
-    ]
 
 
 def _model_names(manifest: Mapping, key: str) -> list[str]:
@@ -79,20 +64,21 @@ def serve(
     from partc.targets import backend
 
     manifest = read_manifest(build)
-    stages = manifest_stages(manifest, _folder(build), verify=[stage])
-    names = [s.name for s in stages]
+    names = [s["name"] for s in manifest["stages"]]
     if stage not in names:
         raise PartcError(f"no stage {stage!r} in this build; stages are: {', '.join(names)}")
-    index = names.index(stage)
-    routes = plan_routes(stage_specs(manifest, {}), _model_names(manifest, "inputs"), _model_names(manifest, "outputs"))
-    route = routes[index]
-    if route.next_stage is not None:
+    (mine,) = [s for s in manifest_stages(manifest, _folder(build), verify=[stage]) if s.name == stage]
+    plans, hops = from_manifest(manifest)
+    routes = stage_routes(plans, _model_names(manifest, "inputs"), _model_names(manifest, "outputs"),
+                          [h.codec for h in hops])[stage]
+    if any(r.next_stage for r in routes.values()):
+        following = names[names.index(stage) + 1]
         if not next_address:
-            raise PartcError(f"stage {stage!r} forwards to {route.next_stage!r}: give its address (--next HOST:PORT)")
-        route = replace(route, next_address=next_address)
-    artifact = stages[index].artifact
-    fn = backend(artifact.backend).load(artifact)
-    return serve_stage(route, fn, listen, security)
+            raise PartcError(f"stage {stage!r} forwards to {following!r}: give its address (--next HOST:PORT)")
+        routes = {i: replace(r, next_address=next_address) if r.next_stage else r for i, r in routes.items()}
+    loaded = {pid: backend(artifact.backend).load(artifact) for pid, artifact in mine.programs.items()}
+    fns = {i: loaded[plan.programs[stage]] for i, plan in enumerate(plans) if stage in plan.programs}
+    return serve_stage(routes, fns, listen, security)
 
 
 def connect_build(
@@ -100,17 +86,22 @@ def connect_build(
 ) -> Driver:
     """Return a driver for the workers serving every stage of ``build`` at ``addresses``.
 
-    ``options`` go to ``partc.runtime.driver.Driver`` (window, timeout, retry, alpha).
+    ``options`` go to ``partc.runtime.driver.Driver`` (window, timeout, retry, alpha, margin).
 
     Raises:
-        PartcError: if a stage has no address.
+        PartcError: if a stage has no address, or an address names no stage.
     """
     manifest = read_manifest(build)
-    missing = [s["name"] for s in manifest["stages"] if s["name"] not in addresses]
+    names = [s["name"] for s in manifest["stages"]]
+    unknown = sorted(set(addresses) - set(names))
+    if unknown:
+        raise PartcError(f"no stage {unknown[0]!r} in this build; stages are: {', '.join(names)}")
+    missing = [name for name in names if name not in addresses]
     if missing:
         raise PartcError(f"no address for stage {missing[0]!r}; give every stage as --connect STAGE=HOST:PORT")
-    return connect(stage_specs(manifest, addresses), _model_names(manifest, "inputs"),
-                   _model_names(manifest, "outputs"), security, **options)
+    plans, hops = from_manifest(manifest, addresses)
+    return connect(plans, _model_names(manifest, "inputs"), _model_names(manifest, "outputs"), security,
+                   hops=hops, **options)
 
 
 def bundle(build: Path | str, tier: str, output: Path | str) -> list[str]:
@@ -135,7 +126,8 @@ def bundle(build: Path | str, tier: str, output: Path | str) -> list[str]:
     stages = [s for s in manifest_stages(manifest, folder, verify=names) if s.name in names]
     members = ["manifest.json", "README.md"]
     for stage in stages:
-        members += [stage.artifact.path.name, f"serve-{stage.name}.sh", f"partc-{stage.name}.service"]
+        members += [a.path.name for a in stage.programs.values()]
+        members += [f"serve-{stage.name}.sh", f"partc-{stage.name}.service"]
     output = Path(output)
     tmp = output.with_name(f".{output.name}.tmp")
     try:

@@ -22,9 +22,17 @@ spent). The driver folds them into ``links`` (a ``BandwidthEstimator`` per hop,
 ``"driver->device.0"``, ``"device.0->edge.0"``) and ``compute`` (an ``Ewma`` of seconds per
 stage).
 
+Plans: a build may hold several plans over the same chain of workers
+(``partc.runtime.plans``). Each request carries the index of its plan; the driver picks it
+when the request is submitted (``PlanSelector``), so a switch never touches a request in
+flight, and results still come back in order.
+
 Faults: a hop whose stage is unreachable is tried ``retry.attempts`` times with back-off
 (requests are idempotent); a stage that does not answer in time, refuses the token, or
-fails is reported at once. The first failed request ends ``Driver.run`` with a
+fails is reported at once. When a request fails, the driver asks every stage of its plan
+whether it is up; if some are down and a plan avoids them (a fallback that stops on an
+earlier tier), it switches to that plan, says so, and resubmits the failed request and
+every later one in flight, in order. Otherwise the failure ends ``Driver.run`` with a
 ``RunError`` naming the stage, its address, the request, and how many requests in flight
 were abandoned.
 """
@@ -43,6 +51,7 @@ import numpy as np
 
 from partc.errors import PartcError, RunError
 from partc.runtime.bandwidth import BandwidthEstimator, Ewma
+from partc.runtime.plans import Hop, PlanSelector, RuntimePlan, Switch
 from partc.runtime.transport import (
     DEFAULT_RETRY,
     HEALTH,
@@ -55,7 +64,7 @@ from partc.runtime.transport import (
     call_stage,
 )
 from partc.runtime.wire import Frame, Measurement, decode, encode
-from partc.runtime.worker import StageSpec, Worker, plan_routes
+from partc.runtime.worker import Route, Worker, plan_routes
 
 if TYPE_CHECKING:
     from partc.plan import StageFn
@@ -73,32 +82,44 @@ class Driver:
     Attributes:
         links: bandwidth estimate per hop, keyed ``"src->dst"``.
         compute: smoothed compute seconds per stage.
+        selector: the plan choice; ``selector.switches`` lists every switch.
     """
 
     def __init__(
         self,
         channels: Sequence[Channel],
+        plans: Sequence[RuntimePlan],
         model_inputs: Sequence[str],
         model_outputs: Sequence[str],
         *,
+        hops: Sequence[Hop] = (),
         window: int = 4,
         timeout: float = 30.0,
         retry: RetryPolicy = DEFAULT_RETRY,
         alpha: float = 0.3,
+        margin: float = 0.1,
         codecs: Mapping[str, str] | None = None,
     ) -> None:
-        """Drive the chain whose stages are reached through ``channels``, in order.
+        """Drive ``plans`` over the chain whose stages are reached through ``channels``, in order.
 
-        ``timeout`` bounds each request end to end; ``window`` requests are in flight at once;
-        ``codecs`` maps model inputs to the codec they are sent to the first stage with.
+        ``hops`` are the links between consecutive channels (needed to switch plans; a hop's
+        latency is taken off the round trips measured on it). ``timeout`` bounds each request
+        end to end; ``window`` requests are in flight at once; ``codecs`` maps model inputs
+        to the codec they are sent to the first stage with.
 
         Raises:
-            PartcError: if there is no channel or ``window`` < 1.
+            PartcError: if there is no channel, ``window`` < 1, or a plan's chain is not a
+                prefix of the channels.
         """
         if not channels:
             raise PartcError("a driver needs at least one stage")
         if window < 1:
             raise PartcError(f"window must be at least 1, got {window}")
+        names = [c.stage for c in channels]
+        for plan in plans:
+            chain = [s.name for s in plan.stages]
+            if chain != names[: len(chain)]:
+                raise PartcError(f"plan {plan.name}: its stages {chain} are not the first of {names}")
         self._channels = tuple(channels)
         self._inputs = tuple(model_inputs)
         self._outputs = tuple(model_outputs)
@@ -107,8 +128,15 @@ class Driver:
         self._retry = retry
         self._alpha = alpha
         self._codecs = {n: c for n, c in (codecs or {}).items() if n in self._inputs}
+        self._latency = {h.name: h.latency for h in hops}
+        self.selector = PlanSelector(plans, hops, margin=margin)
         self.links: dict[str, BandwidthEstimator] = {}
         self.compute: dict[str, Ewma] = {}
+
+    @property
+    def switches(self) -> list[Switch]:
+        """Every plan switch so far, in order."""
+        return self.selector.switches
 
     def __enter__(self) -> Driver:
         return self
@@ -151,40 +179,62 @@ class Driver:
 
         Raises:
             PartcError: if an input lacks a model input.
-            RunError: when a request fails (see the module docstring); nothing after it
-                is yielded.
+            RunError: when a request fails and no fallback plan avoids the fault (see the
+                module docstring); nothing after it is yielded.
         """
         pool = ThreadPoolExecutor(self.window, thread_name_prefix="partc-driver")
-        pending: deque[tuple[int, concurrent.futures.Future]] = deque()
+        pending: deque[tuple[int, dict[str, np.ndarray], concurrent.futures.Future]] = deque()
         source = iter(inputs)
         submitted = delivered = 0
+
+        def submit(request_id: int, tensors: dict[str, np.ndarray]) -> tuple:
+            plan = self.selector.select(request_id, self.links)
+            return request_id, tensors, pool.submit(self._request, request_id, tensors, plan)
+
         try:
             while True:
                 while len(pending) < self.window:
                     item = next(source, None)
                     if item is None:
                         break
-                    tensors = self._model_inputs(submitted, item)
-                    pending.append((submitted, pool.submit(self._request, submitted, tensors)))
+                    pending.append(submit(submitted, self._model_inputs(submitted, item)))
                     submitted += 1
                 if not pending:
                     return
-                request_id, future = pending.popleft()
+                request_id, tensors, future = pending[0]
                 try:
                     reply = future.result(timeout=self.timeout + _SLACK)
                 except concurrent.futures.TimeoutError:
-                    raise self._failed(
-                        request_id, f"no reply within {self.timeout + _SLACK:.1f} s", pending, delivered
-                    ) from None
+                    reason = f"no reply within {self.timeout + _SLACK:.1f} s"
                 except RunError as err:
-                    raise self._failed(request_id, str(err), pending, delivered) from err
-                self._record(reply.measurements)
-                delivered += 1
-                yield {n: reply.tensors[n] for n in self._outputs}
+                    reason = str(err)
+                else:
+                    pending.popleft()
+                    self._record(reply.measurements)
+                    delivered += 1
+                    yield {n: reply.tensors[n] for n in self._outputs}
+                    continue
+                if not self._fall_back(request_id, reason):
+                    raise self._failed(request_id, reason, list(pending)[1:], delivered)
+                for _, _, later in pending:
+                    later.cancel()
+                pending = deque(submit(i, t) for i, t, _ in pending)
         finally:
-            for _, future in pending:
+            for _, _, future in pending:
                 future.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _fall_back(self, request_id: int, reason: str) -> bool:
+        """After a failed request: switch to a plan avoiding the stages that are down, if any."""
+        down = {}
+        for channel in self._channels:
+            try:
+                call_stage(channel, b"", time.monotonic() + 2.0, self._retry, HEALTH)
+            except RunError as err:
+                down[channel.stage] = str(err)
+        if not down:
+            return False
+        return self.selector.degrade(request_id, down, f"request {request_id} failed: {reason}", self.links)
 
     def _model_inputs(self, index: int, item: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self._inputs if n not in item]
@@ -192,9 +242,9 @@ class Driver:
             raise PartcError(f"input {index} lacks model input {', '.join(map(repr, missing))}; it has {sorted(item)}")
         return {n: np.asarray(item[n]) for n in self._inputs}
 
-    def _request(self, request_id: int, tensors: dict[str, np.ndarray]) -> Frame:
+    def _request(self, request_id: int, tensors: dict[str, np.ndarray], plan: int) -> Frame:
         entry = self._channels[0]
-        payload = encode(Frame(request_id, tensors), self._codecs)
+        payload = encode(Frame(request_id, tensors, plan=plan), self._codecs)
         sent = time.monotonic()
         answer = call_stage(entry, payload, sent + self.timeout, self._retry)
         seconds = time.monotonic() - sent
@@ -215,7 +265,7 @@ class Driver:
             if m.kind == "link":
                 key = f"{m.src}->{m.dst}"
                 self.links.setdefault(key, BandwidthEstimator(self._alpha)).add(
-                    m.bytes_sent + m.bytes_received, m.seconds
+                    m.bytes_sent + m.bytes_received, m.seconds - 2 * self._latency.get(key, 0.0)
                 )
             else:
                 self.compute.setdefault(m.src, Ewma(self._alpha)).add(m.seconds)
@@ -229,53 +279,77 @@ class Driver:
 
 
 def connect(
-    stages: Sequence[StageSpec],
+    plans: Sequence[RuntimePlan],
     model_inputs: Sequence[str],
     model_outputs: Sequence[str],
     security: Security = NO_SECURITY,
-    codecs: Mapping[str, str] | None = None,
     **options: object,
 ) -> Driver:
-    """Return a driver for workers already serving ``stages`` (in chain order) over gRPC.
+    """Return a driver for workers already serving ``plans`` over gRPC.
 
-    The workers must serve the routes ``plan_routes(stages, model_inputs, model_outputs,
-    codecs)``. ``options`` go to ``Driver`` (window, timeout, retry, alpha).
+    The stages of the longest chain must carry their addresses; the workers must serve
+    ``plan_routes`` of each plan's chain. ``options`` go to ``Driver`` (hops, window,
+    timeout, retry, alpha, margin, codecs).
 
     Raises:
-        PartcError: if the stages do not form a valid chain or a codec is unknown.
+        PartcError: if a plan's stages do not form a valid chain.
     """
-    plan_routes(stages, model_inputs, model_outputs, codecs)
-    channels = [GrpcChannel(s.name, s.address, security) for s in stages]
-    return Driver(channels, model_inputs, model_outputs, codecs=codecs, **options)
+    for plan in plans:
+        plan_routes(plan.stages, model_inputs, model_outputs)
+    longest = max(plans, key=lambda p: len(p.stages)).stages
+    channels = [GrpcChannel(s.name, s.address, security) for s in longest]
+    return Driver(channels, plans, model_inputs, model_outputs, **options)
+
+
+def stage_routes(
+    plans: Sequence[RuntimePlan], model_inputs: Sequence[str], model_outputs: Sequence[str],
+    hop_codecs: Sequence[str] | None = None,
+) -> dict[str, dict[int, Route]]:
+    """Return, per stage, its route in every plan whose chain reaches it (plan index -> route).
+
+    ``hop_codecs`` gives the codec of each hop of the longest chain.
+
+    Raises:
+        PartcError: if a plan's stages do not form a valid chain.
+    """
+    routes: dict[str, dict[int, Route]] = {}
+    for index, plan in enumerate(plans):
+        codecs = None if hop_codecs is None else list(hop_codecs)[: len(plan.stages) - 1]
+        for route in plan_routes(plan.stages, model_inputs, model_outputs, codecs):
+            routes.setdefault(route.stage, {})[index] = route
+    return routes
 
 
 def in_process(
-    stages: Sequence[StageSpec],
+    plans: Sequence[RuntimePlan],
     fns: Mapping[str, StageFn],
     model_inputs: Sequence[str],
     model_outputs: Sequence[str],
     token: str | None = None,
-    codecs: Mapping[str, str] | None = None,
+    hop_codecs: Sequence[str] | None = None,
     **options: object,
 ) -> Driver:
-    """Return a driver for the chain of ``stages`` run in this process by ``fns`` (stage name -> function).
+    """Return a driver for ``plans`` run in this process by ``fns`` (program -> function).
 
-    Frames are encoded, checked and decoded exactly as over gRPC, codecs included; only the
-    sockets are missing. ``options`` go to ``Driver``.
+    Frames are encoded, checked and decoded exactly as over gRPC, hop codecs (``hop_codecs``:
+    one per hop of the longest chain) included; only the sockets are missing. ``options``
+    go to ``Driver``.
 
     Raises:
         PartcError: if the stages do not form a valid chain, a function is missing or a
             codec is unknown.
     """
-    missing = [s.name for s in stages if s.name not in fns]
+    missing = sorted({p for plan in plans for p in plan.programs.values() if p not in fns})
     if missing:
         raise PartcError(f"no stage function for {', '.join(map(repr, missing))}")
-    routes = plan_routes(stages, model_inputs, model_outputs, codecs)
+    routes = stage_routes(plans, model_inputs, model_outputs, hop_codecs)
     retry = options.get("retry", DEFAULT_RETRY)
+    longest = max(plans, key=lambda p: len(p.stages)).stages
     channels: list[Channel] = []
     downstream = None
-    for route in reversed(routes):
-        worker = Worker(route, fns[route.stage], downstream, token=token, retry=retry)
+    for stage in reversed(longest):
+        stage_fns = {i: fns[plan.programs[stage.name]] for i, plan in enumerate(plans) if stage.name in plan.programs}
+        worker = Worker(routes[stage.name], stage_fns, downstream, token=token, retry=retry)
         downstream = InProcessChannel(worker, token)
         channels.insert(0, downstream)
-    return Driver(channels, model_inputs, model_outputs, codecs=codecs, **options)
+    return Driver(channels, plans, model_inputs, model_outputs, **options)

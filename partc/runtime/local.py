@@ -1,4 +1,8 @@
-"""Run a build on this machine: every stage in this process, through its emitted artifact."""
+"""Run a build on this machine: the primary plan's stages in this process, through their artifacts.
+
+Tensors that cross a hop go through that hop's codec (encoded, then decoded), as they do
+between workers, so a build with a lossy codec gives here what it gives when distributed.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +13,32 @@ from pathlib import Path
 import numpy as np
 
 from partc.errors import ManifestError
-from partc.manifest import ManifestStage, manifest_stages, read_manifest
-from partc.plan import StageFn, TensorSpec, run_plan
+from partc.manifest import manifest_stages, read_manifest
+from partc.plan import Artifact, StageFn, TensorSpec
+from partc.runtime.codec import decode, encode, parse_codec
+from partc.runtime.plans import Hop, from_manifest
 
 
 @dataclass(frozen=True, eq=False)
 class Pipeline:
-    """A loaded build: its stages, each with a loaded artifact, in the order they run.
+    """A loaded build: the primary plan's programs, loaded, in the order they run.
 
     Call it with named input arrays to get the named outputs.
+
+    Attributes:
+        path: the build folder.
+        manifest: its manifest.
+        programs: (stage, program id, artifact) of each stage of the primary plan that has
+            a program, in chain order.
+        fns: program id -> loaded program.
+        hops: the hops of the chain (their codecs apply to the tensors crossing them).
     """
 
     path: Path
     manifest: dict
-    stages: tuple[ManifestStage, ...]
+    programs: tuple[tuple[str, str, Artifact], ...]
     fns: Mapping[str, StageFn]
+    hops: tuple[Hop, ...]
 
     @property
     def model_inputs(self) -> tuple[TensorSpec, ...]:
@@ -51,7 +66,26 @@ class Pipeline:
                     f"for {_shape(spec.shape)} {spec.dtype}; recompile with --input-shape "
                     f"{','.join(map(str, value.shape))}"
                 )
-        return run_plan(self, self.fns, inputs)
+        names = [s["name"] for s in self.manifest["stages"]]
+        env = {t.name: inputs[t.name] for t in self.model_inputs}
+        made_at = dict.fromkeys(env, 0)
+        for stage, pid, artifact in self.programs:
+            here = names.index(stage)
+            for t in artifact.inputs:
+                for hop in self.hops[made_at[t.name]: here]:
+                    env[t.name] = _through(hop.codec, env[t.name])
+                made_at[t.name] = here
+            env.update(self.fns[pid]({t.name: env[t.name] for t in artifact.inputs}))
+            made_at.update(dict.fromkeys((t.name for t in artifact.outputs), here))
+        return {t.name: env[t.name] for t in self.model_outputs}
+
+
+def _through(codec: str, array: np.ndarray) -> np.ndarray:
+    """``array`` as it arrives after crossing a hop with ``codec``."""
+    if codec == "none":
+        return array
+    parsed = parse_codec(codec)
+    return decode(encode(array, parsed), parsed, array.shape, array.dtype)
 
 
 def _shape(shape) -> str:
@@ -73,6 +107,9 @@ def load(path: Path | str) -> Pipeline:
     path = Path(path)
     manifest = read_manifest(path)
     folder = path if path.is_dir() else path.parent
-    stages = tuple(manifest_stages(manifest, folder))  # checksums first: nothing unverified is loaded
-    fns = {s.name: backend(s.artifact.backend).load(s.artifact) for s in stages}
-    return Pipeline(folder, manifest, stages, fns)
+    stages = {s.name: s for s in manifest_stages(manifest, folder)}  # checksums first: nothing unverified is loaded
+    primary = manifest["plans"][0]["programs"]
+    programs = tuple((name, primary[name], stages[name].programs[primary[name]]) for name in stages if name in primary)
+    fns = {pid: backend(artifact.backend).load(artifact) for _, pid, artifact in programs}
+    _, hops = from_manifest(manifest)
+    return Pipeline(folder, manifest, programs, fns, tuple(hops))

@@ -4,16 +4,17 @@ One message between two stages is a *frame*. All integers are little-endian; eve
 variable-length part is padded with zero bytes to a multiple of 8, so each tensor payload
 starts 8-byte aligned within the frame and ``np.frombuffer`` views it without a copy.
 
-Frame header, 32 bytes (``struct`` format ``<4sBBHQdI4x``)::
+Frame header, 32 bytes (``struct`` format ``<4sBBHQdIH2x``)::
 
     0   4s   magic            b"PCTF"
-    4   u8   version          1
+    4   u8   version          2
     5   u8   flags            0 (reserved)
     6   u16  n_tensors
     8   u64  request_id
     16  f64  elapsed          seconds the replying worker spent on the request (0 in requests)
     24  u32  n_measurements
-    28  4x   padding
+    28  u16  plan             index of the build's plan the request runs (manifest ``plans``)
+    30  2x   padding
 
 then ``n_measurements`` measurements, then ``n_tensors`` tensors.
 
@@ -61,10 +62,10 @@ from partc.runtime.codec import decode as decode_payload
 from partc.runtime.codec import encode as encode_payload
 
 MAGIC = b"PCTF"
-VERSION = 1
+VERSION = 2
 MAX_NDIM = 32
 
-_FRAME = struct.Struct("<4sBBHQdI4x")
+_FRAME = struct.Struct("<4sBBHQdIH2x")
 _MEASUREMENT = struct.Struct("<BBB5xdQQ")
 _TENSOR = struct.Struct("<HBBB3xQ")
 _DIM = struct.Struct("<Q")
@@ -119,12 +120,14 @@ class Frame:
         tensors: name -> array.
         measurements: compute and link timings, in the order they were taken.
         elapsed: seconds the replying worker spent on the request (0 in requests).
+        plan: index of the plan the request runs; every stage serves it with that plan's route.
     """
 
     request_id: int
     tensors: Mapping[str, np.ndarray]
     measurements: tuple[Measurement, ...] = ()
     elapsed: float = 0.0
+    plan: int = 0
 
 
 def _padding(n: int) -> bytes:
@@ -161,7 +164,8 @@ def encode(frame: Frame, codecs: Mapping[str, str] | None = None) -> bytes:
     if len(frame.tensors) > 0xFFFF:
         raise RunError(f"request {frame.request_id}: {len(frame.tensors)} tensors, a frame holds at most 65535")
     parts: list[bytes | np.ndarray] = [
-        _FRAME.pack(MAGIC, VERSION, 0, len(frame.tensors), frame.request_id, frame.elapsed, len(frame.measurements))
+        _FRAME.pack(MAGIC, VERSION, 0, len(frame.tensors), frame.request_id, frame.elapsed, len(frame.measurements),
+                    frame.plan)
     ]
     for m in frame.measurements:
         src, dst = m.src.encode(), m.dst.encode()
@@ -224,7 +228,7 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
             trailing bytes; the message names the tensor and the offset.
     """
     reader = _Reader(memoryview(data).cast("B"))
-    magic, version, _flags, n_tensors, request_id, elapsed, n_meas = reader.unpack(_FRAME, "the frame header")
+    magic, version, _flags, n_tensors, request_id, elapsed, n_meas, plan = reader.unpack(_FRAME, "the frame header")
     if magic != MAGIC:
         raise RunError(f"malformed frame: magic {bytes(magic)!r}, expected {MAGIC!r} (not a partc frame)")
     if version != VERSION:
@@ -266,4 +270,4 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
             raise RunError(f"malformed frame: {what}, {dtype}{list(shape)}: {err}") from None
     if reader.offset != len(reader.data):
         raise RunError(f"malformed frame: {len(reader.data) - reader.offset} unexpected bytes after the last tensor")
-    return Frame(request_id, tensors, tuple(measurements), elapsed)
+    return Frame(request_id, tensors, tuple(measurements), elapsed, plan)

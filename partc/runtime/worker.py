@@ -4,8 +4,11 @@ The pipeline is a chain: the driver sends each request to the first stage only; 
 worker runs its stage function, forwards the tensors later stages need to the next stage,
 and replies with the model outputs produced at or after its stage (its own, plus the next
 stage's reply). See ``partc.runtime.driver`` for why. What a worker does is fixed when it
-starts, by its ``Route`` (computed for all stages by ``plan_routes``); a request cannot
-make it send anything anywhere else.
+starts, by one ``Route`` per plan of the build (computed for all stages of a plan's chain
+by ``plan_routes``); a request names its plan and cannot make a worker send anything
+anywhere else. In a plan where the stage has no program of its own, its route only passes
+tensors on (the tier's machine relays them to the next tier); a plan's chain ends at its
+last stage with a program.
 
 A worker is independent of how its stage function was loaded: it takes any callable from
 named numpy arrays to named numpy arrays (``partc.plan.StageFn``). Arrays it passes in are
@@ -116,22 +119,26 @@ def plan_routes(
     stages: Sequence[StageSpec],
     model_inputs: Sequence[str],
     model_outputs: Sequence[str],
-    codecs: Mapping[str, str] | None = None,
+    codecs: Sequence[str] | None = None,
 ) -> tuple[Route, ...]:
     """Return the route of each stage of a chain, in order.
 
-    ``codecs`` maps tensor names to the codec they cross every link with (default ``none``).
+    ``codecs`` gives the codec of each hop, from stage i to stage i + 1 (default ``none``):
+    every tensor crossing that hop is sent with it. A stage with no inputs and no outputs
+    only passes tensors on.
 
     Raises:
         PartcError: if there is no stage, a stage reads a tensor that neither the model
             inputs nor an earlier stage provide, no stage writes a model output, or a codec
             name is unknown.
     """
-    codecs = dict(codecs or {})
-    for name in codecs.values():
-        parse_codec(name)
     if not stages:
         raise PartcError("a pipeline needs at least one stage")
+    codecs = list(codecs or ["none"] * (len(stages) - 1))
+    if len(codecs) != len(stages) - 1:
+        raise PartcError(f"{len(stages)} stages have {len(stages) - 1} hops, but {len(codecs)} codecs were given")
+    for name in codecs:
+        parse_codec(name)
     available = set(model_inputs)
     problems = []
     for s in stages:
@@ -157,7 +164,7 @@ def plan_routes(
                 results=tuple(n for n in model_outputs if n in s.outputs),
                 next_stage=nxt.name if nxt else None,
                 next_address=nxt.address if nxt else None,
-                codecs={n: codecs[n] for n in sorted(later & available) if n in codecs},
+                codecs={n: codecs[i] for n in sorted(later & available) if codecs[i] != "none"} if nxt else {},
             )
         )
     return tuple(routes)
@@ -168,27 +175,41 @@ class Worker:
 
     def __init__(
         self,
-        route: Route,
-        fn: StageFn,
+        routes: Mapping[int, Route],
+        fns: Mapping[int, StageFn],
         downstream: Channel | None = None,
         *,
         token: str | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
-        """Serve ``route`` with ``fn``, forwarding to ``downstream`` (needed iff the route has a next stage).
+        """Serve ``routes`` (plan index -> this stage's route in that plan) with ``fns``.
+
+        ``fns`` maps each plan whose route has outputs to the stage function that computes
+        them (plans sharing a program share the function); ``downstream`` is the channel to
+        the next stage, needed iff some route forwards.
 
         Raises:
-            PartcError: if ``downstream`` does not match ``route.next_stage``.
+            PartcError: if the routes name different stages or next stages, a function is
+                missing, or ``downstream`` does not match the routes' next stage.
         """
-        if (downstream is None) != (route.next_stage is None):
-            raise PartcError(f"stage {route.stage!r}: a channel to the next stage is needed iff the route has one")
-        if downstream is not None and downstream.stage != route.next_stage:
-            raise PartcError(
-                f"stage {route.stage!r}: next stage is {route.next_stage!r}, channel is to {downstream.stage!r}"
-            )
-        self.stage = route.stage
-        self.route = route
-        self._fn = fn
+        if not routes:
+            raise PartcError("a worker needs a route for at least one plan")
+        names = {r.stage for r in routes.values()}
+        nexts = {r.next_stage for r in routes.values()} - {None}
+        stage = min(names)
+        if len(names) > 1 or len(nexts) > 1:
+            raise PartcError(f"stage {stage!r}: routes name several stages or next stages: {sorted(names | nexts)}")
+        missing = sorted(p for p, r in routes.items() if r.outputs and p not in fns)
+        if missing:
+            raise PartcError(f"stage {stage!r}: no stage function for plan(s) {', '.join(map(str, missing))}")
+        next_stage = next(iter(nexts), None)
+        if (downstream is None) != (next_stage is None):
+            raise PartcError(f"stage {stage!r}: a channel to the next stage is needed iff a route has one")
+        if downstream is not None and downstream.stage != next_stage:
+            raise PartcError(f"stage {stage!r}: next stage is {next_stage!r}, channel is to {downstream.stage!r}")
+        self.stage = stage
+        self.routes = dict(routes)
+        self._fns = dict(fns)
         self._downstream = downstream
         self._security = Security(token=token)
         self._retry = retry
@@ -207,39 +228,48 @@ class Worker:
             frame = decode(payload)
         except RunError as err:
             raise Rejected("invalid_argument", f"stage {self.stage!r}: {err}") from None
-        where = f"stage {self.stage!r} (request {frame.request_id})"
-        missing = [n for n in self.route.receives if n not in frame.tensors]
+        where = f"stage {self.stage!r} (request {frame.request_id}, plan {frame.plan})"
+        route = self.routes.get(frame.plan)
+        if route is None:
+            raise Rejected("invalid_argument", f"{where}: this stage serves plans {sorted(self.routes)} only")
+        missing = [n for n in route.receives if n not in frame.tensors]
         if missing:
             raise Rejected(
                 "invalid_argument",
                 f"{where}: missing input tensors {', '.join(map(repr, missing))}; got {sorted(frame.tensors)}",
             )
+        produced, measurements = self._compute(route, frame, where)
+        env = {**frame.tensors, **produced}
+        results = {n: env[n] for n in route.results}
+        if route.next_stage is not None:
+            results_down, more = self._forward(route, frame, env, deadline, where)
+            results.update(results_down)
+            measurements += more
+        try:
+            return encode(Frame(frame.request_id, results, tuple(measurements), time.monotonic() - start, frame.plan))
+        except PartcError as err:
+            raise Rejected("internal", f"{where}: {err}") from None
+
+    def _compute(self, route: Route, frame: Frame, where: str) -> tuple[Mapping[str, np.ndarray], list[Measurement]]:
+        """Run the plan's stage function, if the stage has one in that plan."""
+        if not route.outputs:
+            return {}, []
         with self._lock:
             began = time.monotonic()
             try:
-                produced = self._fn({n: frame.tensors[n] for n in self.route.inputs})
+                produced = self._fns[frame.plan]({n: frame.tensors[n] for n in route.inputs})
             except Exception as err:  # any failure of the stage function goes to the caller
                 raise Rejected("internal", f"{where} failed: {type(err).__name__}: {err}") from None
             computed = time.monotonic() - began
         if not isinstance(produced, Mapping):
             raise Rejected("internal", f"{where}: the stage function returned {type(produced).__name__}, not a dict")
-        absent = [n for n in self.route.outputs if not isinstance(produced.get(n), np.ndarray)]
+        absent = [n for n in route.outputs if not isinstance(produced.get(n), np.ndarray)]
         if absent:
             raise Rejected("internal", f"{where}: the stage function returned no array for {', '.join(absent)}")
-        env = {**frame.tensors, **produced}
-        results = {n: env[n] for n in self.route.results}
-        measurements = [Measurement("compute", self.stage, "", computed)]
-        if self._downstream is not None:
-            results_down, more = self._forward(frame.request_id, env, deadline, where)
-            results.update(results_down)
-            measurements += more
-        try:
-            return encode(Frame(frame.request_id, results, tuple(measurements), time.monotonic() - start))
-        except PartcError as err:
-            raise Rejected("internal", f"{where}: {err}") from None
+        return produced, [Measurement("compute", self.stage, "", computed)]
 
     def _forward(
-        self, request_id: int, env: Mapping[str, np.ndarray], deadline: float, where: str
+        self, route: Route, frame: Frame, env: Mapping[str, np.ndarray], deadline: float, where: str
     ) -> tuple[dict[str, np.ndarray], list[Measurement]]:
         downstream = self._downstream
         now = time.monotonic()
@@ -248,7 +278,8 @@ class Worker:
                 "deadline_exceeded", f"{where}: the deadline passed before forwarding to {downstream.stage!r}"
             )
         try:
-            payload = encode(Frame(request_id, {n: env[n] for n in self.route.forward}), self.route.codecs)
+            forwarded = Frame(frame.request_id, {n: env[n] for n in route.forward}, plan=frame.plan)
+            payload = encode(forwarded, route.codecs)
         except PartcError as err:
             raise Rejected("internal", f"{where}: {err}") from None
         # Leave a tenth of the remaining time to report a failure downstream before our caller gives up.
@@ -281,14 +312,15 @@ class Worker:
 
 
 def serve_stage(
-    route: Route,
-    fn: StageFn,
+    routes: Mapping[int, Route],
+    fns: Mapping[int, StageFn],
     listen: str = "127.0.0.1:0",
     security: Security = NO_SECURITY,
     retry: RetryPolicy = DEFAULT_RETRY,
     threads: int = 16,
 ) -> StageServer:
-    """Serve ``route`` with ``fn`` over gRPC on ``listen``; forward over gRPC to ``route.next_address``.
+    """Serve ``routes`` with ``fns`` (see ``Worker``) over gRPC on ``listen``; forward over gRPC
+    to the routes' ``next_address``.
 
     ``security`` applies to both ends: the server's certificate and the token it demands,
     and the root certificate and token it presents to the next stage. ``threads`` bounds
@@ -297,8 +329,9 @@ def serve_stage(
     Raises:
         RunError: if the address cannot be bound.
     """
-    downstream = GrpcChannel(route.next_stage, route.next_address, security) if route.next_stage else None
-    worker = Worker(route, fn, downstream, token=security.token, retry=retry)
+    onward = next((r for r in routes.values() if r.next_stage is not None), None)
+    downstream = GrpcChannel(onward.next_stage, onward.next_address, security) if onward else None
+    worker = Worker(routes, fns, downstream, token=security.token, retry=retry)
     return StageServer(worker, listen, security, threads, on_stop=worker.close)
 
 
@@ -365,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_codec(codec)
         security = Security.from_files(args.token_file, args.cert, args.key, args.root)
         fn = load_factory(args.fn)(args.stage)
-        server = serve_stage(route, fn, args.listen, security, threads=args.threads)
+        server = serve_stage({0: route}, {0: fn}, args.listen, security, threads=args.threads)
     except PartcError as err:
         print(f"partc-worker: error: {err}", file=sys.stderr)
         return err.exit_code

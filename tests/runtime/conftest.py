@@ -140,7 +140,7 @@ def grpc_chain():
         chain, next_address = [], None
         for route in reversed(routes):
             route = dataclasses.replace(route, next_address=next_address)
-            server = serve_stage(route, fns[route.stage], "127.0.0.1:0", security, **options)
+            server = serve_stage({0: route}, {0: fns[route.stage]}, "127.0.0.1:0", security, **options)
             servers.append(server)
             chain.insert(0, server)
             next_address = server.address

@@ -1,18 +1,22 @@
 """A compiled build served by real worker processes over gRPC on loopback."""
 
+import math
 import os
 import shutil
 import signal
 
 import numpy as np
 import pytest
+import torch
 from clusters import three_tier
 
 from partc.build import compile_model
 from partc.cli import main
 from partc.errors import ManifestError, PartcError, RunError
+from partc.manifest import read_manifest
 from partc.runtime.deploy import LocalWorkers, connect_build, serve
 from partc.runtime.local import load
+from partc.trace import load_model
 
 CLUSTER = three_tier(pin="{device: [conv1], edge: [conv2], cloud: [relu_1]}")
 
@@ -48,6 +52,43 @@ def test_killed_worker_is_a_clear_error_naming_the_stage(build):
             list(driver.run([x] * 5))
 
 
+TWO_TIER = """\
+tiers:
+  - {name: device, target: rpi4, backend: torchscript}
+  - {name: cloud, target: cloud-cpu, backend: onnx}
+links:
+  - {from: device, to: cloud, bandwidth: 1Gbit/s, latency: 1ms}
+"""
+
+
+def test_a_killed_worker_degrades_to_a_plan_that_stops_before_it(tmp_path, caplog):
+    (tmp_path / "cluster.yaml").write_text(TWO_TIER)
+    build = compile_model("tests/models.py:residual", ["1,8,64,64"], tmp_path / "cluster.yaml", tmp_path / "b").path
+    plans = read_manifest(build)["plans"]  # at 1 Gbit/s the cloud computes, below 626 Mbit/s the device alone
+    assert plans[0]["stages"] == ["device.0", "cloud.0"] and ["device.0"] in [p["stages"] for p in plans]
+    rng = np.random.default_rng(0)
+    requests = [{"x": rng.standard_normal((1, 8, 64, 64), dtype=np.float32)} for _ in range(30)]
+    model = load_model("tests/models.py:residual")
+    results = []
+    # margin inf: no switch on measured bandwidth (loopback measures gRPC's per-call cost, not a link)
+    options = {"timeout": 20.0, "window": 4, "margin": math.inf}
+    with LocalWorkers(build) as workers, connect_build(build, workers.addresses, **options) as driver:
+        for i, result in enumerate(driver.run(requests)):
+            results.append(result)
+            if i == 9:
+                os.kill(workers.processes["cloud.0"].pid, signal.SIGKILL)
+                workers.processes["cloud.0"].wait()
+    assert len(results) == 30  # every request answered, in order
+    for request, result in zip(requests, results, strict=True):
+        with torch.no_grad():
+            want = model(torch.from_numpy(request["x"])).numpy()
+        np.testing.assert_allclose(result["output"], want, atol=1e-4 * np.abs(want).max())
+    (switch,) = driver.switches
+    assert switch.old == "p0" and plans[[p["name"] for p in plans].index(switch.new)]["stages"] == ["device.0"]
+    assert 10 <= switch.request < 14 and "degrading to a plan without cloud.0" in switch.reason
+    assert "degrading to a plan without cloud.0" in caplog.text
+
+
 def test_a_worker_needs_only_its_own_artifact_and_checks_it(build, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(build, copy)
@@ -56,7 +97,8 @@ def test_a_worker_needs_only_its_own_artifact_and_checks_it(build, tmp_path):
     server.stop()
     with open(copy / "cloud.0.onnx", "ab") as f:
         f.write(b"x")
-    with pytest.raises(ManifestError, match=r"stages\[2\]\.artifact: 'cloud\.0\.onnx' does not match its sha256"):
+    where = r"stages\[2\]\.programs\[0\]\.artifact: 'cloud\.0\.onnx'"
+    with pytest.raises(ManifestError, match=where + " does not match its sha256"):
         serve(copy, "cloud.0")
     with pytest.raises(PartcError, match=r"stage 'edge\.0' forwards to 'cloud\.0': give its address"):
         serve(copy, "edge.0")

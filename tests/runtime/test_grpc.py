@@ -10,6 +10,7 @@ from conftest import bounded
 
 from partc.errors import PartcError, RunError
 from partc.runtime.driver import connect
+from partc.runtime.plans import RuntimePlan
 from partc.runtime.transport import NO_SECURITY, GrpcChannel, InProcessChannel, RetryPolicy, Security, call_stage
 from partc.runtime.worker import Worker, plan_routes, serve_stage
 
@@ -17,7 +18,7 @@ grpc = pytest.importorskip("grpc")  # the 'runtime' extra
 
 
 def drive(specs, security=NO_SECURITY, **options):
-    return connect(specs, stagefns.MODEL_INPUTS, stagefns.MODEL_OUTPUTS, security, **options)
+    return connect([RuntimePlan.single(specs)], stagefns.MODEL_INPUTS, stagefns.MODEL_OUTPUTS, security, **options)
 
 
 def assert_matches_reference(items, outputs):
@@ -100,7 +101,7 @@ def test_a_stage_failure_crosses_hops_verbatim(grpc_chain):
     with drive(specs) as driver:
         with pytest.raises(
             RunError,
-            match=r"request 0 failed: stage 'cloud.0' \(request 0\) failed: "
+            match=r"request 0 failed: stage 'cloud.0' \(request 0, plan 0\) failed: "
             r"RuntimeError: out of memory;",
         ):
             bounded(lambda: list(driver.run(stagefns.inputs(2))), 30)
@@ -120,7 +121,7 @@ def test_health_check_finds_a_stage_at_the_wrong_address(grpc_chain):
 
 def test_a_malformed_request_is_refused_clearly():
     route = plan_routes(stagefns.STAGES[2:], ("h2", "skip", "b"), ("output.0",))[0]
-    server = serve_stage(route, stagefns.cloud)
+    server = serve_stage({0: route}, {0: stagefns.cloud})
     try:
         channel = GrpcChannel("cloud.0", server.address)
         with pytest.raises(RunError, match=r"stage 'cloud.0': malformed frame: magic b'GET ', expected b'PCTF'"):
@@ -132,9 +133,9 @@ def test_a_malformed_request_is_refused_clearly():
 
 def test_worker_rejects_a_channel_to_the_wrong_stage():
     device, _, cloud = plan_routes(stagefns.STAGES, stagefns.MODEL_INPUTS, stagefns.MODEL_OUTPUTS)
-    to_cloud = InProcessChannel(Worker(cloud, stagefns.cloud))
+    to_cloud = InProcessChannel(Worker({0: cloud}, {0: stagefns.cloud}))
     with pytest.raises(PartcError, match=r"stage 'device.0': next stage is 'edge.0', channel is to 'cloud.0'"):
-        Worker(device, stagefns.device, to_cloud)
+        Worker({0: device}, {0: stagefns.device}, to_cloud)
 
 
 def test_a_wrong_token_is_the_grpc_status_unauthenticated(grpc_chain):

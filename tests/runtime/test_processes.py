@@ -13,6 +13,7 @@ from conftest import bounded
 
 from partc.errors import RunError
 from partc.runtime.driver import connect, in_process
+from partc.runtime.plans import RuntimePlan
 from partc.runtime.transport import Security
 
 pytest.importorskip("grpc")  # the 'runtime' extra
@@ -26,12 +27,14 @@ def workers(worker_processes):
 
 
 def drive(workers, token=TOKEN, **options):
-    return connect(workers.specs, stagefns.MODEL_INPUTS, stagefns.MODEL_OUTPUTS, Security(token=token), **options)
+    plans = [RuntimePlan.single(workers.specs)]
+    return connect(plans, stagefns.MODEL_INPUTS, stagefns.MODEL_OUTPUTS, Security(token=token), **options)
 
 
 def test_three_processes_equal_the_in_process_run(workers):
     items = stagefns.inputs(100)
-    with in_process(stagefns.STAGES, stagefns.FNS, stagefns.MODEL_INPUTS, stagefns.MODEL_OUTPUTS) as here:
+    plans = [RuntimePlan.single(stagefns.STAGES)]
+    with in_process(plans, stagefns.FNS, stagefns.MODEL_INPUTS, stagefns.MODEL_OUTPUTS) as here:
         expected = list(here.run(items))
     with drive(workers, window=6) as driver:
         bounded(driver.check, 30)

@@ -84,7 +84,7 @@ def test_bad_magic_version_dtype_trailing_bytes():
     data = bytearray(good_frame())
     with pytest.raises(RunError, match=r"magic b'XXXX', expected b'PCTF' \(not a partc frame\)"):
         decode(b"XXXX" + bytes(data[4:]))
-    with pytest.raises(RunError, match="version 9, this runtime reads version 1"):
+    with pytest.raises(RunError, match="version 9, this runtime reads version 2"):
         decode(bytes(data[:4]) + b"\x09" + bytes(data[5:]))
     bad = bytearray(data)
     bad[32 + 3] = 200  # dtype code of the first tensor (right after the 32-byte frame header)
