@@ -83,8 +83,9 @@ def markdown(rows: list[dict], command: str, load: tuple[float, float]) -> str:
             lines.append(f"| {r['model']} | {r['bandwidth_mbit']:g} | {s['stage']} | {s['share']:.2f} | "
                          f"{s['predicted_s'] * 1e3:.2f} | {s['measured_s'] * 1e3:.2f} | {ratio:.2f} |")
     lines += ["", "Per link, per transfer: predicted = plan's forward bytes / bandwidth + one-way latency; measured = "
-              "forward bytes + reply bytes over both directions, + both directions' delay; measured Mbit/s = "
-              "measured bytes / measured seconds (delay included).", "",
+              "forward bytes + reply bytes, seconds on the wire less the round trip's latency (as the driver "
+              "estimates bandwidth) plus one-way latency, to compare with the prediction; measured Mbit/s = "
+              "measured bytes / seconds on the wire without the latency.", "",
               "| model | Mbit/s | link | shaped Mbit/s | predicted KB | measured KB | predicted ms | measured ms | "
               "measured Mbit/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

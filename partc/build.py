@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,14 +31,15 @@ import numpy as np
 import torch
 from torch import fx
 
-import partc
 from partc.context import load_cluster
 from partc.errors import PartcError
-from partc.ir import META_TIER, clone
-from partc.manifest import MANIFEST, SCHEMA_VERSION, render_deployment, tensor_json, write_manifest
+from partc.ir import META_LINK_CODECS, META_TIER, clone
+from partc.manifest import MANIFEST, build_manifest, render_deployment, write_manifest
 from partc.pipeline import run_passes
 from partc.plan import Artifact, Plan, Stage, StageFn, build_plan, eager_stage_fn, run_plan
 from partc.report import trace_model
+from partc.runtime.codec import NO_CODEC, effective_bandwidth
+from partc.schedule import Schedule, local_schedule_fn, schedule_stage, step_id
 from partc.trace import load_model
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ def compile_model(
     Raises:
         PartcError: for bad input (model, shapes, cluster, constraints, unsupported layers).
     """
-    from partc.passes import DEFAULT_PIPELINE
+    from partc.passes import DEFAULT_PIPELINE, PLAN_PASSES
     from partc.passes.cut import assigned_cost
     from partc.planfamily import deployment_plans
     from partc.targets import backend, target
@@ -107,24 +109,35 @@ def compile_model(
         gm = run_passes(gm, [name], ctx, dump_after=[d for d in dump_after if d in (name, "trace")], dump_dir=dump_dir)
         dump_after = [d for d in dump_after if d not in (name, "trace")]
     graph, primary, _ = assigned_cost(gm, ctx)
+    codecs = gm.meta.get(META_LINK_CODECS, {})
+    # Every plan is priced with each link's codec: its raw bytes move at the effective bandwidth.
+    graph = graph.with_bandwidth([effective_bandwidth(bw, codecs.get(link, NO_CODEC))
+                                  for link, bw in zip(graph.links, graph.bandwidth, strict=True)])
     progress("planning for other bandwidths and for failed tiers")
     choices = deployment_plans(graph, primary, ctx.objective)
     assigned = [_assign(gm, graph.tiers, tiers) for _, tiers in choices]
+    if any(t.nodes > 1 for t in ctx.tiers):
+        progress(f"tiling each plan's stages on tiers with several nodes ({', '.join(PLAN_PASSES)})")
+        assigned = [run_passes(g, PLAN_PASSES, ctx) for g in assigned]
     plans = [build_plan(g, ctx) for g in assigned]
     programs, uses = _programs(plans)
+    schedules = {pid: sch for pid, stage in programs.items() if (sch := schedule_stage(stage)) is not None}
+    emitted = {step_id(pid, i, t): program for pid, sch in schedules.items()
+               for i, step in enumerate(sch.steps) for t, program in enumerate(step.programs)}
+    emitted |= {pid: stage for pid, stage in programs.items() if pid not in schedules}
 
     staging = _staging_folder(output)
     try:
         artifacts: dict[str, Artifact] = {}
-        for pid, stage in programs.items():
+        for pid, stage in emitted.items():
             tier = ctx.tier(stage.tier)
             progress(f"emitting {pid} with {tier.backend} for {tier.target}")
             emitter = _tvm_backend(tvm_trials, tuning_db) if tier.backend == "tvm" else backend(tier.backend)
             artifacts[pid] = emitter.emit(replace(stage, name=pid), target(tier.target), staging)
         progress(f"verifying {len(plans)} plan(s) and timing the artifacts on this machine")
-        measured, diffs, scale = _verify(gm, plans, programs, uses, artifacts)
-        manifest = _manifest(model, gm, ctx, graph, choices, assigned, plans, uses, programs, artifacts, measured,
-                             diffs, scale)
+        measured, diffs, scale = _verify(gm, plans, uses, emitted, schedules, artifacts)
+        manifest = build_manifest(model, gm, ctx, graph, choices, assigned, plans, uses, schedules, emitted,
+                                  artifacts, measured, diffs, scale)
         render_deployment(manifest, staging, output.name)
         write_manifest(manifest, staging)  # last: a folder without it is not a build
         _replace(staging, output)
@@ -189,14 +202,14 @@ def _programs(plans: Sequence[Plan]) -> tuple[dict[str, Stage], list[dict[str, s
 
 
 def _verify(
-    gm: fx.GraphModule, plans: Sequence[Plan], programs: Mapping[str, Stage], uses: Sequence[Mapping[str, str]],
-    artifacts: Mapping[str, Artifact],
+    gm: fx.GraphModule, plans: Sequence[Plan], uses: Sequence[Mapping[str, str]], emitted: Mapping[str, Stage],
+    schedules: Mapping[str, Schedule], artifacts: Mapping[str, Artifact],
 ) -> tuple[dict[str, float | None], list[float], float]:
     """Run every plan through the artifacts; time each program; compare with the model.
 
-    A program whose artifact cannot run here (cross-compiled for another architecture)
-    runs eagerly and is not timed. Returns the median seconds per program, the largest
-    absolute difference per plan, and the output scale.
+    An artifact that cannot run here (cross-compiled for another architecture) runs
+    eagerly and is not timed. Returns the median seconds per program (emitted ones and
+    tiled stages' schedules), the largest absolute difference per plan, and the output scale.
     """
     from partc.targets import backend
     from partc.targets.tvm import host_arch
@@ -208,21 +221,24 @@ def _verify(
         if artifact.info.get("arch", host_arch()) == host_arch():
             fns[pid] = _timed(backend(artifact.backend).load(artifact), measured, pid)
         else:
-            fns[pid] = eager_stage_fn(programs[pid])
-    with torch.no_grad():
-        expected = gm(*examples)
-    expected = [t.numpy() for t in (expected if isinstance(expected, (tuple, list)) else [expected])]
-    scale = max(float(np.abs(want).max()) for want in expected)
-    diffs = []
-    for plan, use in zip(plans, uses, strict=True):
-        inputs = {t.name: x.numpy() for t, x in zip(plan.model_inputs, examples, strict=True)}
-        plan_fns = {stage: fns[pid] for stage, pid in use.items()}
-        for _ in range(TIMING_RUNS + 1):
-            outputs = run_plan(plan, plan_fns, inputs)
-        diffs.append(max(float(np.abs(outputs[spec.name] - want).max())
-                         for spec, want in zip(plan.model_outputs, expected, strict=True)))
+            fns[pid] = eager_stage_fn(emitted[pid])
+    with ThreadPoolExecutor(4, thread_name_prefix="partc-tiles") as pool:
+        for pid, sch in schedules.items():
+            fns[pid] = _timed(local_schedule_fn(sch, pid, fns, pool), measured, pid)
+        with torch.no_grad():
+            expected = gm(*examples)
+        expected = [t.numpy() for t in (expected if isinstance(expected, (tuple, list)) else [expected])]
+        scale = max(float(np.abs(want).max()) for want in expected)
+        diffs = []
+        for plan, use in zip(plans, uses, strict=True):
+            inputs = {t.name: x.numpy() for t, x in zip(plan.model_inputs, examples, strict=True)}
+            plan_fns = {stage: fns[pid] for stage, pid in use.items()}
+            for _ in range(TIMING_RUNS + 1):
+                outputs = run_plan(plan, plan_fns, inputs)
+            diffs.append(max(float(np.abs(outputs[spec.name] - want).max())
+                             for spec, want in zip(plan.model_outputs, expected, strict=True)))
     times = {pid: statistics.median(ts[1:]) if len(ts) > 1 else None for pid, ts in measured.items()}
-    return {pid: times.get(pid) for pid in programs}, diffs, scale
+    return {pid: times.get(pid) for pid in [*emitted, *schedules]}, diffs, scale
 
 
 def _timed(fn: StageFn, measured: dict, name: str) -> StageFn:
@@ -235,75 +251,6 @@ def _timed(fn: StageFn, measured: dict, name: str) -> StageFn:
         return result
 
     return run
-
-
-def _manifest(model, gm, ctx, graph, choices, assigned, plans, uses, programs, artifacts, measured, diffs,
-              scale) -> dict:
-    from partc.partition import evaluate
-
-    costs = [evaluate(graph, tiers) for _, tiers in choices]
-    order = {name: i for i, name in enumerate(ctx.tier_names)}
-    workers = sorted({s.name: s for plan in plans for s in plan.stages}.values(), key=lambda s: order[s.tier])
-    first_use = {}
-    for i, use in enumerate(uses):
-        for pid in use.values():
-            first_use.setdefault(pid, i)
-    stages = []
-    for worker in workers:
-        tier = ctx.tier(worker.tier)
-        entries = []
-        for pid, stage in programs.items():
-            if stage.name != worker.name:
-                continue
-            artifact = artifacts[pid]
-            compute = costs[first_use[pid]].compute[order[stage.tier]]
-            entries.append({
-                "id": pid, "artifact": artifact.path.name, "sha256": artifact.sha256, "bytes": artifact.bytes,
-                "inputs": [tensor_json(t) for t in artifact.inputs],
-                "outputs": [tensor_json(t) for t in artifact.outputs], "predicted_s": compute,
-                "measured_s": measured[pid], "info": dict(artifact.info),
-            })
-        stages.append({"name": worker.name, "tier": worker.tier, "index": worker.index, "backend": tier.backend,
-                       "target": tier.target, "programs": entries})
-    names = [w.name for w in workers]
-    plan_entries = []
-    for i, ((kind, _), g, plan, use, cost) in enumerate(zip(choices, assigned, plans, uses, costs, strict=True)):
-        chain = names[: max(names.index(stage) for stage in use) + 1]
-        stream = sum(b / bw for b, bw in zip(cost.link_bytes, graph.bandwidth, strict=True))
-        plan_entries.append({
-            "name": f"p{i}", "kind": kind, "stages": chain, "programs": dict(use),
-            "assignment": {n.name: n.meta[META_TIER] for n in g.graph.nodes},
-            "predicted": {
-                "latency": cost.latency, "base": cost.latency - stream, "bottleneck": cost.bottleneck,
-                "compute": dict(zip(graph.tiers, cost.compute, strict=True)),
-                "transfer": dict(zip(graph.links, cost.transfer, strict=True)),
-                "link_bytes": dict(zip(graph.links, map(int, cost.link_bytes), strict=True)),
-            },
-            "transfers": [
-                {"tensor": tensor_json(t.tensor), "from": t.src, "to": t.dst,
-                 "bytes": int(np.prod(t.tensor.shape)) * np.dtype(t.tensor.dtype).itemsize}
-                for t in plan.transfers
-            ],
-            "max_abs_diff": diffs[i],
-        })
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "partc_version": partc.__version__,
-        "model": {
-            "spec": model, "tracer": gm.meta["partc.tracer"],
-            "inputs": [tensor_json(t) for t in plans[0].model_inputs],
-            "outputs": [tensor_json(t) for t in plans[0].model_outputs],
-        },
-        "cluster": {
-            "source": ctx.source, "objective": ctx.objective,
-            "tiers": [{"name": t.name, "target": t.target, "backend": t.backend, "nodes": t.nodes} for t in ctx.tiers],
-            "links": [{"from": lk.src, "to": lk.dst, "bandwidth": lk.bandwidth, "latency": lk.latency}
-                      for lk in ctx.links],
-        },
-        "stages": stages,
-        "plans": plan_entries,
-        "verification": {"max_abs_diff": max(diffs), "output_scale": scale, "inputs": "seeded example"},
-    }
 
 
 def _dependencies(module: torch.nn.Module, cluster: Path | str, profiles: Mapping[str, Path]) -> list[Path]:

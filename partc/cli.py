@@ -357,6 +357,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="address to listen on (default 127.0.0.1:0, any free port)")
     p.add_argument("--next", metavar="HOST:PORT", help="address of the next stage's worker")
+    p.add_argument("--peer", action="append", default=[], metavar="STAGE=HOST:PORT",
+                   help="a node of this tier that runs tiles for STAGE's tiled programs (edge.1=10.0.0.5:50051); "
+                        "repeat for each")
     p.add_argument("--ready-file", type=Path, metavar="FILE",
                    help="write {stage, address} as JSON here once serving (for scripts)")
     _add_security_args(p)
@@ -369,8 +372,11 @@ def _run_serve(args) -> int:
     import threading
 
     from partc.runtime.deploy import serve
+    from partc.runtime.worker import parse_pair
 
-    server = serve(args.build, args.stage, listen=args.listen, next_address=args.next, security=_security(args))
+    peers = dict(parse_pair(text, "--peer", "STAGE=HOST:PORT") for text in args.peer)
+    server = serve(args.build, args.stage, listen=args.listen, next_address=args.next, peers=peers,
+                   security=_security(args))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -26,6 +26,11 @@ META_PROFILE = "partc.profile"  # dict[tier name, predicted seconds] (annotate-p
 META_TIER = "partc.tier"  # tier name (select-cuts)
 META_TILE = "partc.tile"  # (run index, tile index) of a vertical-tiling node; tile None: the stitch
 
+# Written by passes on the graph (gm.meta), not on nodes.
+# compress-cut-tensors: {link "src->dst": {"codec": str, "ratio": float, "encode_bytes_per_s": float | None,
+#   "decode_bytes_per_s": float | None, "agreement": float | None, "samples": int}}, see partc.compression.
+META_LINK_CODECS = "partc.link_codecs"
+
 KINDS = ("input", "output", "conv", "matmul", "pool", "norm", "elementwise", "data", "other")
 
 

@@ -202,7 +202,7 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> Plan:
     )
     split.eval()
 
-    model_inputs = tuple(_spec(n, n.name) for n in gm.graph.nodes if n.op == "placeholder")
+    model_inputs = tuple(spec_of(n, n.name) for n in gm.graph.nodes if n.op == "placeholder")
     named_outputs = _model_outputs(gm)
     by_name = {n.name: n for n in gm.graph.nodes}
     submods = [n for n in split.graph.nodes if n.op == "call_module"]
@@ -216,7 +216,7 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> Plan:
     return Plan(
         stages=tuple(stages),
         model_inputs=model_inputs,
-        model_outputs=tuple(_spec(node, name) for name, node in named_outputs),
+        model_outputs=tuple(spec_of(node, name) for name, node in named_outputs),
     )
 
 
@@ -300,7 +300,12 @@ def _model_outputs(gm: fx.GraphModule) -> list[tuple[str, fx.Node]]:
     return named
 
 
-def _spec(node: fx.Node, name: str) -> TensorSpec:
+def spec_of(node: fx.Node, name: str) -> TensorSpec:
+    """The ``TensorSpec`` called ``name`` of ``node``'s output, from its recorded shape and dtype.
+
+    Raises:
+        UnsupportedLayerError: if the node has no recorded shape or dtype.
+    """
     shape, dtype = node.meta.get(META_SHAPE), node.meta.get(META_DTYPE)
     if shape is None or dtype is None:
         raise UnsupportedLayerError(
@@ -316,18 +321,18 @@ def _stage(
     read_later: set[str],
     named_outputs: Sequence[tuple[str, fx.Node]],
 ) -> Stage:
-    inputs = tuple(_spec(by_name[p.name], p.name) for p in sub.graph.nodes if p.op == "placeholder")
+    inputs = tuple(spec_of(by_name[p.name], p.name) for p in sub.graph.nodes if p.op == "placeholder")
     out_node = sub.graph.output_node()
     values, outputs = [], []
     for value in out_node.args[0]:
         node = by_name[value.name]
         if value.name in read_later:
             values.append(value)
-            outputs.append(_spec(node, value.name))
+            outputs.append(spec_of(node, value.name))
         for name, model_node in named_outputs:
             if model_node is node:
                 values.append(value)
-                outputs.append(_spec(node, name))
+                outputs.append(spec_of(node, name))
     out_node.args = (tuple(values),)
     sub.recompile()
     return Stage(name=f"{tier}.0", tier=tier, index=0, gm=sub, inputs=inputs, outputs=tuple(outputs))

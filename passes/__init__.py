@@ -4,6 +4,7 @@ Each pass has the signature ``(gm: GraphModule, ctx: CompileContext) -> PassResu
 never mutates its input (it ``clone``s it), and records its results in node metadata.
 """
 
+from partc.passes.compress import compress_cut_tensors
 from partc.passes.cut import select_cuts
 from partc.passes.profile import annotate_profile
 from partc.passes.tile import tile_conv_stages
@@ -13,8 +14,12 @@ PASSES: dict[str, Pass] = {
     "annotate-profile": annotate_profile,
     "select-cuts": select_cuts,
     "tile-conv-stages": tile_conv_stages,
+    "compress-cut-tensors": compress_cut_tensors,
 }
 
-# tile-conv-stages is not in the default pipeline yet: its tiles stay inside one stage until
-# the manifest gives each tile its own stage and the runtime scatters them to the edge nodes.
-DEFAULT_PIPELINE: tuple[str, ...] = ("annotate-profile", "select-cuts")
+# Run on the whole model, in this order, by ``partc compile``: they choose the primary plan.
+DEFAULT_PIPELINE: tuple[str, ...] = ("annotate-profile", "select-cuts", "compress-cut-tensors")
+
+# Run by ``partc compile`` on each plan of a build once its tiers are assigned (the plan family
+# and the fallbacks are chosen on the untiled model; each plan is then tiled on its own).
+PLAN_PASSES: tuple[str, ...] = ("tile-conv-stages",)

@@ -24,6 +24,7 @@ for the others ``Codec.max_error(x)`` bounds the absolute error of every element
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +90,30 @@ def parse_codec(name: str) -> Codec:
         pack = "zstd"
     canonical = quant + (f"+zstd-{level}" if pack == "zstd" else f"+{pack}" if pack else "")
     return Codec(canonical, quant, pack, level if pack == "zstd" else 0)
+
+
+# The codec entry of a link that sends tensors as they are.
+NO_CODEC = {"codec": "none", "ratio": 1.0, "encode_bytes_per_s": None, "decode_bytes_per_s": None, "agreement": None,
+            "samples": 0}
+
+
+def effective_bandwidth(bandwidth: float, entry: Mapping) -> float:
+    """Return the raw bytes per second a link of ``bandwidth`` bytes/s moves with ``entry``'s codec.
+
+    ``entry`` is a link's codec entry (``partc.ir.META_LINK_CODECS``; the manifest's
+    ``cluster.links[].codec``).
+
+    ``1 / (1 / (ratio * bandwidth) + 1 / encode + 1 / decode)``: the wire carries ``1/ratio``
+    of the bytes, and encoding and decoding run one after the other with the transfer (a
+    speed of None is free). For codec ``none`` this is exactly ``bandwidth``.
+    """
+    if entry["codec"] == "none":
+        return bandwidth
+    seconds = 1 / (entry["ratio"] * bandwidth)
+    for key in ("encode_bytes_per_s", "decode_bytes_per_s"):
+        if entry[key] is not None:
+            seconds += 1 / entry[key]
+    return 1 / seconds
 
 
 def encode(array: np.ndarray, codec: Codec) -> bytes:

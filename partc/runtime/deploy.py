@@ -16,19 +16,24 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from partc.errors import PartcError, RunError
 from partc.manifest import ManifestStage, manifest_stages, read_manifest
 from partc.runtime.driver import Driver, connect, stage_routes
+from partc.runtime.local import load_programs
 from partc.runtime.plans import from_manifest
-from partc.runtime.transport import NO_SECURITY, Security, StageServer
-from partc.runtime.worker import serve_stage
+from partc.runtime.transport import DEFAULT_RETRY, NO_SECURITY, GrpcChannel, Security, StageServer, call_stage
+from partc.runtime.wire import Frame, decode, encode
+from partc.runtime.worker import Route, serve_stage
+from partc.schedule import TileCall
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 120.0  # seconds for a worker process to load its artifact and listen
+TILE_TIMEOUT = 60.0  # seconds for a tier's other node to answer a tile
 
 
 def _folder(build: Path | str) -> Path:
@@ -46,39 +51,68 @@ def serve(
     *,
     listen: str = "127.0.0.1:0",
     next_address: str | None = None,
+    peers: Mapping[str, str] | None = None,
     security: Security = NO_SECURITY,
 ) -> StageServer:
     """Python twin of ``partc serve``: serve ``stage`` of ``build`` over gRPC.
 
     Args:
-        build: the build folder (only the manifest and this stage's artifact are needed).
+        build: the build folder (only the manifest and this stage's artifacts are needed).
         stage: stage name (``edge.0``).
         listen: host:port to listen on (port 0: any free port; see ``StageServer.address``).
         next_address: host:port of the next stage's worker; required unless ``stage`` is last.
-        security: token and TLS files, for both this server and the call to the next stage.
+        peers: stage -> host:port of the tier's other nodes (``edge.1``) that run tiles for
+            ``stage``; required when it has tiled programs.
+        security: token and TLS files, for both this server and its calls to other stages.
 
     Raises:
         ManifestError: for a bad manifest or a missing or tampered artifact.
-        PartcError: for an unknown stage or a missing ``next_address``.
+        PartcError: for an unknown stage or a missing address.
     """
-    from partc.targets import backend
-
     manifest = read_manifest(build)
     names = [s["name"] for s in manifest["stages"]]
     if stage not in names:
         raise PartcError(f"no stage {stage!r} in this build; stages are: {', '.join(names)}")
-    (mine,) = [s for s in manifest_stages(manifest, _folder(build), verify=[stage]) if s.name == stage]
+    stages = manifest_stages(manifest, _folder(build), verify=[stage])
+    (mine,) = [s for s in stages if s.name == stage]
+    pool = ThreadPoolExecutor(8, thread_name_prefix="partc-tiles")
+    if mine.index > 0:  # a further node of its tier: one route per tile program, keyed by its position
+        fns = load_programs(stages, [stage], None, pool)
+        routes = {k: Route(stage, tuple(t.name for t in a.inputs), tuple(t.name for t in a.outputs),
+                           results=tuple(t.name for t in a.outputs))
+                  for k, (pid, a) in enumerate(mine.programs.items())}
+        return serve_stage(routes, {k: fns[pid] for k, pid in enumerate(mine.programs)}, listen, security)
     plans, hops = from_manifest(manifest)
     routes = stage_routes(plans, _model_names(manifest, "inputs"), _model_names(manifest, "outputs"),
                           [h.codec for h in hops])[stage]
     if any(r.next_stage for r in routes.values()):
-        following = names[names.index(stage) + 1]
+        following = routes[next(i for i, r in routes.items() if r.next_stage)].next_stage
         if not next_address:
             raise PartcError(f"stage {stage!r} forwards to {following!r}: give its address (--next HOST:PORT)")
         routes = {i: replace(r, next_address=next_address) if r.next_stage else r for i, r in routes.items()}
-    loaded = {pid: backend(artifact.backend).load(artifact) for pid, artifact in mine.programs.items()}
-    fns = {i: loaded[plan.programs[stage]] for i, plan in enumerate(plans) if stage in plan.programs}
-    return serve_stage(routes, fns, listen, security)
+    call = _tile_call(stages, mine, dict(peers or {}), security) if mine.schedules else None
+    fns = load_programs(stages, [stage], call, pool)
+    return serve_stage(routes, {i: fns[plan.programs[stage]] for i, plan in enumerate(plans)
+                                if stage in plan.programs}, listen, security)
+
+
+def _tile_call(stages: Sequence[ManifestStage], coordinator: ManifestStage, peers: Mapping[str, str],
+               security: Security) -> TileCall:
+    """Return the ``TileCall`` of a tiled stage: program ``pid`` on node t goes to ``<tier>.<t>``'s worker."""
+    nodes = {s.index: s for s in stages if s.tier == coordinator.tier and s.index > 0}
+    missing = sorted(s.name for s in nodes.values() if s.name not in peers)
+    if missing:
+        raise PartcError(f"stage {coordinator.name!r} runs tiles on {', '.join(missing)}: give their addresses "
+                         f"(--peer {missing[0]}=HOST:PORT)")
+    channels = {t: GrpcChannel(s.name, peers[s.name], security) for t, s in nodes.items()}
+    keys = {t: {pid: k for k, pid in enumerate(s.programs)} for t, s in nodes.items()}
+
+    def call(t: int, pid: str, tensors: Mapping) -> dict:
+        payload = encode(Frame(0, tensors, plan=keys[t][pid]))
+        reply = decode(call_stage(channels[t], payload, time.monotonic() + TILE_TIMEOUT, DEFAULT_RETRY))
+        return dict(reply.tensors)
+
+    return call
 
 
 def connect_build(
@@ -96,7 +130,7 @@ def connect_build(
     unknown = sorted(set(addresses) - set(names))
     if unknown:
         raise PartcError(f"no stage {unknown[0]!r} in this build; stages are: {', '.join(names)}")
-    missing = [name for name in names if name not in addresses]
+    missing = [s["name"] for s in manifest["stages"] if s["index"] == 0 and s["name"] not in addresses]
     if missing:
         raise PartcError(f"no address for stage {missing[0]!r}; give every stage as --connect STAGE=HOST:PORT")
     plans, hops = from_manifest(manifest, addresses)
@@ -144,8 +178,9 @@ def bundle(build: Path | str, tier: str, output: Path | str) -> list[str]:
 class LocalWorkers:
     """Every stage of a build as its own ``partc serve`` process on loopback.
 
-    Use as a context manager: the processes are started on entry (last stage first, so
-    each knows where to forward) and stopped on exit, also on failure.
+    Use as a context manager: the processes are started on entry (the nodes that run
+    tiles first, then the chain, last stage first, so that each knows where to forward) and
+    stopped on exit, also on failure.
     """
 
     build: Path
@@ -158,12 +193,17 @@ class LocalWorkers:
         self._scratch = tempfile.TemporaryDirectory(prefix="partc-workers-")
         try:
             next_address = None
-            for stage in reversed(stages):
+            # the tier's other nodes (they run tiles) first, then the chain from its last stage
+            for stage in sorted(reversed(stages), key=lambda s: s.index == 0):
+                peers = {s.name: self.addresses[s.name] for s in stages
+                         if s.tier == stage.tier and s.index > 0 and stage.schedules}
                 process, ready, log_path = spawn_worker(self.build, stage.name, Path(self._scratch.name),
-                                                        next_address=next_address, token_file=self.token_file,
+                                                        next_address=next_address if stage.index == 0 else None,
+                                                        peers=peers, token_file=self.token_file,
                                                         processes=self.processes)
-                next_address = wait_ready(process, ready, log_path, f"worker for stage {stage.name!r}")["address"]
-                self.addresses[stage.name] = next_address
+                address = wait_ready(process, ready, log_path, f"worker for stage {stage.name!r}")["address"]
+                self.addresses[stage.name] = address
+                next_address = address if stage.index == 0 else next_address
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -181,6 +221,7 @@ def spawn_worker(
     *,
     listen: str = "127.0.0.1:0",
     next_address: str | None = None,
+    peers: Mapping[str, str] | None = None,
     token_file: Path | None = None,
     prefix: Sequence[str] = (),
     processes: dict[str, subprocess.Popen] | None = None,
@@ -196,6 +237,7 @@ def spawn_worker(
     argv = [*prefix, sys.executable, "-m", "partc.cli", "serve", str(build), "--stage", stage,
             "--listen", listen, "--ready-file", str(ready)]
     argv += ["--next", next_address] if next_address else []
+    argv += [arg for name, address in (peers or {}).items() for arg in ("--peer", f"{name}={address}")]
     argv += ["--token-file", str(token_file)] if token_file else []
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)

@@ -6,17 +6,19 @@ between workers, so a build with a lossy codec gives here what it gives when dis
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from partc.errors import ManifestError
-from partc.manifest import manifest_stages, read_manifest
-from partc.plan import Artifact, StageFn, TensorSpec
+from partc.manifest import ManifestStage, manifest_stages, read_manifest, tensor_spec
+from partc.plan import StageFn, TensorSpec
 from partc.runtime.codec import decode, encode, parse_codec
 from partc.runtime.plans import Hop, from_manifest
+from partc.schedule import TileCall, schedule_fn
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,15 +30,15 @@ class Pipeline:
     Attributes:
         path: the build folder.
         manifest: its manifest.
-        programs: (stage, program id, artifact) of each stage of the primary plan that has
-            a program, in chain order.
-        fns: program id -> loaded program.
+        programs: (stage, program id, its inputs, its outputs) of each stage of the primary
+            plan that has a program, in chain order.
+        fns: program id -> loaded program (a tiled one runs its tiles in this process).
         hops: the hops of the chain (their codecs apply to the tensors crossing them).
     """
 
     path: Path
     manifest: dict
-    programs: tuple[tuple[str, str, Artifact], ...]
+    programs: tuple[tuple[str, str, tuple[TensorSpec, ...], tuple[TensorSpec, ...]], ...]
     fns: Mapping[str, StageFn]
     hops: tuple[Hop, ...]
 
@@ -69,14 +71,14 @@ class Pipeline:
         names = [s["name"] for s in self.manifest["stages"]]
         env = {t.name: inputs[t.name] for t in self.model_inputs}
         made_at = dict.fromkeys(env, 0)
-        for stage, pid, artifact in self.programs:
+        for stage, pid, reads, writes in self.programs:
             here = names.index(stage)
-            for t in artifact.inputs:
+            for t in reads:
                 for hop in self.hops[made_at[t.name]: here]:
                     env[t.name] = _through(hop.codec, env[t.name])
                 made_at[t.name] = here
-            env.update(self.fns[pid]({t.name: env[t.name] for t in artifact.inputs}))
-            made_at.update(dict.fromkeys((t.name for t in artifact.outputs), here))
+            env.update(self.fns[pid]({t.name: env[t.name] for t in reads}))
+            made_at.update(dict.fromkeys((t.name for t in writes), here))
         return {t.name: env[t.name] for t in self.model_outputs}
 
 
@@ -102,14 +104,41 @@ def load(path: Path | str) -> Pipeline:
     Raises:
         ManifestError: for a malformed manifest, or a missing or tampered artifact.
     """
-    from partc.targets import backend
-
     path = Path(path)
     manifest = read_manifest(path)
     folder = path if path.is_dir() else path.parent
-    stages = {s.name: s for s in manifest_stages(manifest, folder)}  # checksums first: nothing unverified is loaded
+    stages = manifest_stages(manifest, folder)  # checksums first: nothing unverified is loaded
     primary = manifest["plans"][0]["programs"]
-    programs = tuple((name, primary[name], stages[name].programs[primary[name]]) for name in stages if name in primary)
-    fns = {pid: backend(artifact.backend).load(artifact) for _, pid, artifact in programs}
+    fns = load_programs(stages, [s.name for s in stages], None, ThreadPoolExecutor(4, thread_name_prefix="partc-tiles"))
+    programs = []
+    for stage in stages:
+        pid = primary.get(stage.name)
+        if pid is not None:
+            entry = stage.schedules.get(pid)
+            reads, writes = ((stage.programs[pid].inputs, stage.programs[pid].outputs) if entry is None else
+                             (tuple(map(tensor_spec, entry["inputs"])), tuple(map(tensor_spec, entry["outputs"]))))
+            programs.append((stage.name, pid, reads, writes))
     _, hops = from_manifest(manifest)
-    return Pipeline(folder, manifest, programs, fns, tuple(hops))
+    return Pipeline(folder, manifest, tuple(programs), fns, tuple(hops))
+
+
+def load_programs(stages: Sequence[ManifestStage], names: Collection[str], call: TileCall | None,
+                  pool: Executor) -> dict[str, StageFn]:
+    """Load every program of the stages ``names`` of a build, by program id.
+
+    An artifact loads through its backend; a tiled program becomes its schedule's
+    ``StageFn``, whose tiles on the tier's other nodes go through ``call`` (None: those
+    nodes' programs run in this process and must be among ``names``).
+    """
+    from partc.targets import backend
+
+    fns = {pid: backend(a.backend).load(a) for s in stages if s.name in names for pid, a in s.programs.items()}
+    reads = {pid: [t.name for t in a.inputs] for s in stages for pid, a in s.programs.items()}
+    for stage in stages:
+        if stage.name not in names:
+            continue
+        for pid, entry in stage.schedules.items():
+            steps = [list(ids) for ids in entry["steps"]]
+            tiles = call or (lambda t, program, tensors: fns[program](tensors))
+            fns[pid] = schedule_fn(steps, reads, [tuple(r) for r in entry["results"]], fns, tiles, pool)
+    return fns

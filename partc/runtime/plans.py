@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from partc.errors import PartcError
 from partc.runtime.bandwidth import BandwidthEstimator
+from partc.runtime.codec import NO_CODEC, effective_bandwidth
 from partc.runtime.worker import StageSpec
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,8 @@ class Hop:
             stages' tiers are not consecutive.
         bandwidth: the cluster file's bandwidth, bytes per second (the narrowest link's).
         latency: one-way latency, seconds (summed over the links).
-        codec: the codec tensors cross it with.
-        ratio: raw bytes per wire byte with that codec (measured at compile time).
-        encode, decode: raw bytes per second the codec encodes and decodes (None: free).
+        compression: the codec entry of its first link (``partc.ir.META_LINK_CODECS``: codec,
+            ratio, encode and decode speeds, measured at compile time).
     """
 
     src: str
@@ -54,21 +54,21 @@ class Hop:
     links: tuple[str, ...]
     bandwidth: float
     latency: float
-    codec: str = "none"
-    ratio: float = 1.0
-    encode: float | None = None
-    decode: float | None = None
+    compression: Mapping = field(default_factory=lambda: dict(NO_CODEC))
 
     @property
     def name(self) -> str:
         """``"src->dst"``, as the driver keys its bandwidth estimates."""
         return f"{self.src}->{self.dst}"
 
+    @property
+    def codec(self) -> str:
+        """The codec tensors cross this hop with."""
+        return self.compression["codec"]
+
     def effective(self, bandwidth: float) -> float:
         """Raw tensor bytes per second this hop moves at link ``bandwidth``, codec included."""
-        seconds = 1 / (self.ratio * bandwidth)
-        seconds += sum(1 / speed for speed in (self.encode, self.decode) if speed)
-        return 1 / seconds
+        return effective_bandwidth(bandwidth, self.compression)
 
 
 @dataclass(frozen=True)
@@ -198,8 +198,8 @@ def from_manifest(manifest: Mapping, addresses: Mapping[str, str] | None = None)
     ``addresses`` (stage -> host:port) go into the plans' stages; absent ones are "".
     """
     addresses = addresses or {}
-    stages = manifest["stages"]
-    programs = {(s["name"], p["id"]): p for s in stages for p in s["programs"]}
+    stages = [s for s in manifest["stages"] if s["index"] == 0]  # the chain; the others only run tiles
+    programs = {(s["name"], p["id"]): p for s in stages for p in s["programs"] + s["schedules"]}
     tiers = [t["name"] for t in manifest["cluster"]["tiers"]]
     links = {(lk["from"], lk["to"]): lk for lk in manifest["cluster"]["links"]}
     hops = []
@@ -207,7 +207,7 @@ def from_manifest(manifest: Mapping, addresses: Mapping[str, str] | None = None)
         a, c = tiers.index(src["tier"]), tiers.index(dst["tier"])
         path = [links[(tiers[b], tiers[b + 1])] for b in range(a, c)]
         hops.append(Hop(src["name"], dst["name"], tuple(f"{lk['from']}->{lk['to']}" for lk in path),
-                        min(lk["bandwidth"] for lk in path), sum(lk["latency"] for lk in path)))
+                        min(lk["bandwidth"] for lk in path), sum(lk["latency"] for lk in path), path[0]["codec"]))
     plans = []
     for entry in manifest["plans"]:
         chain = []

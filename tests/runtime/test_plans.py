@@ -26,7 +26,8 @@ def estimate(bandwidth, samples=3):
 
 def test_latency_is_affine_in_inverse_bandwidth_with_the_codec_folded_in():
     assert PLANS[0].latency(HOPS, {"device.0->cloud.0": 40 * MBIT}) == pytest.approx(0.060 + 150_000 / (40 * MBIT))
-    hop = Hop("a", "b", ("a->b",), 10 * MBIT, 0.0, "int8+zstd-1", ratio=5.0, encode=200e6, decode=400e6)
+    codec = {"codec": "int8+zstd-1", "ratio": 5.0, "encode_bytes_per_s": 200e6, "decode_bytes_per_s": 400e6}
+    hop = Hop("a", "b", ("a->b",), 10 * MBIT, 0.0, codec)
     assert hop.effective(10 * MBIT) == pytest.approx(1 / (1 / (50 * MBIT) + 1 / 200e6 + 1 / 400e6))
     assert Hop("a", "b", ("a->b",), MBIT, 0.0).effective(MBIT) == MBIT
 
