@@ -232,8 +232,9 @@ def write_manifest(manifest: Mapping, folder: Path) -> Path:
 def render_deployment(manifest: Mapping, folder: Path, build_name: str) -> list[Path]:
     """Render the human-facing deployment files of the build ``build_name`` into ``folder``.
 
-    Per stage: ``serve-<stage>.sh`` (runs ``partc serve`` for it) and
-    ``partc-<stage>.service`` (a systemd unit running that script); and one ``README.md``.
+    Per stage: ``serve-<stage>.sh`` (runs ``partc serve`` for it, with the address of the
+    next stage of the chain and of the nodes that run its tiles) and ``partc-<stage>.service``
+    (a systemd unit running that script); and one ``README.md``.
     Returns the files written.
     """
     import jinja2
@@ -243,11 +244,16 @@ def render_deployment(manifest: Mapping, folder: Path, build_name: str) -> list[
         keep_trailing_newline=True, autoescape=False,
     )
     stages = manifest["stages"]
-    written = []
-    for i, stage in enumerate(stages):
-        values = {"stage": stage, "next_stage": stages[i + 1]["name"] if i + 1 < len(stages) else None,
+    chain = [s["name"] for s in stages if s["index"] == 0]
+    written, deploy = [], []
+    for stage in stages:
+        at = chain.index(stage["name"]) if stage["index"] == 0 else len(chain)
+        tiles = stage["schedules"]
+        peers = [s["name"] for s in stages if tiles and s["tier"] == stage["tier"] and s["index"] > 0]
+        values = {"stage": stage, "next_stage": chain[at + 1] if at + 1 < len(chain) else None, "peers": peers,
                   "partc_version": manifest["partc_version"], "model": manifest["model"]["spec"],
                   "build_name": build_name}
+        deploy.append({key: stage[key] for key in ("name", "tier", "index")} | values)
         script = folder / f"serve-{stage['name']}.sh"
         script.write_text(env.get_template("serve.sh.j2").render(values))
         script.chmod(0o755)
@@ -258,7 +264,7 @@ def render_deployment(manifest: Mapping, folder: Path, build_name: str) -> list[
     predicted = manifest["plans"][0]["predicted"]
     links = [{"src": key.split("->")[0], "dst": key.split("->")[1], "bytes": nbytes,
               "seconds": predicted["transfer"][key]} for key, nbytes in predicted["link_bytes"].items()]
-    readme.write_text(env.get_template("README.md.j2").render({**manifest, "links": links}))
+    readme.write_text(env.get_template("README.md.j2").render({**manifest, "links": links, "deploy": deploy}))
     return [*written, readme]
 
 

@@ -88,6 +88,7 @@ def schedule_stage(stage: Stage) -> Schedule | None:
     from torch.fx.passes.split_module import split_module
 
     split = split_module(gm, gm, lambda n: slots[n], keep_original_node_name=True, tuple_return=True)
+    split.eval()  # a new GraphModule trains by default; its modules are the model's own
     programs = {int(c.target.removeprefix("submod_")): getattr(split, c.target)
                 for c in split.graph.nodes if c.op == "call_module"}
     by_name = {n.name: n for n in gm.graph.nodes}

@@ -25,6 +25,10 @@
 - **Path.** Stages on tiers ``a`` and ``c`` cross the cluster's links ``a .. c-1``: their
   veth gets the narrowest bandwidth and the summed latency. Consecutive stages on one tier
   get an unshaped veth and no proxy.
+- **Tiles.** A tier's further nodes (``edge.1``..., which run tiles for ``edge.0``) get a
+  namespace each, joined to their coordinator's by a veth of their own (``t<k>`` on the
+  coordinator's side), shaped and delayed as the tier's link to itself says (unshaped
+  without one), and a CPU quota like any stage.
 - **CPU.** Each worker is moved, once it listens, into the cgroup (v1 ``cpu`` controller)
   ``/sys/fs/cgroup/cpu/partc-<pid>-<n>-<i>`` with ``cfs_quota_us = share x cfs_period_us``.
   The share emulates the target's speed in cores of this host: the target's
@@ -93,7 +97,7 @@ def chain(manifest: Mapping) -> list[tuple[str, str]]:
     """Return (name, tier) of every node of the testbed's chain: ``DRIVER`` first where the first
     stage does not run on the first tier (model inputs come from the first tier), then the stages."""
     first = manifest["cluster"]["tiers"][0]["name"]
-    stages = [(s["name"], s["tier"]) for s in manifest["stages"]]
+    stages = [(s["name"], s["tier"]) for s in manifest["stages"] if s["index"] == 0]
     return stages if stages[0][1] == first else [(DRIVER, first), *stages]
 
 
@@ -113,6 +117,18 @@ def hops(manifest: Mapping) -> list[Hop]:
             sum(lk["latency"] for lk in path), sum(predicted["transfer"].get(k, 0.0) for k in keys),
             predicted["link_bytes"].get(keys[0], 0) if keys else 0,
         ))
+    return out
+
+
+def tile_hops(manifest: Mapping) -> list[Hop]:
+    """Return the hop from each tier's first node to each of its further nodes, per the tier's own link."""
+    links = {lk["from"]: lk for lk in manifest["cluster"]["links"] if lk["from"] == lk["to"]}
+    out = []
+    for s in manifest["stages"]:
+        if s["index"] > 0:
+            link = links.get(s["tier"], {})
+            out.append(Hop(f"{s['tier']}.0", s["name"], f"{s['tier']}->{s['tier']}" if link else "",
+                           link.get("bandwidth"), link.get("latency", 0.0), 0.0, 0))
     return out
 
 
@@ -171,9 +187,11 @@ class Testbed:
         cores = len(os.sched_getaffinity(0))
         self.shares = {s["name"]: overrides.get(s["name"]) or cpu_share(s["target"], cores) for s in stages}
         self.hops = hops(self.manifest)
+        self.tile_hops = tile_hops(self.manifest)
         self.token_file = token_file
         prefix = f"partc-{os.getpid()}-{id(self) % 10_000}"
-        self.namespaces = {name: f"{prefix}-{i}" for i, (name, _) in enumerate(chain(self.manifest))}
+        nodes = [name for name, _ in chain(self.manifest)] + [h.dst for h in self.tile_hops]
+        self.namespaces = {name: f"{prefix}-{i}" for i, name in enumerate(nodes)}
         self.addresses: dict[str, str] = {}
         self._cgroups: list[Path] = []
         self._made_ns: list[str] = []
@@ -191,15 +209,16 @@ class Testbed:
         return self
 
     def _start(self) -> None:
-        nodes = list(self.namespaces)
+        nodes = list(self.namespaces)[: len(self.namespaces) - len(self.tile_hops)]
         for ns in self.namespaces.values():
             _sh("ip", "netns", "add", ns)
             self._made_ns.append(ns)
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
-        for i, hop in enumerate(self.hops):
+        for i, hop in enumerate(self.hops + self.tile_hops):
             src, dst = self.namespaces[hop.src], self.namespaces[hop.dst]
-            _sh("ip", "link", "add", "out", "netns", src, "type", "veth", "peer", "name", "in", "netns", dst)
-            for ns, dev, host in ((src, "out", 1), (dst, "in", 2)):
+            out, into = self._devices(hop)
+            _sh("ip", "link", "add", out, "netns", src, "type", "veth", "peer", "name", into, "netns", dst)
+            for ns, dev, host in ((src, out, 1), (dst, into, 2)):
                 _sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{i}.{host}/24", "dev", dev)
                 _sh("ip", "-n", ns, "link", "set", dev, "up")
             if hop.bandwidth is not None:
@@ -219,14 +238,20 @@ class Testbed:
             self.addresses[nodes[1]] = self._address(0)
             self._start_proxy(DRIVER, self._address(0), self._address(1), 0.0)
         waits = {}
+        tiles = {}
+        for k, hop in enumerate(self.tile_hops):  # a tier's further nodes, reached from its first
+            address = f"{SUBNET}.{len(self.hops) + k}.2:{PORT}"
+            self.addresses[hop.dst] = address
+            tiles.setdefault(hop.src, {})[hop.dst] = address
+            waits[hop.dst] = self._spawn(hop.dst, scratch, WORKER_LISTEN if hop.bandwidth else address, None, {})
+            if hop.bandwidth:
+                self._start_proxy(hop.dst, address, WORKER_LISTEN, hop.latency)
         for i, name in enumerate(nodes):  # every address is known up front: start them all at once
             if name == DRIVER:
                 continue
             listen = WORKER_LISTEN if self._proxied(i) else self._address(i)
             next_address = self._address(i + 1) if i + 1 < len(nodes) else None
-            prefix = ("ip", "netns", "exec", self.namespaces[name])
-            waits[name] = spawn_worker(self.build, name, scratch, listen=listen, next_address=next_address,
-                                       token_file=self.token_file, prefix=prefix, processes=self.processes)
+            waits[name] = self._spawn(name, scratch, listen, next_address, tiles.get(name, {}))
             if self._proxied(i):
                 self._start_proxy(name, self._address(i), WORKER_LISTEN, self.hops[i - 1].latency)
         deadline = time.monotonic() + START_TIMEOUT
@@ -241,6 +266,18 @@ class Testbed:
             time.sleep(0.05)
         for node, proxy in self.proxies.items():
             wait_ready(proxy, *self._proxy_files(node), f"delay proxy in the namespace of {node!r}")
+
+    def _spawn(self, name: str, scratch: Path, listen: str, next_address: str | None,
+               peers: Mapping[str, str]) -> tuple[subprocess.Popen, Path, Path]:
+        prefix = ("ip", "netns", "exec", self.namespaces[name])
+        return spawn_worker(self.build, name, scratch, listen=listen, next_address=next_address, peers=peers,
+                            token_file=self.token_file, prefix=prefix, processes=self.processes)
+
+    def _devices(self, hop: Hop) -> tuple[str, str]:
+        """The veth's names at its two ends: ``out``/``in`` on the chain, ``t<k>``/``in`` to a tile node."""
+        if hop in self.tile_hops:
+            return f"t{self.tile_hops.index(hop)}", "in"
+        return "out", "in"
 
     def _limit(self, stage: str, process: subprocess.Popen) -> None:
         """Move every thread of ``stage``'s worker into its cgroup (``cgroup.procs`` moves them all)."""
@@ -273,7 +310,7 @@ class Testbed:
         rate = f"{round(bandwidth * 8)}bit"
         burst = str(max(4096, round(bandwidth * 0.005)))
         limit = str(max(65536, round(bandwidth * 0.1)))
-        for ns, dev in ((self.namespaces[hop.src], "out"), (self.namespaces[hop.dst], "in")):
+        for ns, dev in zip((self.namespaces[hop.src], self.namespaces[hop.dst]), self._devices(hop), strict=True):
             _sh("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", burst,
                 "limit", limit)
 
@@ -285,7 +322,8 @@ class Testbed:
         Raises:
             PartcError: if ``link`` is not a shaped hop of this testbed or a value is not positive.
         """
-        shaped = {f"{h.src}->{h.dst}": (i, h) for i, h in enumerate(self.hops) if h.bandwidth is not None}
+        shaped = {f"{h.src}->{h.dst}": (i, h) for i, h in enumerate(self.hops + self.tile_hops)
+                  if h.bandwidth is not None}
         if link not in shaped:
             raise PartcError(f"no shaped link {link!r} in this testbed; links are: {', '.join(shaped) or 'none'}")
         if not bandwidth > 0 or (latency is not None and latency < 0):
@@ -298,7 +336,10 @@ class Testbed:
             proxy = self.proxies[hop.dst]
             proxy.stdin.write(f"{latency!r}\n".encode())
             proxy.stdin.flush()
-        self.hops[i] = hop
+        if i < len(self.hops):
+            self.hops[i] = hop
+        else:
+            self.tile_hops[i - len(self.hops)] = hop
 
     def driver(self, **options: object) -> Driver:
         """Return a driver connected to the chain; ``options`` go to ``Driver`` (window, timeout...)."""

@@ -131,3 +131,50 @@ def test_a_bundle_holds_one_tier_and_serves_from_where_it_is_unpacked(build, tmp
     err = capsys.readouterr().err
     assert "no stage of this build runs on tier 'fog'; tiers with stages: device, edge, cloud" in err
     assert not (tmp_path / "x.tar.gz").exists()
+
+
+TILED = """\
+tiers:
+  - {name: device, target: rpi4, backend: torchscript}
+  - {name: edge, target: edge-x86, backend: onnx, nodes: 2}
+links:
+  - {from: device, to: edge, bandwidth: 100Mbit/s, latency: 2ms}
+  - {from: edge, to: edge, bandwidth: 1Gbit/s, latency: 0.2ms}
+constraints:
+  pin: {device: [conv1]}
+"""
+
+
+def test_a_tiled_stage_runs_its_tiles_on_the_tiers_other_node(tmp_path, capsys):
+    (tmp_path / "cluster.yaml").write_text(TILED)
+    build = compile_model("torchvision:resnet18", ["1,3,112,112"], tmp_path / "cluster.yaml", tmp_path / "b").path
+    manifest = read_manifest(build)
+    assert [(s["name"], s["index"]) for s in manifest["stages"]] == [("device.0", 0), ("edge.0", 0), ("edge.1", 1)]
+    edge, peer = manifest["stages"][1:]
+    (schedule,) = [s for s in edge["schedules"] if s["id"] == manifest["plans"][0]["programs"]["edge.0"]]
+    assert any(len(step) == 2 for step in schedule["steps"])  # a step whose tile 1 runs on edge.1
+    assert {p["id"] for p in peer["programs"]} >= {ids[1] for ids in schedule["steps"] if len(ids) == 2}
+    assert all(p["stages"][-1] != "edge.1" for p in manifest["plans"])  # tile nodes are in no chain
+    rng = np.random.default_rng(0)
+    requests = [{"x": rng.standard_normal((1, 3, 112, 112), dtype=np.float32)} for _ in range(6)]
+    local = load(build)
+    with LocalWorkers(build) as workers, connect_build(build, workers.addresses, margin=math.inf) as driver:
+        assert set(workers.addresses) == {"device.0", "edge.0", "edge.1"}
+        results = list(driver.run(requests))
+        os.kill(workers.processes["edge.1"].pid, signal.SIGKILL)
+        workers.processes["edge.1"].wait()
+        with pytest.raises(RunError, match=r"stage 'edge\.1' at 127\.0\.0\.1:\d+ is unreachable"):
+            list(driver.run(requests[:2]))
+    for request, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result["output"], local(request)["output"])
+    with pytest.raises(PartcError, match=r"stage 'edge\.0' runs tiles on edge\.1: give their addresses "
+                                         r"\(--peer edge\.1=HOST:PORT\)"):
+        serve(build, "edge.0")
+    assert main(["bundle", str(build), "--tier", "edge", "-o", str(tmp_path / "edge.tar.gz")]) == 0
+    import tarfile
+
+    with tarfile.open(tmp_path / "edge.tar.gz") as archive:
+        names = {m.name.split("/", 1)[1] for m in archive.getmembers()}
+    assert {"serve-edge.1.sh", "partc-edge.1.service"} <= names
+    assert {p["artifact"] for p in peer["programs"]} <= names
+    assert 'PARTC_PEERS="edge.1=HOST:PORT" ./serve-edge.0.sh' in (build / "README.md").read_text()
