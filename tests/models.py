@@ -138,6 +138,30 @@ def value_branch() -> nn.Module:
     return ValueBranch()
 
 
+class Sparse(nn.Module):
+    """conv1 -> ReLU with a negative bias (mostly zeros: compressible) -> conv2 -> pool -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 16, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(16, 10)
+        with torch.no_grad():
+            self.conv1.bias.fill_(-1.0)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.conv2(self.relu(self.conv1(x))))))
+
+
+def sparse() -> nn.Module:
+    """``Sparse`` on 1x4x32x32 inputs: its ReLU output compresses well, its input does not."""
+    torch.manual_seed(0)
+    return _seeded(Sparse())
+
+
 def broken() -> nn.Module:
     """A factory that raises."""
     raise RuntimeError("weights file missing")

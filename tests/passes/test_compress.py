@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from clusters import three_tier
-from models import conv_stack
+from models import conv_stack, sparse
 from torch import nn
 
 from partc.compression import calibration_inputs, run_pipeline, top1_agreement
@@ -208,28 +208,9 @@ def test_lossy_codec_without_compression_is_an_error():
 # --- the joint choice: a slow link moves the cut to a compressible tensor ---------------------------
 
 
-class Sparse(nn.Module):
-    """conv1 -> ReLU (mostly zeros: compressible) -> conv2 (heavy) -> pool -> fc."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(4, 16, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(16, 10)
-        with torch.no_grad():
-            self.conv1.bias.fill_(-1.0)
-
-    def forward(self, x):
-        return self.fc(self.flatten(self.pool(self.conv2(self.relu(self.conv1(x))))))
-
-
 def _sparse():
     """The traced model with profiles: conv2 costs 100 ms on the device, every other node 1 ms; 0.1 ms in the cloud."""
-    torch.manual_seed(0)
-    gm = trace_model(Sparse().eval(), ["1,4,32,32"])
+    gm = trace_model(sparse(), ["1,4,32,32"])
     for node in gm.graph.nodes:
         free = node.op in ("placeholder", "output")
         node.meta[META_PROFILE] = {"device": 0.0 if free else 0.1 if node.name == "conv2" else 1e-3,

@@ -178,3 +178,32 @@ def test_a_tiled_stage_runs_its_tiles_on_the_tiers_other_node(tmp_path, capsys):
     assert {"serve-edge.1.sh", "partc-edge.1.service"} <= names
     assert {p["artifact"] for p in peer["programs"]} <= names
     assert 'PARTC_PEERS="edge.1=HOST:PORT" ./serve-edge.0.sh' in (build / "README.md").read_text()
+
+
+COMPRESSED = """\
+tiers:
+  - {name: device, target: rpi4, backend: torchscript}
+  - {name: cloud, target: cloud-cpu, backend: onnx}
+links:
+  - {from: device, to: cloud, bandwidth: 1Mbit/s, latency: 5ms, codecs: [none, none+zstd-1]}
+constraints:
+  pin: {device: [conv1], cloud: [conv2]}   # the ReLU output between them crosses
+"""
+
+
+def test_a_link_codec_applies_in_process_and_between_workers(tmp_path):
+    (tmp_path / "cluster.yaml").write_text(COMPRESSED)
+    build = compile_model("tests/models.py:sparse", ["1,4,32,32"], tmp_path / "cluster.yaml", tmp_path / "b").path
+    (link,) = read_manifest(build)["cluster"]["links"]
+    assert link["codec"]["codec"] == "none+zstd-1" and link["codec"]["ratio"] > 2
+    x = {"x": np.random.default_rng(0).standard_normal((1, 4, 32, 32), dtype=np.float32)}
+    with torch.no_grad():
+        want = load_model("tests/models.py:sparse")(torch.from_numpy(x["x"])).numpy()
+    np.testing.assert_allclose(load(build)(x)["output"], want, rtol=1e-5, atol=1e-6)  # lossless
+    with LocalWorkers(build) as workers, connect_build(build, workers.addresses, margin=math.inf) as driver:
+        results = list(driver.run([x] * 3))
+        estimate = driver.links["device.0->cloud.0"]
+    for result in results:
+        np.testing.assert_allclose(result["output"], want, rtol=1e-5, atol=1e-6)
+    raw = sum(t["bytes"] for t in read_manifest(build)["plans"][0]["transfers"] if t["to"] == "cloud.0")
+    assert estimate.total_bytes / estimate.count < raw / 2  # the frames carried the compressed tensor
