@@ -33,12 +33,11 @@ from torch import fx
 
 from partc.context import load_cluster
 from partc.errors import PartcError
-from partc.ir import META_LINK_CODECS, META_TIER, clone
+from partc.ir import META_TIER, clone
 from partc.manifest import MANIFEST, build_manifest, render_deployment, write_manifest
 from partc.pipeline import run_passes
 from partc.plan import Artifact, Plan, Stage, StageFn, build_plan, eager_stage_fn, run_plan
 from partc.report import trace_model
-from partc.runtime.codec import NO_CODEC, effective_bandwidth
 from partc.schedule import Schedule, local_schedule_fn, schedule_stage, step_id
 from partc.trace import load_model
 
@@ -94,6 +93,7 @@ def compile_model(
         PartcError: for bad input (model, shapes, cluster, constraints, unsupported layers).
     """
     from partc.passes import DEFAULT_PIPELINE, PLAN_PASSES
+    from partc.passes.compress import priced
     from partc.passes.cut import assigned_cost
     from partc.planfamily import deployment_plans
     from partc.targets import backend, target
@@ -109,10 +109,7 @@ def compile_model(
         gm = run_passes(gm, [name], ctx, dump_after=[d for d in dump_after if d in (name, "trace")], dump_dir=dump_dir)
         dump_after = [d for d in dump_after if d not in (name, "trace")]
     graph, primary, _ = assigned_cost(gm, ctx)
-    codecs = gm.meta.get(META_LINK_CODECS, {})
-    # Every plan is priced with each link's codec: its raw bytes move at the effective bandwidth.
-    graph = graph.with_bandwidth([effective_bandwidth(bw, codecs.get(link, NO_CODEC))
-                                  for link, bw in zip(graph.links, graph.bandwidth, strict=True)])
+    graph = priced(graph, gm)  # every plan is priced with each link's codec
     progress("planning for other bandwidths and for failed tiers")
     choices = deployment_plans(graph, primary, ctx.objective)
     assigned = [_assign(gm, graph.tiers, tiers) for _, tiers in choices]

@@ -1,8 +1,9 @@
 """``partc plan``: the chosen tier of every layer, its predicted cost, and the baselines.
 
 ``plan_model`` traces the model, annotates it with costs for every tier of the cluster,
-runs the exact cut (``select-cuts``) and prices the same cost graph with every baseline
-strategy. With a sweep it also computes the plan family over one link's bandwidth range
+runs the exact cut (``select-cuts``) and the choice of cut and codec per link
+(``compress-cut-tensors``), and prices the same cost graph, each link paying its codec,
+with every baseline strategy. With a sweep it also computes the plan family over one link's bandwidth range
 (every plan that is optimal somewhere in it, and the bandwidths where the optimum
 changes) and plots partc against the baselines.
 """
@@ -18,10 +19,11 @@ import numpy as np
 
 from partc.context import load_cluster, parse_bandwidth
 from partc.errors import ClusterError
-from partc.ir import META_TIER
-from partc.partition import Cost
+from partc.ir import META_LINK_CODECS, META_TIER
+from partc.partition import Cost, evaluate
 from partc.pipeline import run_passes
 from partc.report import format_table
+from partc.runtime.codec import NO_CODEC
 
 SWEEP_POINTS = 41
 
@@ -69,6 +71,7 @@ class PlanReport:
         assignment: node name -> tier.
         layers: per tier, the runs of layers it runs.
         cost: the predicted cost of partc's plan.
+        codecs: link -> the codec its tensors cross with (``compress-cut-tensors``).
         method: how the plan was found ("min-cut", "milp").
         solve_seconds: time taken by the select-cuts pass.
         baselines: strategy -> predicted cost (None: no feasible plan).
@@ -82,6 +85,7 @@ class PlanReport:
     assignment: dict[str, str]
     layers: tuple[TierRuns, ...]
     cost: Cost
+    codecs: dict[str, str]
     solve_seconds: float
     baselines: dict[str, Cost | None]
     sweep: Sweep | None = None
@@ -101,11 +105,11 @@ class PlanReport:
             rows.append((runs.tier, str(runs.nodes), ", ".join(shown) + more or "-", f"{compute * 1e3:.2f}",
                          f"{memory / 1e6:.1f}"))
         lines += [format_table(rows, right=(1, 3, 4)), ""]
-        rows = [("link", "MB", "transfer ms")]
-        rows += [(name, f"{b / 1e6:.3f}", f"{t * 1e3:.2f}")
+        rows = [("link", "MB", "codec", "transfer ms")]
+        rows += [(name, f"{b / 1e6:.3f}", self.codecs[name], f"{t * 1e3:.2f}")
                  for name, b, t in zip(self.links, c.link_bytes, c.transfer, strict=True)]
         if self.links:
-            lines += [format_table(rows, right=(1, 2)), ""]
+            lines += [format_table(rows, right=(1, 3)), ""]
         lines.append(f"predicted latency {c.latency * 1e3:.2f} ms, pipeline bottleneck {c.bottleneck * 1e3:.2f} ms "
                      f"({1 / c.bottleneck:.1f} inferences/s)" if c.bottleneck > 0 else
                      f"predicted latency {c.latency * 1e3:.2f} ms")
@@ -165,25 +169,29 @@ def plan_model(
         PartcError: for a bad model, cluster, constraint, sweep link or range.
     """
     from partc.baselines import baselines
+    from partc.passes.compress import priced
     from partc.passes.cut import assigned_cost
     from partc.report import trace_model
 
     ctx = load_cluster(cluster, profiles)
     gm = run_passes(trace_model(model, input_shapes), ["annotate-profile"], ctx)
     started = time.perf_counter()
-    gm = run_passes(gm, ["select-cuts"], ctx)
+    gm = run_passes(gm, ["select-cuts", "compress-cut-tensors"], ctx)
     solve_seconds = time.perf_counter() - started
-    graph, tiers, cost = assigned_cost(gm, ctx)
+    graph, tiers, _ = assigned_cost(gm, ctx)
+    paying = priced(graph, gm)  # the plan and the baselines alike pay each link's codec
+    codecs = gm.meta[META_LINK_CODECS]
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
     report = PlanReport(
         model=model, objective=ctx.objective, tiers=graph.tiers, links=graph.links,
         assignment={n.name: n.meta[META_TIER] for n in nodes},
-        layers=_layers(graph.names, tiers, graph.tiers), cost=cost, solve_seconds=solve_seconds,
-        baselines={name: p.cost if p else None for name, p in baselines(graph, ctx.objective).items()},
+        layers=_layers(graph.names, tiers, graph.tiers), cost=evaluate(paying, tiers),
+        codecs={link: codecs.get(link, NO_CODEC)["codec"] for link in graph.links}, solve_seconds=solve_seconds,
+        baselines={name: p.cost if p else None for name, p in baselines(paying, ctx.objective).items()},
     )
     if sweep is None:
         return report
-    return replace(report, sweep=_sweep(graph, sweep, sweep_range, plot, model, ctx))
+    return replace(report, sweep=_sweep(graph, sweep, sweep_range, plot, model, ctx))  # raw bandwidths, no codec
 
 
 def _layers(names, tiers: np.ndarray, tier_names) -> tuple[TierRuns, ...]:

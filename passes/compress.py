@@ -50,7 +50,7 @@ from partc.ir import META_LINK_CODECS, META_TIER, clone
 from partc.partition import Cost, CostGraph, evaluate, solve
 from partc.passes.cut import cost_graph
 from partc.pipeline import PassResult
-from partc.runtime.codec import effective_bandwidth, parse_codec
+from partc.runtime.codec import NO_CODEC, effective_bandwidth, parse_codec
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,18 @@ def compress_cut_tensors(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         + (f"; refused: {'; '.join(refused)}" if refused else "")
     )
     return PassResult(gm, summary)
+
+
+def priced(graph: CostGraph, gm: fx.GraphModule) -> CostGraph:
+    """``graph`` with each link at the effective bandwidth of the codec this pass chose for it.
+
+    Reads gm.meta[META_LINK_CODECS] (links without an entry, or a graph this pass has not
+    run on, keep their bandwidth): a plan's raw link bytes then cost what they cost
+    compressed, encoding and decoding included.
+    """
+    codecs = gm.meta.get(META_LINK_CODECS, {})
+    return graph.with_bandwidth([effective_bandwidth(bw, codecs.get(link, NO_CODEC))
+                                 for link, bw in zip(graph.links, graph.bandwidth, strict=True)])
 
 
 def _check_lossy(allowed: list[tuple[str, ...]], link_names: list[str], ctx: CompileContext) -> None:
