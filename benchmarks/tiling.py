@@ -39,8 +39,7 @@ tiers:
   - {{name: device, target: rpi4, backend: torchscript}}
   - {{name: edge, target: edge-x86, backend: onnx, nodes: {nodes}}}
 links:
-  - {{from: device, to: edge, bandwidth: 100Mbit/s, latency: 2ms}}
-  - {{from: edge, to: edge, bandwidth: 1Gbit/s, latency: 0.2ms}}
+  - {{from: device, to: edge, bandwidth: 100Mbit/s, latency: 2ms}}{edge_link}
 constraints:
   pin: {{device: [{stem}]}}
 """
@@ -51,7 +50,8 @@ def run_one(model: str, nodes: int, share: float, requests: int, workdir: Path) 
     """Compile ``model`` for an edge tier of ``nodes`` nodes and measure it in the testbed."""
     folder = workdir / f"{model}-{nodes}"
     folder.mkdir()
-    (folder / "cluster.yaml").write_text(CLUSTER.format(nodes=nodes, stem=STEMS[model]))
+    edge_link = "\n  - {from: edge, to: edge, bandwidth: 1Gbit/s, latency: 0.2ms}" if nodes > 1 else ""
+    (folder / "cluster.yaml").write_text(CLUSTER.format(nodes=nodes, stem=STEMS[model], edge_link=edge_link))
     build = compile_model(f"torchvision:{model}", ["1,3,224,224"], folder / "cluster.yaml", folder / "build")
     halo = _halo(f"torchvision:{model}", folder / "cluster.yaml")
     manifest = build.manifest

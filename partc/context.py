@@ -9,22 +9,40 @@ The cluster file is YAML::
       - {name: device, target: rpi4,        backend: torchscript}
       - {name: edge,   target: jetson-nano, backend: onnx, nodes: 2}
       - {name: cloud,  target: cloud-cpu,   backend: tvm}
-    links:                       # from an earlier tier to a later one
+    links:                       # from an earlier tier to a later one, or within a tier
       - {from: device, to: edge,  bandwidth: 20Mbit/s, latency: 5ms}
-      - {from: edge,   to: cloud, bandwidth: 5Mbit/s,  latency: 30ms}
+      - {from: edge,   to: cloud, bandwidth: 5Mbit/s,  latency: 30ms,
+         codecs: [none, none+zstd-1, int8+zstd-1]}   # optional, default [none]
+      - {from: edge,   to: edge,  bandwidth: 1Gbit/s,  latency: 0.2ms}   # between edge's nodes
     objective: latency           # or: throughput (optional, default latency)
     constraints:                 # optional, and so is each of its keys
       pin: {device: [conv1, bn1, "layer1.*"]}   # node names or fnmatch globs per tier
       forbid: [edge]                            # tiers that must run no node
       max_link_bytes: {device->edge: 2MB}       # most bytes per inference on a link
       max_memory: {device: 512MB}               # most parameter + activation bytes per tier
+    compression:                 # optional; needed by any lossy codec in links[].codecs
+      budget: 0.99               # least top-1 agreement with the uncompressed pipeline
+      calibration: calib.npy     # a batch of inputs, or MODULE:FUNCTION returning one
 
 - ``tiers`` (required, at least one): ``name`` (unique), ``target`` (a key of
   ``partc.targets.TARGETS``), ``backend`` (a key of ``partc.targets.BACKENDS``:
   ``torchscript``, ``onnx``, ``tvm``), ``nodes`` (optional, a positive integer, default 1).
 - ``links`` (required when there are two tiers or more): ``from`` and ``to`` name tiers,
   ``from`` before ``to``; at most one link per pair; every tier after the first must be
-  reachable from the first through links (a multi-hop path is fine).
+  reachable from the first through links (a multi-hop path is fine). A link from a tier
+  to itself is the network between that tier's nodes, over which ``tile-conv-stages``
+  scatters tiles and gathers them back; only a tier with ``nodes`` > 1 may have one, it
+  takes no ``codecs`` (tiles cross it raw), and it reaches no other tier. ``codecs``
+  (optional, default ``[none]``): the feature-map codecs (``partc.runtime.codec`` names:
+  ``none``, ``fp16``, ``int8``, ``int8c``, each optionally ``+zstd``, ``+zstd-N`` or
+  ``+lz4``) the ``compress-cut-tensors`` pass may choose from for the tensors crossing that
+  link. Links are lossless by default: a lossy codec (fp16, int8, int8c) needs
+  ``compression`` with both keys.
+- ``compression`` (optional): ``budget``, the least top-1 agreement, in (0, 1], between the
+  compressed and the uncompressed pipeline on the calibration inputs; ``calibration``, a
+  ``.npy`` file holding a batch of model inputs (first axis = samples; a relative path is
+  relative to the cluster file) or ``MODULE:FUNCTION``, a function of no arguments that
+  returns such a batch (one array, or a list with one array per model input).
 - Units are required, never guessed. Bandwidth: ``bit/s``, ``kbit/s``, ``Mbit/s``,
   ``Gbit/s``, ``B/s``, ``kB/s``, ``MB/s``, ``GB/s`` (k, M, G are powers of 1000, as
   networks count). Latency: ``s``, ``ms``, ``us``. Sizes: ``B``, ``kB``, ``MB``, ``GB``
@@ -45,7 +63,8 @@ from pathlib import Path
 
 import yaml
 
-from partc.errors import ClusterError
+from partc.errors import ClusterError, PartcError
+from partc.runtime.codec import parse_codec
 
 OBJECTIVES = ("latency", "throughput")
 
@@ -85,17 +104,20 @@ class Tier:
 
 @dataclass(frozen=True)
 class Link:
-    """A network link between two tiers; data moves only from ``src`` to ``dst``.
+    """A network link between two tiers (data moves only from ``src`` to ``dst``), or, when
+    ``src == dst``, between the nodes of one tier.
 
     Attributes:
         bandwidth: bytes per second.
         latency: one-way latency in seconds.
+        codecs: canonical codec names (``partc.runtime.codec``) allowed on this link.
     """
 
     src: str
     dst: str
     bandwidth: float
     latency: float
+    codecs: tuple[str, ...] = ("none",)
 
     def transfer_time(self, nbytes: int) -> float:
         """Seconds to move ``nbytes`` over this link: latency + bytes / bandwidth."""
@@ -120,6 +142,20 @@ class Constraints:
 
 
 @dataclass(frozen=True)
+class Compression:
+    """How lossy feature-map codecs are checked (the cluster file's ``compression``).
+
+    Attributes:
+        budget: least top-1 agreement, in (0, 1], between the compressed and the
+            uncompressed pipeline; None if not given.
+        calibration: an absolute ``.npy`` path, or ``MODULE:FUNCTION``; None if not given.
+    """
+
+    budget: float | None = None
+    calibration: str | None = None
+
+
+@dataclass(frozen=True)
 class CompileContext:
     """Everything a pass or backend may know about the deployment.
 
@@ -130,6 +166,7 @@ class CompileContext:
         constraints: user constraints.
         profiles: target name -> measured profile file (``partc profile`` output).
         source: where the configuration came from, for error messages.
+        compression: the lossy-codec budget and calibration inputs; None if not given.
     """
 
     tiers: tuple[Tier, ...]
@@ -138,6 +175,7 @@ class CompileContext:
     constraints: Constraints = field(default_factory=Constraints)
     profiles: dict[str, Path] = field(default_factory=dict)
     source: str = "<cluster>"
+    compression: Compression | None = None
 
     @property
     def tier_names(self) -> tuple[str, ...]:
@@ -214,24 +252,44 @@ def load_cluster(path: Path | str, profiles: Mapping[str, Path] | None = None) -
         raise ClusterError(f"{path}: cluster file not found") from None
     except (OSError, yaml.YAMLError) as err:
         raise ClusterError(f"{path}: not a readable YAML file: {err}") from None
-    return cluster_from_dict(data, source=str(path), profiles=profiles)
+    return cluster_from_dict(data, source=str(path), profiles=profiles, base=path.parent)
 
 
-def cluster_from_dict(data, *, source: str = "<cluster>", profiles: Mapping[str, Path] | None = None) -> CompileContext:
+def cluster_from_dict(
+    data,
+    *,
+    source: str = "<cluster>",
+    profiles: Mapping[str, Path] | None = None,
+    base: Path | None = None,
+) -> CompileContext:
     """Validate a parsed cluster file (a dict, as YAML gives it) into a ``CompileContext``.
+
+    A relative ``compression.calibration`` path is taken relative to ``base`` (the cluster
+    file's folder; the current folder when None).
 
     Raises:
         ClusterError: for any invalid field, naming ``source`` and the key path.
     """
-    root = _mapping(data, source, "the top level", required=("tiers",), optional=("links", "objective", "constraints"))
+    optional = ("links", "objective", "constraints", "compression")
+    root = _mapping(data, source, "the top level", required=("tiers",), optional=optional)
     tiers = _tiers(root["tiers"], source)
     names = tuple(t.name for t in tiers)
-    links = _links(root.get("links", []), names, source)
+    links = _links(root.get("links", []), tiers, source)
     objective = root.get("objective", "latency")
     if objective not in OBJECTIVES:
         raise ClusterError(f"{source}: objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
     constraints = _constraints(root.get("constraints", {}), names, source)
-    return CompileContext(tiers, links, objective, constraints, dict(profiles or {}), source)
+    compression = _compression(root["compression"], source, base) if "compression" in root else None
+    for i, link in enumerate(links):
+        for j, name in enumerate(link.codecs):
+            if parse_codec(name).lossless:
+                continue
+            if compression is None or compression.budget is None or compression.calibration is None:
+                raise ClusterError(
+                    f"{source}: links[{i}].codecs[{j}]: {name!r} is lossy and links are lossless by default; "
+                    "add compression: {budget: 0.99, calibration: calib.npy} to check it on real inputs"
+                )
+    return CompileContext(tiers, links, objective, constraints, dict(profiles or {}), source, compression)
 
 
 def _mapping(value, source: str, where: str, *, required: Iterable[str] = (), optional: Iterable[str] = ()) -> dict:
@@ -279,16 +337,26 @@ def _tiers(value, source: str) -> tuple[Tier, ...]:
     return tuple(tiers)
 
 
-def _links(value, names: tuple[str, ...], source: str) -> tuple[Link, ...]:
+def _links(value, tiers: tuple[Tier, ...], source: str) -> tuple[Link, ...]:
+    names = tuple(t.name for t in tiers)
     if not isinstance(value, list):
         raise ClusterError(f"{source}: links: expected a list of links, got {_type_name(value)}")
     links = []
     for i, item in enumerate(value):
         where = f"links[{i}]"
-        entry = _mapping(item, source, where, required=("from", "to", "bandwidth", "latency"))
+        entry = _mapping(item, source, where, required=("from", "to", "bandwidth", "latency"), optional=("codecs",))
         src = _tier_name(entry["from"], names, source, f"{where}.from")
         dst = _tier_name(entry["to"], names, source, f"{where}.to")
-        if names.index(src) >= names.index(dst):
+        if src == dst and tiers[names.index(src)].nodes < 2:
+            raise ClusterError(
+                f"{source}: {where}: link {src} -> {dst} is the network between the nodes of tier {src!r}, "
+                "which has one node; give the tier nodes: 2 or more, or remove the link"
+            )
+        if src == dst and "codecs" in entry:
+            raise ClusterError(
+                f"{source}: {where}.codecs: tiles cross the link {src} -> {dst} within tier {src!r} raw; remove codecs"
+            )
+        if names.index(src) > names.index(dst):
             raise ClusterError(
                 f"{source}: {where}: link {src} -> {dst} goes backwards; data only moves down the tiers "
                 f"list ({' -> '.join(names)})"
@@ -297,10 +365,10 @@ def _links(value, names: tuple[str, ...], source: str) -> tuple[Link, ...]:
             raise ClusterError(f"{source}: {where}: a second link {src} -> {dst}; give one link per pair")
         bandwidth = _quantity(parse_bandwidth, entry["bandwidth"], source, f"{where}.bandwidth")
         latency = _quantity(parse_duration, entry["latency"], source, f"{where}.latency")
-        links.append(Link(src, dst, bandwidth, latency))
+        links.append(Link(src, dst, bandwidth, latency, _codecs(entry.get("codecs", ["none"]), source, where)))
     reached = {names[0]}
     for name in names[1:]:
-        if any(lk.dst == name and lk.src in reached for lk in links):
+        if any(lk.dst == name and lk.src in reached and lk.src != lk.dst for lk in links):
             reached.add(name)
         else:
             raise ClusterError(
@@ -309,6 +377,46 @@ def _links(value, names: tuple[str, ...], source: str) -> tuple[Link, ...]:
                 "bandwidth: 20Mbit/s, latency: 5ms}"
             )
     return tuple(links)
+
+
+def _codecs(value, source: str, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ClusterError(
+            f"{source}: {where}.codecs: expected a non-empty list of codec names, got {_type_name(value)}"
+        )
+    names: list[str] = []
+    for j, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ClusterError(f"{source}: {where}.codecs[{j}]: expected a codec name such as int8+zstd-1")
+        try:
+            name = parse_codec(item).name
+        except PartcError as err:
+            raise ClusterError(f"{source}: {where}.codecs[{j}]: {err}") from None
+        if name in names:
+            raise ClusterError(f"{source}: {where}.codecs[{j}]: {name!r} is listed twice")
+        names.append(name)
+    return tuple(names)
+
+
+def _compression(value, source: str, base: Path | None) -> Compression:
+    entry = _mapping(value, source, "compression", optional=("budget", "calibration"))
+    budget = entry.get("budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1):
+        raise ClusterError(f"{source}: compression.budget: {budget!r} is not a fraction in (0, 1], e.g. 0.99")
+    calibration = entry.get("calibration")
+    if calibration is not None:
+        if not isinstance(calibration, str) or not calibration:
+            raise ClusterError(f"{source}: compression.calibration: expected a .npy path or MODULE:FUNCTION")
+        if calibration.endswith(".npy"):
+            path = (base or Path()) / calibration
+            if not path.is_file():
+                raise ClusterError(f"{source}: compression.calibration: file {calibration!r} not found")
+            calibration = str(path.resolve())
+        elif not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", calibration):
+            raise ClusterError(
+                f"{source}: compression.calibration: {calibration!r} is neither a .npy file nor MODULE:FUNCTION"
+            )
+    return Compression(None if budget is None else float(budget), calibration)
 
 
 def _tier_name(value, names: tuple[str, ...], source: str, where: str) -> str:
@@ -351,6 +459,9 @@ def _constraints(value, names: tuple[str, ...], source: str) -> Constraints:
         if not sep:
             raise ClusterError(f"{source}: {where}: expected a key 'SRC->DST' naming two tiers")
         pair = (_tier_name(src.strip(), names, source, where), _tier_name(dst.strip(), names, source, where))
+        if pair[0] == pair[1]:
+            raise ClusterError(f"{source}: {where}: a cap applies to a link between two tiers; the link within "
+                               f"tier {pair[0]!r} carries tiles, not the cut")
         max_link_bytes[pair] = _quantity(parse_size, size, source, where)
     max_memory = {}
     for tier, size in _mapping(entry.get("max_memory", {}), source, "constraints.max_memory").items():

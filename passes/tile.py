@@ -1,25 +1,50 @@
 """Vertical tiling (``tile-conv-stages``): spatially local runs as parallel tiles with halos.
 
-Each maximal run of spatially local layers on a tier with several nodes (see
-``partc.regions``) is rewritten into: slice every run input into overlapping tiles ->
-per-tile copies of the run's layers, padding only at true image borders -> crop each
-tile's outputs to its share -> stitch (``torch.cat`` along W, then H). The copies share the
-original weights: norms and activations call the same modules, and each convolution calls
-one padding-free twin module (``<conv>_unpadded``) holding the same parameter objects.
-The result equals the untiled one.
+Each maximal run of spatially local layers (see ``partc.regions``) on a tier that can
+tile is cut into consecutive parts, and each part worth tiling is rewritten into: slice
+every part input into overlapping tiles -> per-tile copies of the part's layers, padding
+only at true image borders -> crop each tile's outputs to its share -> stitch
+(``torch.cat`` along W, then H). The copies share the original weights: norms and
+activations call the same modules, and each convolution calls one padding-free twin
+module (``<conv>_unpadded``) holding the same parameter objects. The result equals the
+untiled one. Each tiled part is a run of its own (its index is ``META_TILE[0]``); tile t runs on
+node t of the tier (stage ``<tier>.<t>``), and node 0 coordinates: it slices the inputs,
+sends tiles 1.. to the other nodes, computes tile 0, gathers and stitches.
 
-Cost model for choosing a grid, per run, among 1x1 (no tiling) and every R x C grid with
-R*C <= the tier's node count (ties go to fewer tiles):
+A tier can tile when it has ``nodes`` > 1 and the cluster file has a link from it to
+itself (``{from: edge, to: edge, ...}``: the network between its nodes). A tier with
+several nodes but no such link is not tiled and the summary says so: without one there
+is no unit to price scatter and gather in, and partc does not guess bandwidths.
 
-    latency(grid) = T_run * max_t F_t / F_run + scatter + gather
+Cost model (``partc.tiling``). A node's seconds ``s(n)`` are its ``META_PROFILE[tier]``
+when every node has one, else the cost model's prediction (``partc.costmodel``) for the
+tier's target. A part tiled with an R x C grid, T = R*C tiles, on a tier whose self-link
+moves ``b`` bytes in ``link(b) = latency + b / bandwidth`` seconds::
 
-``T_run`` is the sum of the run's ``META_PROFILE[tier]`` seconds, ``F_t`` a tile's FLOPs
-(each node's FLOPs scaled by the share of its output map the tile computes, halo
-included) and ``F_run`` the untiled FLOPs: tiles run in parallel, one per node. When the
-cluster has a link from the tier to itself, ``scatter`` is its transfer time for the input
-bytes of every tile but the first (which stays where the input is) and ``gather`` the
-same for their output bytes. Without a profile for every node of the run, the model
-falls back to ``max_t F_t`` and ignores transfers (no unit to add them in).
+    c_t = sum of s(n) * |box_t(n)| / |map(n)| over the nodes n tile t computes
+    x_t = link(bytes tile t reads of the part's inputs)       (META_BYTES x share of the map)
+    y_t = link(bytes tile t contributes to the part's outputs)
+    D_t = x_1 + ... + x_t + c_t                                (tile t >= 1 is done)
+    G   = for t >= 1 by increasing D_t:  G = max(G, D_t) + y_t   (from G = 0)
+    latency = max(c_0, G)
+
+The tiles compute in parallel, one per node, as ``partc.schedule`` runs them: tile 0 on
+the coordinator while it scatters, but the coordinator's link moves one tile at a time:
+it sends tiles 1..T-1 their inputs one after the other (each transfer paying the link's
+latency), and receives their outputs one after the other, the first done first. An
+untiled part costs the sum of its ``s(n)``; a run costs the sum of its parts (consecutive
+tiled parts gather to the coordinator and scatter again). Not counted: the crops, pads
+and stitches (memory copies; on resnet18 the stitches, the coordinator's own sequential
+work, come to about 1% of the tiled latency), and a layer's per-call overhead, which each
+tile's copy pays in full but the model scales by the copy's share like the rest.
+
+Splitting. Halos grow with depth, so tiling a whole network as one run multiplies its
+FLOPs (e.g. resnet18 at 224x224, 1x2: +84%). ``partc.tiling.split_run`` chooses the parts
+of each maximal run and the grid of each (1x1, untiled, or any R x C with R*C <= nodes,
+ties to fewer tiles) that minimise the run's predicted latency: a dynamic program over
+every cut point in graph order, exact under the model. Any contiguous stretch of a convex
+run is convex, so every part is a valid run; a cut may cross several tensors (inside a
+residual block, both the block input and the branch), each gathered and scattered.
 """
 
 from __future__ import annotations
@@ -35,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from partc.context import CompileContext, Link, Tier
+from partc.context import CompileContext
 from partc.costmodel import load_calibration, predict_graph
 from partc.errors import PartcError, UnsupportedLayerError
 from partc.ir import (
@@ -63,11 +88,10 @@ from partc.regions import (
     tile_flops,
 )
 from partc.targets import target
+from partc.tiling import Grid, node_seconds, split_run
 from partc.trace import annotate
 
 log = logging.getLogger(__name__)
-
-Grid = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -97,11 +121,12 @@ class TiledRun:
 
 
 def tile_conv_stages(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
-    """Tile the spatially local runs of every tier with more than one node.
+    """Split and tile the spatially local runs of every tier that can tile (module docstring).
 
-    For each such tier, finds the maximal runs among its nodes and rewrites each with the
-    grid the cost model (module docstring) predicts fastest; runs it cannot tile are left
-    alone. When no node carries a tier and the cluster has one tier, every node is on it.
+    For each tier with more than one node and a link to itself, finds the maximal runs
+    among its nodes, cuts each into the parts ``partc.tiling.split_run`` predicts fastest
+    and rewrites every part it tiles. When no node carries a tier and the cluster has one
+    tier, every node is on it.
 
     Reads meta[META_TIER], meta[META_PROFILE], meta[META_FLOPS], meta[META_BYTES],
     meta[META_SHAPE]. Writes meta[META_TILE] on every node it adds; re-annotates the
@@ -109,22 +134,45 @@ def tile_conv_stages(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     per-tile copy of a layer the layer's META_PROFILE scaled by its share of the FLOPs,
     and, when the graph has profiles, the glue (slices, pads, crops, stitches) the cost
     model's (``partc.costmodel``) prediction for every tier.
+
+    The summary reads ``K run(s) tiled, U left untiled; <tier>: predicted A ms untiled,
+    B ms as planned; ...; run I (<tier>, N nodes): RxC, halo +P% FLOPs; ...`` (U counts
+    the parts left untiled), with ``<tier> not tiled: ...`` for a tier that has several
+    nodes but no link to itself, and starts ``no run worth tiling (U left untiled)`` or
+    ``nothing tiled`` when it tiles nothing.
     """
     tiers = [t for t in ctx.tiers if t.nodes > 1]
     if not tiers:
         return PassResult(gm, "no tier has more than one node; nothing tiled")
     gm = clone(gm)
     untiered = len(ctx.tiers) == 1 and all(META_TIER not in n.meta for n in compute_nodes(gm))
-    plans, untiled = [], 0
+    notes, plans, untiled = [], [], 0
     for tier in tiers:
-        for run in find_runs(gm, partial(_on_tier, tier=tier.name, untiered=untiered)):
-            grid, regions = choose_grid(run, gm, tier, ctx.link(tier.name, tier.name))
-            if grid == (1, 1):
-                untiled += 1
-            else:
-                plans.append((run, grid, regions))
+        link = ctx.link(tier.name, tier.name)
+        if link is None:
+            notes.append(
+                f"{tier.name} not tiled: its {tier.nodes} nodes have no link {tier.name} -> {tier.name} "
+                "to scatter tiles over; add one to the cluster file's links"
+            )
+            continue
+        runs = find_runs(gm, partial(_on_tier, tier=tier.name, untiered=untiered))
+        if not runs:
+            notes.append(f"{tier.name}: no spatially local run")
+            continue
+        seconds = node_seconds(gm, tier)
+        before = after = 0.0
+        for run in runs:
+            for part in split_run(run, gm, tier.nodes, seconds, link):
+                after += part.latency
+                if part.grid == (1, 1):
+                    untiled += 1
+                else:
+                    plans.append((list(part.nodes), part.grid, plan_regions(part.nodes, gm, part.grid)))
+            before += sum(seconds[n] for n in run)
+        notes.append(f"{tier.name}: predicted {before * 1e3:.2f} ms untiled, {after * 1e3:.2f} ms as planned")
     if not plans:
-        return PassResult(gm, f"no run worth tiling on {', '.join(t.name for t in tiers)} ({untiled} left untiled)")
+        head = f"no run worth tiling ({untiled} left untiled)" if untiled else "nothing tiled"
+        return PassResult(gm, "; ".join([head, *notes]))
     tiled = _rewrite(gm, plans)
     if any(META_PROFILE in n.meta for n in compute_nodes(gm)):
         _profile_glue(gm, ctx)
@@ -133,7 +181,7 @@ def tile_conv_stages(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         f"halo +{r.overhead:.1%} FLOPs"
         for r in tiled
     ]
-    return PassResult(gm, f"{len(tiled)} run(s) tiled, {untiled} left untiled: " + "; ".join(parts))
+    return PassResult(gm, "; ".join([f"{len(tiled)} run(s) tiled, {untiled} left untiled", *notes, *parts]))
 
 
 def _profile_glue(gm: fx.GraphModule, ctx: CompileContext) -> None:
@@ -147,49 +195,6 @@ def _profile_glue(gm: fx.GraphModule, ctx: CompileContext) -> None:
 
 def _on_tier(node: fx.Node, tier: str, untiered: bool) -> bool:
     return untiered or node.meta.get(META_TIER) == tier
-
-
-def candidate_grids(nodes: int) -> list[Grid]:
-    """Return 1x1 and every R x C grid with R*C <= ``nodes``, fewer tiles first."""
-    return [(r, count // r) for count in range(1, nodes + 1) for r in range(1, count + 1) if count % r == 0]
-
-
-def choose_grid(
-    run: Sequence[fx.Node], gm: fx.GraphModule, tier: Tier, link: Link | None
-) -> tuple[Grid, list[TileRegions]]:
-    """Return the grid with the lowest ``predict_latency`` for ``run`` on ``tier``, and its regions."""
-    best = None
-    for grid in candidate_grids(tier.nodes):
-        try:
-            regions = plan_regions(run, gm, grid)
-        except ValueError:  # an output map smaller than the grid
-            continue
-        cost = predict_latency(run, regions, tier.name, link)
-        if best is None or cost < best[0]:
-            best = (cost, grid, regions)
-    return best[1], best[2]
-
-
-def predict_latency(run: Sequence[fx.Node], regions: Sequence[TileRegions], tier: str, link: Link | None) -> float:
-    """Predict the latency of ``run`` tiled as ``regions`` on ``tier`` (module docstring).
-
-    Seconds when every node of the run has a META_PROFILE for ``tier``, else FLOPs.
-    """
-    flops = sum(n.meta[META_FLOPS] for n in run)
-    per_tile = tile_flops(run, regions)
-    profiles = [n.meta.get(META_PROFILE, {}).get(tier) for n in run]
-    if not flops or any(p is None for p in profiles):
-        return float(max(per_tile))
-    latency = sum(profiles) * max(per_tile) / flops
-    if len(regions) > 1 and link is not None:
-        scatter = sum(_share(x, box) for tile in regions[1:] for x, box in tile.inputs.items())
-        gather = sum(_share(o, box) for tile in regions[1:] for o, box in tile.stitched.items())
-        latency += link.transfer_time(scatter) + link.transfer_time(gather)
-    return latency
-
-
-def _share(node: fx.Node, box: Box) -> float:
-    return node.meta[META_BYTES] * box.area / math.prod(hw(node))
 
 
 def tile_graph(

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from partc.context import (
+    Compression,
     Constraints,
     Link,
     Tier,
@@ -207,6 +208,10 @@ def test_constraint_errors(tmp_path):
     assert cluster_error(tmp_path, base + "  max_link_bytes: {device-edge: 2MB}\n") == (
         "cluster.yaml: constraints.max_link_bytes.device-edge: expected a key 'SRC->DST' naming two tiers"
     )
+    assert cluster_error(tmp_path, base + "  max_link_bytes: {edge->edge: 2MB}\n") == (
+        "cluster.yaml: constraints.max_link_bytes.edge->edge: a cap applies to a link between two tiers; the link "
+        "within tier 'edge' carries tiles, not the cut"
+    )
     assert cluster_error(tmp_path, base + "  max_memory: {device: 512}\n") == (
         "cluster.yaml: constraints.max_memory.device: 512 has no unit; use e.g. 2MB, 512MiB, 1.5GB"
     )
@@ -233,3 +238,114 @@ def test_profile_args(tmp_path):
         parse_profile_args([f"pi={profile}"])
     with pytest.raises(ClusterError, match="file 'nope.json' not found"):
         parse_profile_args(["rpi4=nope.json"])
+
+
+COMPRESSED_CLUSTER = DESIGN_CLUSTER.replace(
+    "5Mbit/s,  latency: 30ms}", "5Mbit/s,  latency: 30ms, codecs: [none, none+zstd, int8+zstd-1]}"
+) + "compression: {budget: 0.99, calibration: calib.npy}\n"
+
+
+def test_link_codecs_and_compression(tmp_path):
+    (tmp_path / "calib.npy").write_bytes(b"")
+    ctx = load_cluster(write(tmp_path, COMPRESSED_CLUSTER))
+    assert [lk.codecs for lk in ctx.links] == [("none",), ("none", "none+zstd-1", "int8+zstd-1")]
+    assert ctx.compression == Compression(0.99, str(tmp_path / "calib.npy"))
+    assert load_cluster(write(tmp_path, DESIGN_CLUSTER)).compression is None
+    loader = COMPRESSED_CLUSTER.replace("calib.npy", "mypkg.data:calibration")
+    assert load_cluster(write(tmp_path, loader)).compression == Compression(0.99, "mypkg.data:calibration")
+    lossless = DESIGN_CLUSTER.replace("latency: 5ms}", "latency: 5ms, codecs: [none+lz4]}")
+    assert load_cluster(write(tmp_path, lossless)).links[0].codecs == ("none+lz4",)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "int8+zstd-1]",
+            "int9]",
+            "links[1].codecs[2]: unknown codec 'int9'; use none, fp16, int8 or int8c, optionally followed by "
+            "+zstd, +zstd-LEVEL or +lz4 (e.g. int8+zstd-1)",
+        ),
+        (
+            "[none, none+zstd, int8+zstd-1]",
+            "int8",
+            "links[1].codecs: expected a non-empty list of codec names, got str",
+        ),
+        ("none+zstd, int8+zstd-1]", "none+zstd-1, none+zstd]", "links[1].codecs[2]: 'none+zstd-1' is listed twice"),
+        (
+            "compression: {budget: 0.99, calibration: calib.npy}",
+            "compression: {calibration: calib.npy}",
+            "links[1].codecs[2]: 'int8+zstd-1' is lossy and links are lossless by default; "
+            "add compression: {budget: 0.99, calibration: calib.npy} to check it on real inputs",
+        ),
+        (
+            "compression: {budget: 0.99, calibration: calib.npy}",
+            "objective: latency",
+            "links[1].codecs[2]: 'int8+zstd-1' is lossy and links are lossless by default; "
+            "add compression: {budget: 0.99, calibration: calib.npy} to check it on real inputs",
+        ),
+        ("budget: 0.99", "budget: 1.5", "compression.budget: 1.5 is not a fraction in (0, 1], e.g. 0.99"),
+        ("budget: 0.99", "budget: yes", "compression.budget: True is not a fraction in (0, 1], e.g. 0.99"),
+        ("calibration: calib.npy", "calibration: gone.npy", "compression.calibration: file 'gone.npy' not found"),
+        (
+            "calibration: calib.npy",
+            "calibration: data.csv",
+            "compression.calibration: 'data.csv' is neither a .npy file nor MODULE:FUNCTION",
+        ),
+        ("budget: 0.99,", "samples: 8,", "compression: unknown key 'samples'; expected budget, calibration"),
+    ],
+)
+def test_compression_errors(tmp_path, old, new, message):
+    (tmp_path / "calib.npy").write_bytes(b"")
+    assert old in COMPRESSED_CLUSTER
+    assert cluster_error(tmp_path, COMPRESSED_CLUSTER.replace(old, new)) == f"cluster.yaml: {message}"
+
+
+WITHIN_EDGE = DESIGN_CLUSTER.replace(
+    "latency: 30ms}\n", "latency: 30ms}\n  - {from: edge,   to: edge,  bandwidth: 1Gbit/s, latency: 0.2ms}\n"
+)
+
+
+def test_link_within_a_tier_joins_its_nodes(tmp_path):
+    ctx = load_cluster(write(tmp_path, WITHIN_EDGE))
+    assert ctx.link("edge", "edge") == Link("edge", "edge", 1e9 / 8, 0.0002)
+    assert ctx.link("device", "edge") == Link("device", "edge", 20e6 / 8, 0.005)
+    assert ctx.link("edge", "cloud") == Link("edge", "cloud", 5e6 / 8, 0.030)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "nodes: 2",
+            "nodes: 1",
+            "links[2]: link edge -> edge is the network between the nodes of tier 'edge', which has one node; "
+            "give the tier nodes: 2 or more, or remove the link",
+        ),
+        (
+            ", backend: onnx, nodes: 2}",
+            ", backend: onnx}",
+            "links[2]: link edge -> edge is the network between the nodes of tier 'edge', which has one node; "
+            "give the tier nodes: 2 or more, or remove the link",
+        ),
+        (
+            "latency: 0.2ms}",
+            "latency: 0.2ms, codecs: [none+zstd]}",
+            "links[2].codecs: tiles cross the link edge -> edge within tier 'edge' raw; remove codecs",
+        ),
+        (
+            "latency: 0.2ms}",
+            "latency: 0.2ms}\n  - {from: edge, to: edge, bandwidth: 10Gbit/s, latency: 0.1ms}",
+            "links[3]: a second link edge -> edge; give one link per pair",
+        ),
+        (
+            "  - {from: device, to: edge,  bandwidth: 20Mbit/s, latency: 5ms}\n",
+            "",
+            "links: no link reaches tier 'edge' from 'device'; "
+            "add e.g. {from: device, to: edge, bandwidth: 20Mbit/s, latency: 5ms}",
+        ),
+    ],
+)
+def test_link_within_a_tier_errors(tmp_path, old, new, message):
+    assert old in WITHIN_EDGE
+    assert cluster_error(tmp_path, WITHIN_EDGE.replace(old, new)) == f"cluster.yaml: {message}"

@@ -207,3 +207,13 @@ def test_two_tier_and_single_tier_clusters(objective):
         ctx = CompileContext(tuple(Tier(t, "cpu", "torchscript") for t in names), links, objective=objective)
         tiers = _tiers(select_cuts(gm, ctx).gm)
         assert [tiers[n] for n in ("x", "reduce", "relu", "squeeze", "head", "add")] == expected
+
+
+def test_a_link_within_a_tier_is_no_hop_between_tiers():
+    gm = _branchy()
+    plain = _ctx()
+    tiers = tuple(Tier(t.name, t.target, t.backend, 2 if t.name == "edge" else 1) for t in plain.tiers)
+    within = CompileContext(tiers, (Link("edge", "edge", 1e2, 1.0), *plain.links), source="cluster.yaml")
+    graph = cost_graph(gm, within)  # the edge -> edge link comes first, with a latency no hop has
+    assert graph.latency.tolist() == [0.005, 0.03] and graph.bandwidth.tolist() == [1e3, 1e3]
+    assert _tiers(select_cuts(gm, within).gm) == _tiers(select_cuts(gm, plain).gm)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
+
 import models
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -20,10 +24,15 @@ from partc.ir import (
     META_TIER,
     META_TILE,
     compute_nodes,
+    lint,
 )
 from partc.passes import DEFAULT_PIPELINE, PASSES
-from partc.passes.tile import candidate_grids, tile_conv_stages, tile_graph, tile_nodes
+from partc.passes.tile import tile_conv_stages, tile_graph, tile_nodes
 from partc.pipeline import run_passes
+from partc.plan import build_plan, eager_stage_fn, run_plan
+from partc.regions import find_runs, plan_regions, tile_flops
+from partc.schedule import local_schedule_fn, schedule_stage, step_id
+from partc.tiling import candidate_grids, coordinator_latency, node_seconds, predict_latency, split_run
 from partc.trace import InputSpec, load_model, parse_input_spec, trace
 
 
@@ -198,6 +207,9 @@ def test_an_inplace_layer_on_the_run_input_does_not_corrupt_other_tiles():
 # --- the pass ---------------------------------------------------------------------------
 
 
+FAST = Link("edge", "edge", bandwidth=1.25e9, latency=1e-5)  # 10 Gbit/s between the edge nodes
+
+
 def _ctx(edge_nodes: int, *links: Link) -> CompileContext:
     tiers = (Tier("device", "rpi4", "torchscript"), Tier("edge", "jetson-nano", "onnx", edge_nodes),
              Tier("cloud", "cloud-cpu", "tvm"))  # fmt: skip
@@ -224,7 +236,7 @@ def test_registered_but_not_default_until_tiles_are_stages():
 def test_tiles_only_the_tier_with_several_nodes_and_reports_the_halo():
     gm = _on_three_tiers()
     before = [(n.name, dict(n.meta)) for n in gm.graph.nodes]
-    result = tile_conv_stages(gm, _ctx(4))
+    result = tile_conv_stages(gm, _ctx(4, FAST))
     tiled = result.gm
     assert [(n.name, dict(n.meta)) for n in gm.graph.nodes] == before  # the input is not changed
     tiles = _tile_nodes(tiled)
@@ -232,9 +244,9 @@ def test_tiles_only_the_tier_with_several_nodes_and_reports_the_halo():
     names = {n.name for n in tiled.graph.nodes}
     assert {"_0", "_6", "_7", "_8"} <= names  # device conv and cloud head untouched
     assert not {"_1", "_2", "_3", "_4", "_5"} & names  # the edge run, replaced by its tiles
-    assert "1 run(s) tiled" in result.summary and "halo +" in result.summary and "edge" in result.summary
+    assert "run(s) tiled" in result.summary and "halo +" in result.summary and "edge: predicted" in result.summary
     assert _relative_error(gm, tiled, InputSpec((1, 3, 32, 32))) <= 1e-5
-    run_passes(gm, ["tile-conv-stages"], _ctx(4))  # lints, tiers included
+    run_passes(gm, ["tile-conv-stages"], _ctx(4, FAST))  # lints, tiers included
 
 
 def test_tiers_with_one_node_are_left_alone():
@@ -246,7 +258,7 @@ def test_tiers_with_one_node_are_left_alone():
 
 def test_a_graph_without_tiers_on_a_one_tier_cluster_is_all_on_that_tier():
     gm = trace(models.residual(), [InputSpec((1, 8, 16, 16))])
-    result = tile_conv_stages(gm, CompileContext((Tier("edge", "jetson-nano", "onnx", 2),)))
+    result = tile_conv_stages(gm, CompileContext((Tier("edge", "jetson-nano", "onnx", 2),), (FAST,)))
     assert {n.meta[META_TILE][0] for n in _tile_nodes(result.gm)} == {0}
     assert _relative_error(gm, result.gm, InputSpec((1, 8, 16, 16))) <= 1e-5
 
@@ -254,7 +266,7 @@ def test_a_graph_without_tiers_on_a_one_tier_cluster_is_all_on_that_tier():
 def test_cost_model_uses_every_node_unless_the_halo_exchange_link_is_too_slow():
     assert candidate_grids(4) == [(1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (1, 4), (2, 2), (4, 1)]
     gm = _on_three_tiers(profile=True)
-    fast = tile_conv_stages(gm, _ctx(4))
+    fast = tile_conv_stages(gm, _ctx(4, FAST))
     grids = {n.meta[META_TILE][1] for n in _tile_nodes(fast.gm)} - {None}
     assert len(grids) == 4
     slow = tile_conv_stages(gm, _ctx(4, Link("edge", "edge", bandwidth=1e3, latency=0.01)))
@@ -263,7 +275,7 @@ def test_cost_model_uses_every_node_unless_the_halo_exchange_link_is_too_slow():
 
 def test_tile_copies_carry_their_share_of_the_profile():
     gm = _on_three_tiers(profile=True)
-    tiled = tile_conv_stages(gm, _ctx(2)).gm
+    tiled = tile_conv_stages(gm, _ctx(2, FAST)).gm
     convs = [n for n in _tile_nodes(tiled) if n.meta[META_OP] == "conv2d"]
     assert convs
     for conv in convs:
@@ -289,3 +301,147 @@ def test_forcing_a_set_that_a_path_leaves_and_reenters_is_refused():
     gm = trace(models.residual(), [InputSpec((1, 8, 16, 16))])
     with pytest.raises(UnsupportedLayerError, match="relu is outside it but on a path from it back into it"):
         tile_nodes(gm, ["conv1", "conv2", "add"], (2, 2))
+
+
+# --- planning: links between a tier's nodes, and runs split into parts -----------------
+
+
+def _one_tier(nodes: int, link: Link) -> CompileContext:
+    return CompileContext((Tier("edge", "jetson-nano", "onnx", nodes),), (link,))
+
+
+GIGABIT = Link("edge", "edge", bandwidth=1.25e8, latency=2e-4)  # 1 Gbit/s, 0.2 ms
+
+
+@pytest.fixture(scope="module")
+def torchvision_graph():
+    """``graph(name, size)``: torchvision model ``name`` traced on 1x3x``size``x``size`` inputs, once per module."""
+    traced = {}
+
+    def graph(name: str, size: int):
+        if (name, size) not in traced:
+            traced[name, size] = trace(load_model(f"torchvision:{name}"), [InputSpec((1, 3, size, size))])
+        return traced[name, size]
+
+    return graph
+
+
+def test_a_tier_with_several_nodes_but_no_link_to_itself_is_not_tiled():
+    gm = _on_three_tiers(profile=True)
+    result = tile_conv_stages(gm, _ctx(4))
+    assert not _tile_nodes(result.gm)
+    assert result.summary == (
+        "nothing tiled; edge not tiled: its 4 nodes have no link edge -> edge to scatter tiles over; "
+        "add one to the cluster file's links"
+    )
+
+
+def test_the_coordinators_link_moves_one_tile_at_a_time_while_it_computes_tile_0():
+    link = Link("edge", "edge", bandwidth=10.0, latency=0.5)  # 10 bytes: 1.5 s, 20 bytes: 2.5 s, 5 bytes: 1 s
+    # inputs arrive at 1.5 and 4.0; tile 1 done at 3.5, back at 4.5; tile 2 done at 7, back at 8; tile 0 done at 6
+    assert coordinator_latency([6.0, 2.0, 3.0], [0.0, 10.0, 20.0], [0.0, 5.0, 5.0], link) == pytest.approx(8.0)
+    # tile 2 (done at 5) comes back before tile 1 (done at 10.5): 5 -> 6, then 10.5 -> 11.5
+    assert coordinator_latency([1.0, 9.0, 1.0], [0.0, 10.0, 20.0], [0.0, 5.0, 5.0], link) == pytest.approx(11.5)
+    assert coordinator_latency([9.0, 1.0], [0.0, 10.0], [0.0, 5.0], link) == 9.0  # tile 0 is the slowest
+    assert coordinator_latency([4.0], [0.0], [0.0], link) == 4.0
+
+
+@pytest.mark.parametrize("link", [Link("edge", "edge", 1e3, 1e-2), GIGABIT, FAST], ids=["slow", "gigabit", "fast"])
+@pytest.mark.parametrize("model", ["block", "residual"])
+def test_split_run_is_the_best_split_under_the_cost_model(model, link):
+    torch.manual_seed(0)
+    module, spec = (Block(3, 3, 1, 2, "cat"), InputSpec((1, 3, 21, 23))) if model == "block" else (
+        models.residual(), InputSpec((1, 8, 15, 17)))  # fmt: skip
+    gm = trace(module.eval(), [spec])
+    (run,) = find_runs(gm, lambda n: True)
+    seconds = {n: float(s) for n, s in zip(compute_nodes(gm), torch.rand(len(compute_nodes(gm))) * 1e-3, strict=True)}
+
+    def best_part(start: int, end: int) -> float:
+        part, costs = run[start:end], [sum(seconds[n] for n in run[start:end])]
+        for grid in candidate_grids(4)[1:]:
+            try:
+                costs.append(predict_latency(part, plan_regions(part, gm, grid), seconds, link))
+            except ValueError:
+                pass
+        return min(costs)
+
+    every_split = [
+        sum(best_part(a, b) for a, b in itertools.pairwise([0, *cuts, len(run)]))
+        for k in range(len(run))
+        for cuts in itertools.combinations(range(1, len(run)), k)
+    ]
+    parts = split_run(run, gm, 4, seconds, link)
+    assert [n for part in parts for n in part.nodes] == run
+    assert sum(part.latency for part in parts) == pytest.approx(min(every_split), rel=1e-12)
+    for part in parts:
+        if part.grid != (1, 1):
+            regions = plan_regions(part.nodes, gm, part.grid)
+            assert part.latency == pytest.approx(predict_latency(part.nodes, regions, seconds, link), rel=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes", [2, 4])
+@pytest.mark.parametrize("name", ["resnet18", "googlenet"])
+def test_split_and_tiled_torchvision_models_equal_the_untiled_ones(torchvision_graph, name, nodes):
+    gm = torchvision_graph(name, 128)  # 224x224 takes three times as long, to the same effect
+    result = tile_conv_stages(gm, _one_tier(nodes, GIGABIT))
+    lint(result.gm)
+    tiles = {node.meta[META_TILE] for node in _tile_nodes(result.gm)}
+    runs = {run for run, _ in tiles}
+    assert len(runs) > 1, result.summary  # the network's one maximal run, split into parts
+    assert {tile for _, tile in tiles} == {None, *range(nodes)}
+    assert _relative_error(gm, result.gm, InputSpec((1, 3, 128, 128))) <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_slow_link_between_the_nodes_tiles_nothing_and_a_fast_one_tiles(torchvision_graph):
+    gm = torchvision_graph("resnet18", 128)
+    slow = tile_conv_stages(gm, _one_tier(4, Link("edge", "edge", bandwidth=1.25e6, latency=5e-3)))  # 10 Mbit/s
+    assert not _tile_nodes(slow.gm) and slow.summary.startswith("no run worth tiling"), slow.summary
+    fast = tile_conv_stages(gm, _one_tier(4, GIGABIT))
+    assert _tile_nodes(fast.gm) and "run(s) tiled" in fast.summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "nodes"), [("resnet18", 2), ("resnet18", 4), ("googlenet", 2)])
+def test_splitting_a_long_run_cuts_its_halo_overhead(torchvision_graph, name, nodes):
+    gm = torchvision_graph(name, 224)
+    (run,) = find_runs(gm, lambda n: True)
+    seconds = node_seconds(gm, _one_tier(nodes, GIGABIT).tiers[0])  # the cost model's, on jetson-nano
+    flops = sum(n.meta[META_FLOPS] for n in run)
+    whole = min(
+        (predict_latency(run, regions, seconds, GIGABIT), sum(tile_flops(run, regions)) / flops - 1)
+        for grid in candidate_grids(nodes)[1:]
+        for regions in [plan_regions(run, gm, grid)]
+    )
+    parts = split_run(run, gm, nodes, seconds, GIGABIT)
+    executed = sum(
+        sum(n.meta[META_FLOPS] for n in part.nodes)
+        if part.grid == (1, 1)
+        else sum(tile_flops(part.nodes, plan_regions(part.nodes, gm, part.grid)))
+        for part in parts
+    )
+    split = (sum(part.latency for part in parts), executed / flops - 1)
+    message = (
+        f"{name} on {nodes} nodes: whole run {whole[0] * 1e3:.1f} ms, halo +{whole[1]:.1%}; "
+        f"split into {len(parts)} parts {split[0] * 1e3:.1f} ms, halo +{split[1]:.1%}"
+    )
+    assert split[0] <= whole[0] and split[1] < whole[1] / 2, message
+
+
+@pytest.mark.slow
+def test_split_parts_run_as_alternating_steps_across_the_nodes(torchvision_graph):
+    ctx = _one_tier(4, GIGABIT)
+    gm = run_passes(torchvision_graph("resnet18", 128), ["annotate-profile", "select-cuts", "tile-conv-stages"], ctx)
+    plan = build_plan(gm, ctx)
+    (stage,) = plan.stages
+    schedule = schedule_stage(stage)
+    steps = [len(step.programs) for step in schedule.steps]
+    assert steps.count(4) > 1 and all(a != b for a, b in itertools.pairwise(steps)), steps  # local, tiles, local, ...
+    fns = {step_id("p", i, t): eager_stage_fn(program)
+           for i, step in enumerate(schedule.steps) for t, program in enumerate(step.programs)}  # fmt: skip
+    spec = InputSpec((1, 3, 128, 128))
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        got = run_plan(plan, {stage.name: local_schedule_fn(schedule, "p", fns, pool)}, {"x": spec.example().numpy()})
+    want = _outputs(torchvision_graph("resnet18", 128), spec).numpy()
+    assert np.abs(got[plan.model_outputs[0].name] - want).max() <= 1e-5 * np.abs(want).max()
