@@ -14,7 +14,11 @@ import partc
 with tempfile.TemporaryDirectory() as tmp:
     build = partc.compile("examples/tiny_cnn.py:build", ["1,3,64,64"], "examples/cluster.yaml", Path(tmp) / "tiny")
     for stage in build.manifest["stages"]:
-        print(f"{stage['name']}: {stage['backend']} artifact {stage['artifact']} ({stage['bytes']} bytes)")
+        for program in stage["programs"]:
+            print(f"{stage['name']}: {stage['backend']} artifact {program['artifact']} ({program['bytes']} bytes)")
+    for plan in build.manifest["plans"]:  # the primary plan, then those for other bandwidths or a dead tier
+        print(f"plan {plan['name']} ({plan['kind']}): {plan['programs']}, "
+              f"predicted {plan['predicted']['latency'] * 1e3:.1f} ms")
     pipeline = partc.load(build.path)  # checks every artifact's sha256, then loads it
     x = np.random.default_rng(0).standard_normal((1, 3, 64, 64), dtype=np.float32)
     got = pipeline({"x": x})["output"]
