@@ -121,8 +121,10 @@ def bench(repeat: int, tmp: Path) -> list[tuple[str, list[float]]]:
     import grpc
 
     from partc.runtime.driver import Driver
+    from partc.runtime.plans import RuntimePlan
     from partc.runtime.transport import GrpcChannel, call_stage
     from partc.runtime.wire import Frame, decode, encode
+    from partc.runtime.worker import StageSpec
 
     x = np.random.default_rng(0).standard_normal(NBYTES // 4).astype(np.float32)
     procs = []
@@ -139,7 +141,8 @@ def bench(repeat: int, tmp: Path) -> list[tuple[str, list[float]]]:
         method = channel.unary_unary("/bench/M")
         payload = x.tobytes()
         stage = GrpcChannel("bench.0", servers["partc"])
-        driver = Driver([stage], ("x",), ("ack",), window=1)
+        plan = RuntimePlan.single([StageSpec("bench.0", "", ("x",), ("ack",))])
+        driver = Driver([stage], [plan], ("x",), ("ack",), window=1)
 
         def over_socket():
             sock.sendall(struct.pack("<Q", x.nbytes))

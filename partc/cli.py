@@ -357,6 +357,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="address to listen on (default 127.0.0.1:0, any free port)")
     p.add_argument("--next", metavar="HOST:PORT", help="address of the next stage's worker")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="compute threads of the stage's programs (TorchScript, ONNX); default: every core")
     p.add_argument("--peer", action="append", default=[], metavar="STAGE=HOST:PORT",
                    help="a node of this tier that runs tiles for STAGE's tiled programs (edge.1=10.0.0.5:50051); "
                         "repeat for each")
@@ -376,7 +378,7 @@ def _run_serve(args) -> int:
 
     peers = dict(parse_pair(text, "--peer", "STAGE=HOST:PORT") for text in args.peer)
     server = serve(args.build, args.stage, listen=args.listen, next_address=args.next, peers=peers,
-                   security=_security(args))
+                   security=_security(args), threads=args.threads)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -29,6 +29,12 @@ from partc.targets import target
 
 Grid = tuple[int, int]
 
+# Fixed seconds of one call to another node, besides its bytes: encoding and decoding the
+# frames, gRPC and the program's invocation on both sides. About 2 ms per tile step in the
+# testbed on this host (benchmarks/results/tiling.md); without it the plan splits runs into
+# parts too small to be worth a round trip.
+CALL_SECONDS = 2e-3
+
 
 @dataclass(frozen=True)
 class Part:
@@ -64,7 +70,8 @@ def node_seconds(gm: fx.GraphModule, tier: Tier) -> dict[fx.Node, float]:
 
 
 def coordinator_latency(
-    compute: Sequence[float], scatter: Sequence[float], gather: Sequence[float], link: Link
+    compute: Sequence[float], scatter: Sequence[float], gather: Sequence[float], link: Link,
+    call: float = CALL_SECONDS,
 ) -> float:
     """Return the seconds from the coordinator (tile 0's node) holding a run's inputs to it
     holding every tile's outputs, as ``partc.schedule.schedule_fn`` runs a tile step.
@@ -73,12 +80,13 @@ def coordinator_latency(
     inputs and outputs (unused for tile 0). The coordinator's link carries one transfer
     at a time each way: it sends tiles 1, 2, ... their inputs one after the other, and
     receives their outputs one after the other, each once that tile is done (the
-    earliest done first). Tile t starts when its inputs have arrived; tile 0 computes on
-    the coordinator meanwhile.
+    earliest done first). Each call to another node also costs ``call`` seconds of its
+    own. Tile t starts when its inputs have arrived; tile 0 computes on the coordinator
+    meanwhile.
     """
     sent, done = 0.0, []
     for t in range(1, len(compute)):
-        sent += link.transfer_time(scatter[t])
+        sent += call + link.transfer_time(scatter[t])
         done.append((sent + compute[t], gather[t]))
     received = 0.0
     for ready, nbytes in sorted(done):

@@ -22,7 +22,7 @@ tier's target. A part tiled with an R x C grid, T = R*C tiles, on a tier whose s
 moves ``b`` bytes in ``link(b) = latency + b / bandwidth`` seconds::
 
     c_t = sum of s(n) * |box_t(n)| / |map(n)| over the nodes n tile t computes
-    x_t = link(bytes tile t reads of the part's inputs)       (META_BYTES x share of the map)
+    x_t = call + link(bytes tile t reads of the part's inputs)  (META_BYTES x share of the map)
     y_t = link(bytes tile t contributes to the part's outputs)
     D_t = x_1 + ... + x_t + c_t                                (tile t >= 1 is done)
     G   = for t >= 1 by increasing D_t:  G = max(G, D_t) + y_t   (from G = 0)
@@ -31,9 +31,10 @@ moves ``b`` bytes in ``link(b) = latency + b / bandwidth`` seconds::
 The tiles compute in parallel, one per node, as ``partc.schedule`` runs them: tile 0 on
 the coordinator while it scatters, but the coordinator's link moves one tile at a time:
 it sends tiles 1..T-1 their inputs one after the other (each transfer paying the link's
-latency), and receives their outputs one after the other, the first done first. An
-untiled part costs the sum of its ``s(n)``; a run costs the sum of its parts (consecutive
-tiled parts gather to the coordinator and scatter again). Not counted: the crops, pads
+latency, each call ``partc.tiling.CALL_SECONDS`` of fixed cost), and receives their
+outputs one after the other, the first done first. An untiled part costs the sum of its
+``s(n)``; a run costs the sum of its parts (consecutive tiled parts gather to the
+coordinator and scatter again). Not counted: the crops, pads
 and stitches (memory copies; on resnet18 the stitches, the coordinator's own sequential
 work, come to about 1% of the tiled latency), and a layer's per-call overhead, which each
 tile's copy pays in full but the model scales by the copy's share like the rest.

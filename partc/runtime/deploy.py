@@ -53,6 +53,7 @@ def serve(
     next_address: str | None = None,
     peers: Mapping[str, str] | None = None,
     security: Security = NO_SECURITY,
+    threads: int = 0,
 ) -> StageServer:
     """Python twin of ``partc serve``: serve ``stage`` of ``build`` over gRPC.
 
@@ -64,6 +65,7 @@ def serve(
         peers: stage -> host:port of the tier's other nodes (``edge.1``) that run tiles for
             ``stage``; required when it has tiled programs.
         security: token and TLS files, for both this server and its calls to other stages.
+        threads: compute threads of its programs (0: the backend's default, every core).
 
     Raises:
         ManifestError: for a bad manifest or a missing or tampered artifact.
@@ -77,7 +79,7 @@ def serve(
     (mine,) = [s for s in stages if s.name == stage]
     pool = ThreadPoolExecutor(8, thread_name_prefix="partc-tiles")
     if mine.index > 0:  # a further node of its tier: one route per tile program, keyed by its position
-        fns = load_programs(stages, [stage], None, pool)
+        fns = load_programs(stages, [stage], None, pool, threads)
         routes = {k: Route(stage, tuple(t.name for t in a.inputs), tuple(t.name for t in a.outputs),
                            results=tuple(t.name for t in a.outputs))
                   for k, (pid, a) in enumerate(mine.programs.items())}
@@ -91,7 +93,7 @@ def serve(
             raise PartcError(f"stage {stage!r} forwards to {following!r}: give its address (--next HOST:PORT)")
         routes = {i: replace(r, next_address=next_address) if r.next_stage else r for i, r in routes.items()}
     call = _tile_call(stages, mine, dict(peers or {}), security) if mine.schedules else None
-    fns = load_programs(stages, [stage], call, pool)
+    fns = load_programs(stages, [stage], call, pool, threads)
     return serve_stage(routes, {i: fns[plan.programs[stage]] for i, plan in enumerate(plans)
                                 if stage in plan.programs}, listen, security)
 
@@ -222,6 +224,7 @@ def spawn_worker(
     listen: str = "127.0.0.1:0",
     next_address: str | None = None,
     peers: Mapping[str, str] | None = None,
+    threads: int = 0,
     token_file: Path | None = None,
     prefix: Sequence[str] = (),
     processes: dict[str, subprocess.Popen] | None = None,
@@ -238,6 +241,7 @@ def spawn_worker(
             "--listen", listen, "--ready-file", str(ready)]
     argv += ["--next", next_address] if next_address else []
     argv += [arg for name, address in (peers or {}).items() for arg in ("--peer", f"{name}={address}")]
+    argv += ["--threads", str(threads)] if threads else []
     argv += ["--token-file", str(token_file)] if token_file else []
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)

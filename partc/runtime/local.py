@@ -123,16 +123,22 @@ def load(path: Path | str) -> Pipeline:
 
 
 def load_programs(stages: Sequence[ManifestStage], names: Collection[str], call: TileCall | None,
-                  pool: Executor) -> dict[str, StageFn]:
+                  pool: Executor, threads: int = 0) -> dict[str, StageFn]:
     """Load every program of the stages ``names`` of a build, by program id.
 
-    An artifact loads through its backend; a tiled program becomes its schedule's
-    ``StageFn``, whose tiles on the tier's other nodes go through ``call`` (None: those
-    nodes' programs run in this process and must be among ``names``).
+    An artifact loads through its backend, with ``threads`` compute threads where the
+    backend takes a number (TorchScript, ONNX; 0: the backend's default, every core); a
+    tiled program becomes its schedule's ``StageFn``, whose tiles on the tier's other nodes
+    go through ``call`` (None: those nodes' programs run in this process and must be among
+    ``names``).
     """
     from partc.targets import backend
 
-    fns = {pid: backend(a.backend).load(a) for s in stages if s.name in names for pid, a in s.programs.items()}
+    def loader(name: str):
+        chosen = backend(name)
+        return type(chosen)(threads=threads) if threads and hasattr(chosen, "threads") else chosen
+
+    fns = {pid: loader(a.backend).load(a) for s in stages if s.name in names for pid, a in s.programs.items()}
     reads = {pid: [t.name for t in a.inputs] for s in stages for pid, a in s.programs.items()}
     for stage in stages:
         if stage.name not in names:

@@ -35,7 +35,9 @@
   ``peak_gflops`` over the cost model's reference host's per-core ``peak_gflops``
   (``partc.costmodel``: the reference is this kind of host at one thread), clamped to
   [``MIN_SHARE``, cores of this host]. Loading runs unthrottled, so start-up stays quick.
-  ``cpu_shares`` overrides it per stage. Proxies run outside the cgroups.
+  ``cpu_shares`` overrides it per stage. Proxies run outside the cgroups. A worker computes
+  with as many threads as its share rounds up to (``partc serve --threads``): threads beyond
+  the quota's cores would burn it in a fraction of each period and stall the rest.
 
 Everything made (workers, proxies, namespaces, cgroups) is removed on exit, also when
 starting fails half-way.
@@ -270,8 +272,9 @@ class Testbed:
     def _spawn(self, name: str, scratch: Path, listen: str, next_address: str | None,
                peers: Mapping[str, str]) -> tuple[subprocess.Popen, Path, Path]:
         prefix = ("ip", "netns", "exec", self.namespaces[name])
+        threads = max(1, math.ceil(self.shares[name] - 1e-6))  # more threads than cores only burn the quota
         return spawn_worker(self.build, name, scratch, listen=listen, next_address=next_address, peers=peers,
-                            token_file=self.token_file, prefix=prefix, processes=self.processes)
+                            threads=threads, token_file=self.token_file, prefix=prefix, processes=self.processes)
 
     def _devices(self, hop: Hop) -> tuple[str, str]:
         """The veth's names at its two ends: ``out``/``in`` on the chain, ``t<k>``/``in`` to a tile node."""
@@ -381,7 +384,9 @@ class Testbed:
             links = []
             for hop in self.hops:
                 key = f"{hop.src}->{hop.dst}"
-                est = driver.links[key]
+                est = driver.links.get(key)
+                if est is None:  # the primary plan's chain stops before this hop
+                    continue
                 nbytes, seconds, count = (now - then for now, then in
                                           zip((est.total_bytes, est.total_seconds, est.count),
                                               before.get(key, (0, 0.0, 0)), strict=True))
