@@ -1,8 +1,7 @@
 """Runtime overhead: the distributed pipeline on loopback vs the same model in one process.
 
 resnet50 (seeded, 1x3x224x224) is compiled for ``examples/cluster.yaml`` (device: torchscript,
-edge: onnx, cloud: onnx). Four ways to run it, interleaved round-robin so that every row
-sees the same load:
+edge: onnx, cloud: onnx). Four ways to run it:
 
 - ``eager``: the PyTorch model in this process;
 - ``local``: the build's primary plan through its artifacts in this process (``partc run``);
@@ -13,7 +12,7 @@ sees the same load:
   gives the time per request at steady state (throughput), not the latency.
 
 The overhead that matters is distributed / local: the same artifacts, plus frames, gRPC,
-the hops of the chain and one process per stage.
+the hops of the chain and one process per stage. Rows run one after the other.
 
 Usage: ``python benchmarks/overhead.py [--rounds 15] [-o benchmarks/results/overhead.md]``.
 """
@@ -69,10 +68,9 @@ def main() -> int:
                     (lambda: local(inputs), 1), "distributed (worker processes, 1 in flight)":
                     (lambda: driver.run_one(inputs), 1), "distributed, 4 in flight (per request)": (pipelined, 8)}
             samples = {name: [] for name in rows}
-            for fn, _ in rows.values():  # warm-up
-                fn(), fn()
-            for _ in range(args.rounds):
-                for name, (fn, per) in rows.items():
+            for name, (fn, per) in rows.items():  # one row at a time: a row's threads still spinning would
+                fn(), fn()  # slow the next row's processes down (two cores)
+                for _ in range(args.rounds):
                     start = time.perf_counter()
                     fn()
                     samples[name].append((time.perf_counter() - start) / per)
@@ -92,8 +90,8 @@ def table(samples: dict[str, list[float]], rounds: int, load: tuple[float, float
         f"`python benchmarks/overhead.py --rounds {rounds}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{platform.machine()}, {os.cpu_count()} cores, load average {load[0]:.1f} before and {load[1]:.1f} after "
         "(shared machine: compare the ratios). Build: examples/cluster.yaml, primary plan (device: conv1 block on "
-        "torchscript, edge relays, cloud: the rest on onnx). Rows interleaved round-robin, medians of "
-        f"{rounds} rounds after warm-up.",
+        "torchscript, edge: the rest on onnx). One row after the other (interleaved, the threads a row leaves "
+        f"spinning slow the next row's processes down on two cores), medians of {rounds} runs after two warm-up runs.",
         "",
         "| run | median ms | min ms | / local |",
         "|---|---|---|---|",
