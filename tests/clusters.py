@@ -17,3 +17,15 @@ links:
   - {{from: edge, to: cloud, bandwidth: 50Mbit/s, latency: 20ms}}
 """
     return text + (f"constraints:\n  pin: {pin}\n" if pin else "")
+
+
+def two_tier(link: str) -> str:
+    """Return cluster YAML: rpi4 (torchscript) -> cloud-cpu (onnx), ``link`` being the link's
+    ``bandwidth: ..., latency: ...`` text."""
+    return f"""\
+tiers:
+  - {{name: device, target: rpi4, backend: torchscript}}
+  - {{name: cloud, target: cloud-cpu, backend: onnx}}
+links:
+  - {{from: device, to: cloud, {link}}}
+"""

@@ -8,7 +8,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from clusters import three_tier
+from clusters import three_tier, two_tier
 
 from partc.build import compile_model
 from partc.cli import main
@@ -52,13 +52,7 @@ def test_killed_worker_is_a_clear_error_naming_the_stage(build):
             list(driver.run([x] * 5))
 
 
-TWO_TIER = """\
-tiers:
-  - {name: device, target: rpi4, backend: torchscript}
-  - {name: cloud, target: cloud-cpu, backend: onnx}
-links:
-  - {from: device, to: cloud, bandwidth: 1Gbit/s, latency: 1ms}
-"""
+TWO_TIER = two_tier("bandwidth: 1Gbit/s, latency: 1ms")
 
 
 def test_a_killed_worker_degrades_to_a_plan_that_stops_before_it(tmp_path, caplog):

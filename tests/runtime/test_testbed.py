@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clusters import three_tier
+from clusters import three_tier, two_tier
 
 from partc.build import compile_model
 from partc.cli import main
@@ -170,13 +170,7 @@ def test_cli_needs_root_and_names_bad_shares(build, capsys, monkeypatch):
         "partc: error: partc testbed needs root (network namespaces, tc and cgroups); run it with sudo\n")
 
 
-TWO_TIER = """\
-tiers:
-  - {name: device, target: rpi4, backend: torchscript}
-  - {name: cloud, target: cloud-cpu, backend: onnx}
-links:
-  - {from: device, to: cloud, bandwidth: 40Mbit/s, latency: 2ms}
-"""
+TWO_TIER = two_tier("bandwidth: 40Mbit/s, latency: 2ms")
 
 
 def test_a_slower_link_mid_run_switches_the_plan(tmp_path):
