@@ -29,8 +29,8 @@ flight, and results still come back in order.
 
 Faults: a hop whose stage is unreachable is tried ``retry.attempts`` times with back-off
 (requests are idempotent); a stage that does not answer in time, refuses the token, or
-fails is reported at once. When a request fails, the driver asks every stage of its plan
-whether it is up; if some are down and a plan avoids them (a fallback that stops on an
+fails is reported at once. When a request fails, the driver asks every stage whether it
+is up; if some are down and a plan avoids them (a fallback that stops on an
 earlier tier), it switches to that plan, says so, and resubmits the failed request and
 every later one in flight, in order. Otherwise the failure ends ``Driver.run`` with a
 ``RunError`` naming the stage, its address, the request, and how many requests in flight
@@ -226,12 +226,12 @@ class Driver:
 
     def _fall_back(self, request_id: int, reason: str) -> bool:
         """After a failed request: switch to a plan avoiding the stages that are down, if any."""
-        down = {}
+        down = []
         for channel in self._channels:
             try:
                 call_stage(channel, b"", time.monotonic() + 2.0, self._retry, HEALTH)
-            except RunError as err:
-                down[channel.stage] = str(err)
+            except RunError:
+                down.append(channel.stage)
         if not down:
             return False
         return self.selector.degrade(request_id, down, f"request {request_id} failed: {reason}", self.links)
