@@ -34,9 +34,9 @@ import torch
 from partc.compression import calibration_inputs, effective_bandwidth, measure_codecs
 from partc.context import CompileContext, Compression, Link, Tier
 from partc.ir import META_LINK_CODECS
-from partc.partition import evaluate, format_size
+from partc.partition.cost import evaluate, format_size
+from partc.partition.model import assigned_cost
 from partc.passes.compress import compress_cut_tensors
-from partc.passes.cut import assigned_cost
 from partc.pipeline import run_passes
 from partc.report import format_table, trace_model
 

@@ -33,12 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from partc.baselines import baselines
 from partc.context import CompileContext, Link, Tier
 from partc.ir import META_FLOPS, META_PROFILE
-from partc.partition import CostGraph, LayeredCut, solve
-from partc.passes.cut import cost_graph
-from partc.planfamily import bandwidth_sweep, plan_family, plot_bandwidth_sweep
+from partc.partition.baselines import baselines
+from partc.partition.cost import CostGraph
+from partc.partition.family import bandwidth_sweep, plan_family, plot_bandwidth_sweep
+from partc.partition.model import cost_graph
+from partc.partition.solve import LayeredCut, solve
 from partc.trace import load_model, parse_input_spec, trace
 
 RESULTS = Path(__file__).parent / "results"

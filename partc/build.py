@@ -1,6 +1,6 @@
 """``partc compile``: from a model and a cluster file to a build folder.
 
-A build carries several plans (``partc.planfamily.deployment_plans``): the primary one for
+A build carries several plans (``partc.partition.family.deployment_plans``): the primary one for
 the cluster file's bandwidths, the other plans of its family (optimal at other
 bandwidths, for the runtime to switch to) and fallbacks that stop before a tier. Each tier
 with work in some plan is one stage, ``<tier>.0``, served by one worker; a stage holds one
@@ -38,7 +38,7 @@ from partc.manifest import MANIFEST, build_manifest, render_deployment, write_ma
 from partc.pipeline import run_passes
 from partc.plan import Artifact, Plan, Stage, StageFn, build_plan, eager_stage_fn, run_plan
 from partc.report import trace_model
-from partc.schedule import Schedule, local_schedule_fn, schedule_stage, step_id
+from partc.tiling.schedule import Schedule, local_schedule_fn, schedule_stage, step_id
 from partc.trace import load_model
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,10 @@ def compile_model(
     Raises:
         PartcError: for bad input (model, shapes, cluster, constraints, unsupported layers).
     """
+    from partc.partition.family import deployment_plans
+    from partc.partition.model import assigned_cost
     from partc.passes import DEFAULT_PIPELINE, PLAN_PASSES
     from partc.passes.compress import priced
-    from partc.passes.cut import assigned_cost
-    from partc.planfamily import deployment_plans
     from partc.targets import backend, target
 
     output = Path(output)

@@ -1,6 +1,6 @@
 """Feature-map compression at cut points: measure codecs on real tensors, price links, check top-1.
 
-The codecs themselves live in ``partc.runtime.codec`` (one implementation each); this module
+The codecs themselves live in ``partc.codec`` (one implementation each); this module
 runs the model on calibration inputs and measures them:
 
 - ``calibration_inputs``: the cluster's ``compression.calibration`` batch (or the seeded
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import fx
 
+from partc.codec import NO_CODEC, Codec, decode, encode, parse_codec
 from partc.context import Compression
 from partc.errors import ClusterError, PartcError
 from partc.ir import META_BYTES
-from partc.runtime.codec import NO_CODEC, Codec, decode, encode, parse_codec
 
 MEASURE_SAMPLES = 8  # most calibration inputs that ratios and speeds are measured on
 
@@ -207,7 +207,7 @@ def run_pipeline(
     """Run ``gm`` as its partitioned pipeline would, once per call in ``inputs``; return the outputs.
 
     ``tiers`` maps every node name (the output included) to its tier index; ``codecs[b]``
-    names the codec of link b, from tier b to tier b + 1 (as in ``partc.partition``). A
+    names the codec of link b, from tier b to tier b + 1 (as in ``partc.partition.cost``). A
     tensor made on tier i and read on tier k > i reaches its reader after an encode and a
     decode on each link i .. k-1. With every codec ``none`` (or lossless) the outputs are
     exactly the model's.

@@ -33,7 +33,7 @@ The cluster file is YAML::
   to itself is the network between that tier's nodes, over which ``tile-conv-stages``
   scatters tiles and gathers them back; only a tier with ``nodes`` > 1 may have one, it
   takes no ``codecs`` (tiles cross it raw), and it reaches no other tier. ``codecs``
-  (optional, default ``[none]``): the feature-map codecs (``partc.runtime.codec`` names:
+  (optional, default ``[none]``): the feature-map codecs (``partc.codec`` names:
   ``none``, ``fp16``, ``int8``, ``int8c``, each optionally ``+zstd``, ``+zstd-N`` or
   ``+lz4``) the ``compress-cut-tensors`` pass may choose from for the tensors crossing that
   link. Links are lossless by default: a lossy codec (fp16, int8, int8c) needs
@@ -63,8 +63,8 @@ from pathlib import Path
 
 import yaml
 
+from partc.codec import parse_codec
 from partc.errors import ClusterError, PartcError
-from partc.runtime.codec import parse_codec
 
 OBJECTIVES = ("latency", "throughput")
 
@@ -110,7 +110,7 @@ class Link:
     Attributes:
         bandwidth: bytes per second.
         latency: one-way latency in seconds.
-        codecs: canonical codec names (``partc.runtime.codec``) allowed on this link.
+        codecs: canonical codec names (``partc.codec``) allowed on this link.
     """
 
     src: str

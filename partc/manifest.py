@@ -28,7 +28,7 @@ Schema (``schema_version`` 2; keys sorted; sizes in bytes, times in seconds)::
 ``stages`` with ``index`` 0 form the chain, in order (data flows from each to the next);
 the others are the further nodes of a tier with several (``edge.1``): they run tiles for
 their tier's stage and are in no chain. A stage's ``schedules`` are its tiled programs
-(``partc.schedule``): in each step, node t runs the t-th program id (``edge.1`` runs
+(``partc.tiling.schedule``): in each step, node t runs the t-th program id (``edge.1`` runs
 ``edge.0~1.1``); ``results`` name the tensors that hold the stage's outputs. ``plans[0]`` is the
 primary plan (``kind`` "primary"), the one compiled for the cluster file's bandwidths;
 "adaptive" plans are the rest of its plan family, "fallback" plans stop before a tier. A
@@ -53,18 +53,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import partc
+from partc.codec import NO_CODEC
 from partc.errors import ManifestError
 from partc.ir import META_LINK_CODECS, META_PROFILE, META_TIER
 from partc.plan import Artifact, Plan, Stage, TensorSpec
-from partc.runtime.codec import NO_CODEC
-from partc.schedule import Schedule, step_id
+from partc.tiling.schedule import Schedule, step_id
 
 if TYPE_CHECKING:
     import numpy as np
     from torch import fx
 
     from partc.context import CompileContext
-    from partc.partition import CostGraph
+    from partc.partition.cost import CostGraph
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -129,7 +129,7 @@ def build_manifest(
     """
     import numpy as np
 
-    from partc.partition import evaluate
+    from partc.partition.cost import evaluate
 
     order = {name: i for i, name in enumerate(ctx.tier_names)}
     codecs = gm.meta.get(META_LINK_CODECS, {})

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from partc.codec import NO_CODEC
 from partc.context import load_cluster, parse_bandwidth
 from partc.errors import ClusterError
 from partc.ir import META_LINK_CODECS, META_TIER
-from partc.partition import Cost, evaluate
+from partc.partition.cost import Cost, evaluate
 from partc.pipeline import run_passes
 from partc.report import format_table
-from partc.runtime.codec import NO_CODEC
 
 SWEEP_POINTS = 41
 
@@ -168,9 +168,9 @@ def plan_model(
     Raises:
         PartcError: for a bad model, cluster, constraint, sweep link or range.
     """
-    from partc.baselines import baselines
+    from partc.partition.baselines import baselines
+    from partc.partition.model import assigned_cost
     from partc.passes.compress import priced
-    from partc.passes.cut import assigned_cost
     from partc.report import trace_model
 
     ctx = load_cluster(cluster, profiles)
@@ -209,7 +209,7 @@ def _layers(names, tiers: np.ndarray, tier_names) -> tuple[TierRuns, ...]:
 
 
 def _sweep(graph, link: str, sweep_range: tuple[str, str], plot: Path | None, model: str, ctx) -> Sweep:
-    from partc.planfamily import bandwidth_sweep, plan_family, plot_bandwidth_sweep
+    from partc.partition.family import bandwidth_sweep, plan_family, plot_bandwidth_sweep
 
     if link not in graph.links:
         known = ", ".join(graph.links) or "none (one tier)"

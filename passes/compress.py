@@ -4,7 +4,7 @@ Each link of the cluster lists the codecs it allows (``links[i].codecs``, defaul
 ``[none]``). For every combination of one allowed codec per link the pass solves the cut
 exactly (``partc.partition.solve``) on two kinds of prices:
 
-1. each link at its *effective bandwidth* (``partc.runtime.codec.effective_bandwidth``), with
+1. each link at its *effective bandwidth* (``partc.codec.effective_bandwidth``), with
    the codec's ratio and speeds aggregated, bytes-weighted, over every tensor the model
    makes (the candidate cut tensors);
 2. per compressed link, every tensor at its own measured ratio and speeds on that link (the
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from partc.codec import NO_CODEC, effective_bandwidth, parse_codec
 from partc.compression import (
     Measurements,
     calibration_inputs,
@@ -47,10 +48,10 @@ from partc.compression import (
 from partc.context import CompileContext
 from partc.errors import ClusterError, PartcError
 from partc.ir import META_LINK_CODECS, META_TIER, clone
-from partc.partition import Cost, CostGraph, evaluate, solve
-from partc.passes.cut import cost_graph
+from partc.partition.cost import Cost, CostGraph, evaluate
+from partc.partition.model import cost_graph
+from partc.partition.solve import solve
 from partc.pipeline import PassResult
-from partc.runtime.codec import NO_CODEC, effective_bandwidth, parse_codec
 
 
 @dataclass(frozen=True)

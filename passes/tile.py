@@ -1,6 +1,6 @@
 """Vertical tiling (``tile-conv-stages``): spatially local runs as parallel tiles with halos.
 
-Each maximal run of spatially local layers (see ``partc.regions``) on a tier that can
+Each maximal run of spatially local layers (see ``partc.tiling.regions``) on a tier that can
 tile is cut into consecutive parts, and each part worth tiling is rewritten into: slice
 every part input into overlapping tiles -> per-tile copies of the part's layers, padding
 only at true image borders -> crop each tile's outputs to its share -> stitch
@@ -28,7 +28,7 @@ moves ``b`` bytes in ``link(b) = latency + b / bandwidth`` seconds::
     G   = for t >= 1 by increasing D_t:  G = max(G, D_t) + y_t   (from G = 0)
     latency = max(c_0, G)
 
-The tiles compute in parallel, one per node, as ``partc.schedule`` runs them: tile 0 on
+The tiles compute in parallel, one per node, as ``partc.tiling.schedule`` runs them: tile 0 on
 the coordinator while it scatters, but the coordinator's link moves one tile at a time:
 it sends tiles 1..T-1 their inputs one after the other (each transfer paying the link's
 latency, each call ``partc.tiling.CALL_SECONDS`` of fixed cost), and receives their
@@ -75,7 +75,8 @@ from partc.ir import (
     compute_nodes,
 )
 from partc.pipeline import PassResult
-from partc.regions import (
+from partc.targets import target
+from partc.tiling.regions import (
     Box,
     TileRegions,
     Window,
@@ -88,8 +89,7 @@ from partc.regions import (
     spatial_op,
     tile_flops,
 )
-from partc.targets import target
-from partc.tiling import Grid, node_seconds, split_run
+from partc.tiling.split import Grid, node_seconds, split_run
 from partc.trace import annotate
 
 log = logging.getLogger(__name__)

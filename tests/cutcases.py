@@ -11,7 +11,7 @@ from torch import fx
 
 from partc.context import CompileContext, Constraints, Link, Tier
 from partc.ir import META_FLOPS, META_PROFILE
-from partc.partition import CostGraph
+from partc.partition.cost import CostGraph
 
 # FLOP/s of each tier, and a fixed overhead per op (seconds).
 SPEEDS = {"device": 2e9, "edge": 2e10, "cloud": 2e11}

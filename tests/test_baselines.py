@@ -10,9 +10,10 @@ import pytest
 from cutcases import branching_graph, brute_force, cluster, dags, profile
 from hypothesis import HealthCheck, given, settings
 
-from partc.baselines import ChainCosts, baselines
-from partc.partition import evaluate, solve, violations
-from partc.passes.cut import cost_graph
+from partc.partition.baselines import ChainCosts, baselines
+from partc.partition.cost import evaluate, violations
+from partc.partition.model import cost_graph
+from partc.partition.solve import solve
 from partc.trace import load_model, parse_input_spec, trace
 
 _SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -7,6 +7,7 @@ import pytest
 import torch
 from models import conv_stack, residual
 
+from partc.codec import effective_bandwidth, parse_codec
 from partc.compression import (
     MEASURE_SAMPLES,
     calibration_inputs,
@@ -18,7 +19,6 @@ from partc.compression import (
 from partc.context import Compression
 from partc.errors import ClusterError
 from partc.report import trace_model
-from partc.runtime.codec import effective_bandwidth, parse_codec
 
 
 def calibration_batch() -> np.ndarray:

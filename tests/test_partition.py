@@ -7,7 +7,8 @@ from cutcases import brute_force, dags
 from hypothesis import HealthCheck, given, settings
 
 from partc.errors import ClusterError
-from partc.partition import CostGraph, evaluate, solve, violations
+from partc.partition.cost import CostGraph, evaluate, violations
+from partc.partition.solve import solve
 
 
 def _check(graph: CostGraph, objective: str) -> None:

@@ -7,8 +7,9 @@ import pytest
 from cutcases import branching_graph, dags
 from hypothesis import HealthCheck, given, settings
 
-from partc.partition import CostGraph, solve
-from partc.planfamily import bandwidth_sweep, plan_family, plot_bandwidth_sweep
+from partc.partition.cost import CostGraph
+from partc.partition.family import bandwidth_sweep, plan_family, plot_bandwidth_sweep
+from partc.partition.solve import solve
 
 _SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LOW, HIGH = 1e4, 1e9

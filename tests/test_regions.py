@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from partc.ir import META_SHAPE
-from partc.regions import Box, Window, find_runs, plan_regions, spatial_op, split
+from partc.tiling.regions import Box, Window, find_runs, plan_regions, spatial_op, split
 from partc.trace import InputSpec, trace
 
 

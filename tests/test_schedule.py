@@ -12,7 +12,7 @@ from partc.passes.tile import tile_graph
 from partc.pipeline import run_passes
 from partc.plan import build_plan, eager_stage_fn, run_plan
 from partc.report import trace_model
-from partc.schedule import local_schedule_fn, schedule_stage, step_id
+from partc.tiling.schedule import local_schedule_fn, schedule_stage, step_id
 
 
 def _tiled_plan(model, shape, grid):

@@ -28,7 +28,7 @@ from partc.runtime.plans import from_manifest
 from partc.runtime.transport import DEFAULT_RETRY, NO_SECURITY, GrpcChannel, Security, StageServer, call_stage
 from partc.runtime.wire import Frame, decode, encode
 from partc.runtime.worker import Route, serve_stage
-from partc.schedule import TileCall
+from partc.tiling.schedule import TileCall
 
 log = logging.getLogger(__name__)
 

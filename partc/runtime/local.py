@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from partc.codec import decode, encode, parse_codec
 from partc.errors import ManifestError
 from partc.manifest import ManifestStage, manifest_stages, read_manifest, tensor_spec
 from partc.plan import StageFn, TensorSpec
-from partc.runtime.codec import decode, encode, parse_codec
 from partc.runtime.plans import Hop, from_manifest
-from partc.schedule import TileCall, schedule_fn
+from partc.tiling.schedule import TileCall, schedule_fn
 
 
 @dataclass(frozen=True, eq=False)

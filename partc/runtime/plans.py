@@ -2,7 +2,7 @@
 
 A build holds several plans (manifest ``plans``): the primary one, compiled for the
 cluster file's bandwidths; the other plans of the plan family, each optimal for some other
-bandwidths (``partc.planfamily``); and fallbacks that stop before a tier, for when that
+bandwidths (``partc.partition.family``); and fallbacks that stop before a tier, for when that
 tier's worker dies. Every plan runs over the same chain of workers, one per stage; a plan
 gives each stage a program or none (the stage then relays tensors to the next one), and
 its chain ends at its last stage with a program.
@@ -27,9 +27,9 @@ import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from partc.codec import NO_CODEC, effective_bandwidth
 from partc.errors import PartcError
 from partc.runtime.bandwidth import BandwidthEstimator
-from partc.runtime.codec import NO_CODEC, effective_bandwidth
 from partc.runtime.worker import StageSpec
 
 log = logging.getLogger(__name__)

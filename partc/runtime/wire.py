@@ -41,7 +41,7 @@ Tensor, 16 bytes (``<HBBB3xQ``) + shape + names + payload::
              name (UTF-8), codec name (ASCII), padding to 8
              payload (nbytes), padding to 8
 
-The codec named in a tensor's header (``partc.runtime.codec``: ``none``, ``fp16``,
+The codec named in a tensor's header (``partc.codec``: ``none``, ``fp16``,
 ``int8+zstd-1``...) turns the payload back into an array of the header's dtype and shape.
 ``none`` is the array's bytes, C order, little-endian: ``encode`` sends a view of the array
 itself and ``decode`` returns a read-only view into the frame, so a raw tensor is copied
@@ -56,10 +56,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from partc.codec import Codec, parse_codec
+from partc.codec import decode as decode_payload
+from partc.codec import encode as encode_payload
 from partc.errors import PartcError, RunError
-from partc.runtime.codec import Codec, parse_codec
-from partc.runtime.codec import decode as decode_payload
-from partc.runtime.codec import encode as encode_payload
 
 MAGIC = b"PCTF"
 VERSION = 2
@@ -153,7 +153,7 @@ def _wire_array(name: str, array: np.ndarray) -> tuple[np.ndarray, int]:
 def encode(frame: Frame, codecs: Mapping[str, str] | None = None) -> bytes:
     """Serialise ``frame`` into one bytes object (one copy of each raw payload).
 
-    ``codecs`` maps tensor names to codec names (``partc.runtime.codec``); other tensors go
+    ``codecs`` maps tensor names to codec names (``partc.codec``); other tensors go
     as ``none``.
 
     Raises:

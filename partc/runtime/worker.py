@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from partc.codec import parse_codec
 from partc.errors import PartcError, RunError
-from partc.runtime.codec import parse_codec
 from partc.runtime.transport import (
     DEFAULT_RETRY,
     NO_SECURITY,
@@ -96,7 +96,7 @@ class Route:
         results: model outputs its function writes; replied with the next stage's reply.
         next_stage: name of the next stage, None for the last.
         next_address: host:port of the next stage's worker, None for the last.
-        codecs: codec name (``partc.runtime.codec``) per forwarded tensor; others go raw.
+        codecs: codec name (``partc.codec``) per forwarded tensor; others go raw.
     """
 
     stage: str

@@ -7,13 +7,14 @@ import torch
 from cutcases import cluster, profile
 from torch import nn
 
-from partc.baselines import baselines
 from partc.context import CompileContext, Constraints, Link, Tier
 from partc.errors import ClusterError, PartcError
 from partc.ir import META_PROFILE, META_TIER, compute_nodes
-from partc.partition import evaluate
+from partc.partition.baselines import baselines
+from partc.partition.cost import evaluate
+from partc.partition.model import cost_graph
 from partc.passes import DEFAULT_PIPELINE, PASSES
-from partc.passes.cut import cost_graph, select_cuts
+from partc.passes.cut import select_cuts
 from partc.pipeline import run_passes
 from partc.trace import InputSpec, load_model, parse_input_spec, trace
 

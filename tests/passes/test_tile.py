@@ -30,9 +30,9 @@ from partc.passes import DEFAULT_PIPELINE, PASSES, PLAN_PASSES
 from partc.passes.tile import tile_conv_stages, tile_graph, tile_nodes
 from partc.pipeline import run_passes
 from partc.plan import build_plan, eager_stage_fn, run_plan
-from partc.regions import find_runs, plan_regions, tile_flops
-from partc.schedule import local_schedule_fn, schedule_stage, step_id
-from partc.tiling import candidate_grids, coordinator_latency, node_seconds, predict_latency, split_run
+from partc.tiling.regions import find_runs, plan_regions, tile_flops
+from partc.tiling.schedule import local_schedule_fn, schedule_stage, step_id
+from partc.tiling.split import candidate_grids, coordinator_latency, node_seconds, predict_latency, split_run
 from partc.trace import InputSpec, load_model, parse_input_spec, trace
 
 

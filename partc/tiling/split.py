@@ -1,12 +1,12 @@
 """Planning vertical tiling: the predicted latency of a tiled run, and where to split runs.
 
 Implements the cost model that ``partc.passes.tile`` documents in its module docstring:
-``predict_latency`` prices one run tiled one way from its ``partc.regions`` regions, and
+``predict_latency`` prices one run tiled one way from its ``partc.tiling.regions`` regions, and
 ``split_run`` cuts a maximal run into consecutive parts, each tiled with its own grid or
 left untiled, minimising the sum of their predicted latencies. It is a dynamic program
 over cut points in the run's graph order; every contiguous stretch of a convex run is
 itself convex, so every part is a valid run. For each part end it walks the run
-backwards once per grid, growing the regions as ``partc.regions.plan_regions`` does
+backwards once per grid, growing the regions as ``partc.tiling.regions.plan_regions`` does
 (what a node computes does not depend on where the part starts), so it prices every
 part exactly as ``predict_latency`` would, in O(len(run)**2 * grids * tiles) steps at
 most; a walk stops once its slowest tile's compute alone exceeds the best plan found so
@@ -24,8 +24,8 @@ from torch import fx
 from partc.context import Link, Tier
 from partc.costmodel import load_calibration, predict_graph
 from partc.ir import META_BYTES, META_PROFILE, compute_nodes
-from partc.regions import Box, TileRegions, Window, hw, spatial_op, split
 from partc.targets import target
+from partc.tiling.regions import Box, TileRegions, Window, hw, spatial_op, split
 
 Grid = tuple[int, int]
 
@@ -74,7 +74,7 @@ def coordinator_latency(
     call: float = CALL_SECONDS,
 ) -> float:
     """Return the seconds from the coordinator (tile 0's node) holding a run's inputs to it
-    holding every tile's outputs, as ``partc.schedule.schedule_fn`` runs a tile step.
+    holding every tile's outputs, as ``partc.tiling.schedule.schedule_fn`` runs a tile step.
 
     ``compute[t]`` is tile t's seconds, ``scatter[t]`` and ``gather[t]`` the bytes of its
     inputs and outputs (unused for tile 0). The coordinator's link carries one transfer

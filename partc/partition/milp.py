@@ -4,7 +4,7 @@ Used for the throughput objective (minimise the slowest stage) and for byte or m
 caps. Variables: binary y[v, b] = [tier(v) > b] for every node v and link b; continuous
 z[u, b] in [0, 1], at least y[w, b] - y[u, b] for every consumer w of u (tensor u crosses
 link b); continuous used[b] >= y[v, b] (the pipeline reaches past link b); and, for
-throughput, the bottleneck t. The cost model is ``partc.partition``'s.
+throughput, the bottleneck t. The cost model is ``partc.partition.cost``'s.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from partc.errors import ClusterError
-from partc.partition import CostGraph, Partition, check_labels, evaluate, format_size
+from partc.partition.cost import CostGraph, Partition, check_labels, evaluate, format_size
 
 
 class _Program:

@@ -4,8 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from partc.codec import decode, encode, parse_codec
 from partc.errors import PartcError
-from partc.runtime.codec import decode, encode, parse_codec
 
 CODECS = [
     "none",

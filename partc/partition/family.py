@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from partc.baselines import baselines
 from partc.errors import ClusterError
-from partc.partition import CostGraph, LayeredCut, Partition, evaluate, solve
+from partc.partition.baselines import baselines
+from partc.partition.cost import CostGraph, Partition, evaluate
+from partc.partition.solve import LayeredCut, solve
 
 log = logging.getLogger(__name__)
 

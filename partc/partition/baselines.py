@@ -23,7 +23,8 @@ from dataclasses import replace
 import numpy as np
 
 from partc.errors import ClusterError
-from partc.partition import CostGraph, LayeredCut, Partition, evaluate, violations
+from partc.partition.cost import CostGraph, Partition, evaluate, violations
+from partc.partition.solve import LayeredCut
 
 
 class ChainCosts:

@@ -1,0 +1,151 @@
+"""The cost graph of a model: ``partc.partition.cost.CostGraph`` from the profiled IR and the cluster.
+
+``cost_graph`` reads each node's profile, bytes and parameter bytes, the cluster's links
+and constraints (checking the constraints and naming any that is malformed).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import numpy as np
+from torch import fx
+
+from partc.context import CompileContext
+from partc.errors import ClusterError, PartcError
+from partc.ir import META_BYTES, META_PARAM_BYTES, META_PROFILE, META_TIER
+from partc.partition.cost import Cost, CostGraph, evaluate
+
+
+def assigned_cost(gm: fx.GraphModule, ctx: CompileContext) -> tuple[CostGraph, np.ndarray, Cost]:
+    """Return the cost graph of ``gm``, the tier index of each of its nodes, and their cost.
+
+    Reads meta[META_TIER] (run select-cuts first) and what ``cost_graph`` reads.
+    """
+    graph = cost_graph(gm, ctx)
+    tiers = np.array([graph.tiers.index(n.meta[META_TIER]) for n in gm.graph.nodes if n.op != "output"])
+    return graph, tiers, evaluate(graph, tiers)
+
+
+def cost_graph(gm: fx.GraphModule, ctx: CompileContext) -> CostGraph:
+    """Return the cost graph of ``gm`` on ``ctx``'s tiers, links and constraints.
+
+    Nodes are every node but the output, in graph order. Reads meta[META_PROFILE],
+    meta[META_BYTES], meta[META_PARAM_BYTES].
+
+    Raises:
+        ClusterError: for a missing link between consecutive tiers, or a constraint that
+            names an unknown tier, link or node, or that contradicts another.
+        PartcError: if a node has no profile for a tier.
+    """
+    tiers = ctx.tier_names
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    index = {n: i for i, n in enumerate(nodes)}
+    compute = np.zeros((len(nodes), len(tiers)))
+    for i, node in enumerate(nodes):
+        profile = node.meta.get(META_PROFILE, {})
+        missing = [t for t in tiers if t not in profile]
+        if missing:
+            raise PartcError(f"node {node.name!r} has no profile for tier {missing[0]!r}; run annotate-profile first")
+        compute[i] = [profile[t] for t in tiers]
+    links = [ctx.link(a, b) for a, b in zip(tiers, tiers[1:], strict=False)]
+    for (a, b), link in zip(zip(tiers, tiers[1:], strict=False), links, strict=True):
+        if link is None:
+            raise ClusterError(
+                f"{ctx.source}: links: no link from {a} to {b}; data moves tier by tier, "
+                "so every pair of consecutive tiers needs one"
+            )
+    nbytes = np.array([n.meta[META_BYTES] for n in nodes], dtype=np.int64)
+    edges = sorted({(index[a], index[v]) for v in nodes for a in v.all_input_nodes})
+    inputs = np.array([n.op == "placeholder" for n in nodes])
+    return CostGraph(
+        names=tuple(n.name for n in nodes),
+        tiers=tiers,
+        compute=compute,
+        nbytes=nbytes,
+        memory=nbytes + np.array([n.meta.get(META_PARAM_BYTES, 0) for n in nodes], dtype=np.int64),
+        edges=np.array(edges, dtype=np.int64).reshape(-1, 2),
+        inputs=inputs,
+        latency=np.array([lk.latency for lk in links], dtype=float),
+        bandwidth=np.array([lk.bandwidth for lk in links], dtype=float),
+        allowed=_allowed(nodes, inputs, edges, ctx),
+        max_link_bytes=_link_caps(ctx),
+        max_memory=np.array([ctx.constraints.max_memory.get(t, np.inf) for t in tiers], dtype=float),
+    )
+
+
+def _allowed(nodes: list[fx.Node], inputs: np.ndarray, edges: list[tuple[int, int]], ctx: CompileContext):
+    """The (n, K) mask of tiers each node may take, from inputs, pins and forbids."""
+    tiers = ctx.tier_names
+    constraints = ctx.constraints
+    for tier in [*constraints.pin, *constraints.forbid, *constraints.max_memory]:
+        if tier not in tiers:
+            raise ClusterError(f"{ctx.source}: constraints: unknown tier {tier!r}; tiers are {', '.join(tiers)}")
+    allowed = np.ones((len(nodes), len(tiers)), dtype=bool)
+    allowed[inputs, 1:] = False
+    allowed[~inputs] &= ~np.isin(np.array(tiers), constraints.forbid)
+    pinned: dict[int, str] = {}
+    for tier, patterns in constraints.pin.items():
+        for pattern in patterns:
+            hits = [i for i, n in enumerate(nodes) if _matches(n, pattern)]
+            if not hits:
+                raise ClusterError(
+                    f"{ctx.source}: constraints.pin[{tier}]: {pattern!r} matches no node; node names look like "
+                    f"{', '.join(n.name for n in nodes[1:4])} (module paths such as 'layer1.*' work too)"
+                )
+            for i in hits:
+                name = nodes[i].name
+                if pinned.get(i, tier) != tier:
+                    raise ClusterError(
+                        f"{ctx.source}: constraints.pin: {name} is pinned to both {pinned[i]} and {tier}"
+                    )
+                if tier in constraints.forbid:
+                    raise ClusterError(
+                        f"{ctx.source}: constraints.pin: {name} is pinned to {tier}, which constraints.forbid excludes"
+                    )
+                if inputs[i] and tier != tiers[0]:
+                    raise ClusterError(
+                        f"{ctx.source}: constraints.pin: {name} is a model input; it originates on {tiers[0]}"
+                    )
+                pinned[i] = tier
+                allowed[i] = np.array(tiers) == tier
+    _check_pin_order(nodes, edges, pinned, tiers, ctx.source)
+    return allowed
+
+
+def _matches(node: fx.Node, pattern: str) -> bool:
+    if fnmatch.fnmatchcase(node.name, pattern):
+        return True
+    return node.op == "call_module" and fnmatch.fnmatchcase(str(node.target), pattern)
+
+
+def _check_pin_order(nodes, edges, pinned: dict[int, str], tiers: tuple[str, ...], source: str) -> None:
+    """Raise if a node is pinned to an earlier tier than one of its ancestors."""
+    rank = {t: k for k, t in enumerate(tiers)}
+    latest: list[tuple[int, int] | None] = [None] * len(nodes)  # (tier, pinned ancestor) per node
+    preds: list[list[int]] = [[] for _ in nodes]
+    for a, b in edges:
+        preds[b].append(a)
+    for v in range(len(nodes)):  # graph order is topological
+        best = max((latest[p] for p in preds[v] if latest[p] is not None), default=None)
+        if v in pinned:
+            if best is not None and best[0] > rank[pinned[v]]:
+                raise ClusterError(
+                    f"{source}: constraints.pin: {nodes[best[1]].name} is pinned to {tiers[best[0]]} but "
+                    f"{nodes[v].name}, which consumes its output, is pinned to {pinned[v]}; "
+                    "data cannot flow back a tier"
+                )
+            best = max(best or (-1, -1), (rank[pinned[v]], v))
+        latest[v] = best
+
+
+def _link_caps(ctx: CompileContext) -> np.ndarray:
+    tiers = ctx.tier_names
+    pairs = list(zip(tiers, tiers[1:], strict=False))
+    for pair in ctx.constraints.max_link_bytes:
+        if tuple(pair) not in pairs:
+            raise ClusterError(
+                f"{ctx.source}: constraints.max_link_bytes: no link {pair[0]}->{pair[1]}; "
+                f"links are {', '.join(f'{a}->{b}' for a, b in pairs)}"
+            )
+    return np.array([ctx.constraints.max_link_bytes.get(p, np.inf) for p in pairs], dtype=float)
