@@ -13,7 +13,7 @@ never traces a model) does not pay for importing torch.
 
 import importlib
 
-__version__ = "0.1.0"
+from partc.version import __version__ as __version__
 
 _API = {
     "inspect": ("partc.report", "inspect"),

@@ -1,12 +1,11 @@
 """``partc compile``: from a model and a cluster file to a build folder.
 
-A build carries several plans (``partc.partition.family.deployment_plans``): the primary one for
-the cluster file's bandwidths, the other plans of its family (optimal at other
-bandwidths, for the runtime to switch to) and fallbacks that stop before a tier. Each tier
-with work in some plan is one stage, ``<tier>.0``, served by one worker; a stage holds one
-program per distinct piece of the model it runs across the plans (a piece shared by
-several plans is emitted once). The primary plan's programs are named after their stage
-(``edge.0``), the others after the plan that first needs them (``edge.0-p2``).
+``compile_model`` runs the compile pipeline (``partc.compilation.compile_plans``: the same
+passes, plans and prices as ``partc plan``), emits every program of every plan the build
+carries (the primary plan, the rest of its family, fallbacks; see ``partc.compilation``),
+runs every plan through the artifacts on a seeded input and compares it with the model,
+times the artifacts here, and writes the manifest (``partc.manifest``), which records the
+compilation's predictions as they are.
 
 The build folder holds one artifact per program and ``manifest.json``. It is written as a
 good build step should be: everything goes to a temporary folder beside the output, the
@@ -29,17 +28,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import fx
 
-from partc.context import load_cluster
+from partc.cluster import load_cluster
+from partc.codec import NO_CODEC
+from partc.compilation import Compilation, compile_plans
+from partc.context import BackendOptions
 from partc.errors import PartcError
-from partc.ir import META_TIER, clone
-from partc.manifest import MANIFEST, build_manifest, render_deployment, write_manifest
-from partc.pipeline import run_passes
-from partc.plan import Artifact, Plan, Stage, StageFn, build_plan, eager_stage_fn, run_plan
-from partc.report import trace_model
-from partc.tiling.schedule import Schedule, local_schedule_fn, schedule_stage, step_id
+from partc.ir import META_TIER, link_name
+from partc.manifest import (
+    MANIFEST,
+    LinkEntry,
+    Manifest,
+    PlanEntry,
+    ProgramEntry,
+    ScheduleEntry,
+    StageEntry,
+    TierEntry,
+    TransferEntry,
+    render_deployment,
+    write_manifest,
+)
+from partc.partition.model import program_seconds
+from partc.passes import DEFAULT_PIPELINE
+from partc.pipeline import Pipeline
+from partc.plan import Artifact, StageFn, eager_stage_fn, run_plan
+from partc.targets import backend, runs_here, target
+from partc.tiling.schedule import local_schedule_fn, step_id
 from partc.trace import load_model
+from partc.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +67,7 @@ class Build:
     """A finished build: its folder and the manifest written there."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest
 
 
 def compile_model(
@@ -61,7 +77,7 @@ def compile_model(
     output: Path | str,
     *,
     profiles: Mapping[str, Path] | None = None,
-    passes: Sequence[str] | None = None,
+    pipeline: Pipeline = DEFAULT_PIPELINE,
     tvm_trials: int = 0,
     tuning_db: Path | None = None,
     dump_after: Sequence[str] = (),
@@ -69,11 +85,11 @@ def compile_model(
     depfile: Path | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> Build:
-    """Python twin of ``partc compile``: trace, plan, emit every stage, write the manifest.
+    """Python twin of ``partc compile``: run the pipeline, emit every program, write the manifest.
 
-    Every emitted stage that can run on this machine is loaded back and timed, and the
-    whole pipeline is run through the artifacts on a seeded example input and compared
-    with the original model; the manifest records both.
+    Every emitted program that can run on this machine is loaded back and timed, and every
+    plan is run through the artifacts on a seeded example input and compared with the
+    original model; the manifest records both.
 
     Args:
         model: a MODEL spec (``torchvision:resnet50``, ``pkg.mod:factory``, ``file.py:factory``).
@@ -81,10 +97,10 @@ def compile_model(
         cluster: the cluster file.
         output: the build folder to (re)write.
         profiles: target name -> measured profile file (``partc profile``).
-        passes: pass names to run; default ``partc.passes.DEFAULT_PIPELINE``.
+        pipeline: the passes to run (``partc.passes.DEFAULT_PIPELINE``).
         tvm_trials: MetaSchedule trials per task for TVM stages (0: untuned).
         tuning_db: TVM tuning database folder, reused across builds.
-        dump_after: passes after which to dump the IR (see ``run_passes``).
+        dump_after: passes after which to dump the IR (``partc.compilation.compile_plans``).
         dump_dir: where to dump it.
         depfile: write a Makefile-syntax dependency file for make / ninja / CMake.
         progress: called with a line of text as each step starts.
@@ -92,49 +108,22 @@ def compile_model(
     Raises:
         PartcError: for bad input (model, shapes, cluster, constraints, unsupported layers).
     """
-    from partc.partition.family import deployment_plans
-    from partc.partition.model import assigned_cost
-    from partc.passes import DEFAULT_PIPELINE, PLAN_PASSES
-    from partc.passes.compress import priced
-    from partc.targets import backend, target
-
     output = Path(output)
-    ctx = load_cluster(cluster, profiles)
-    progress(f"tracing {model}")
+    ctx = load_cluster(cluster, profiles, BackendOptions(tvm_trials=tvm_trials, tuning_db=tuning_db))
     module = load_model(model)
-    gm = trace_model(module, input_shapes)
-    names = tuple(passes) if passes is not None else DEFAULT_PIPELINE
-    for name in names:
-        progress(f"pass {name}")
-        gm = run_passes(gm, [name], ctx, dump_after=[d for d in dump_after if d in (name, "trace")], dump_dir=dump_dir)
-        dump_after = [d for d in dump_after if d not in (name, "trace")]
-    graph, primary, _ = assigned_cost(gm, ctx)
-    graph = priced(graph, gm)  # every plan is priced with each link's codec
-    progress("planning for other bandwidths and for failed tiers")
-    choices = deployment_plans(graph, primary, ctx.objective)
-    assigned = [_assign(gm, graph.tiers, tiers) for _, tiers in choices]
-    if any(t.nodes > 1 for t in ctx.tiers):
-        progress(f"tiling each plan's stages on tiers with several nodes ({', '.join(PLAN_PASSES)})")
-        assigned = [run_passes(g, PLAN_PASSES, ctx) for g in assigned]
-    plans = [build_plan(g, ctx) for g in assigned]
-    programs, uses = _programs(plans)
-    schedules = {pid: sch for pid, stage in programs.items() if (sch := schedule_stage(stage)) is not None}
-    emitted = {step_id(pid, i, t): program for pid, sch in schedules.items()
-               for i, step in enumerate(sch.steps) for t, program in enumerate(step.programs)}
-    emitted |= {pid: stage for pid, stage in programs.items() if pid not in schedules}
-
+    compiled = compile_plans(module, input_shapes, ctx, pipeline=pipeline, dump_after=dump_after,
+                             dump_dir=dump_dir, progress=progress)
     staging = _staging_folder(output)
     try:
         artifacts: dict[str, Artifact] = {}
-        for pid, stage in emitted.items():
+        for pid, stage in compiled.artifacts.items():
             tier = ctx.tier(stage.tier)
             progress(f"emitting {pid} with {tier.backend} for {tier.target}")
-            emitter = _tvm_backend(tvm_trials, tuning_db) if tier.backend == "tvm" else backend(tier.backend)
-            artifacts[pid] = emitter.emit(replace(stage, name=pid), target(tier.target), staging)
-        progress(f"verifying {len(plans)} plan(s) and timing the artifacts on this machine")
-        measured, diffs, scale = _verify(gm, plans, uses, emitted, schedules, artifacts)
-        manifest = build_manifest(model, gm, ctx, graph, choices, assigned, plans, uses, schedules, emitted,
-                                  artifacts, measured, diffs, scale)
+            artifacts[pid] = backend(tier.backend).emit(replace(stage, name=pid), target(tier.target), staging,
+                                                        ctx.options)
+        progress(f"verifying {len(compiled.plans)} plan(s) and timing the artifacts on this machine")
+        measured, diffs, scale = _verify(compiled, artifacts)
+        manifest = _manifest(model, compiled, artifacts, measured, diffs, scale)
         render_deployment(manifest, staging, output.name)
         write_manifest(manifest, staging)  # last: a folder without it is not a build
         _replace(staging, output)
@@ -144,12 +133,6 @@ def compile_model(
     if depfile is not None:
         _write_depfile(Path(depfile), output / MANIFEST, _dependencies(module, cluster, profiles or {}))
     return Build(output, manifest)
-
-
-def _tvm_backend(trials: int, database: Path | None):
-    from partc.targets.tvm import TvmBackend
-
-    return TvmBackend(trials=trials, database=database)
 
 
 def _staging_folder(output: Path) -> Path:
@@ -171,51 +154,68 @@ def _replace(staging: Path, output: Path) -> None:
         shutil.rmtree(old)
 
 
-def _assign(gm: fx.GraphModule, tier_names: Sequence[str], tiers: np.ndarray) -> fx.GraphModule:
-    """A copy of ``gm`` with the tier of each node (cost-graph order: every node but the output)."""
-    gm = clone(gm)
-    nodes = [n for n in gm.graph.nodes if n.op != "output"]
-    for node, tier in zip(nodes, tiers.tolist(), strict=True):
-        node.meta[META_TIER] = tier_names[tier]
-    out = gm.graph.output_node()
-    out.meta[META_TIER] = tier_names[max((tier_names.index(a.meta[META_TIER]) for a in out.all_input_nodes), default=0)]
-    return gm
-
-
-def _programs(plans: Sequence[Plan]) -> tuple[dict[str, Stage], list[dict[str, str]]]:
-    """Every distinct stage program of ``plans`` by program id (see the module docstring), and
-    for each plan, the program each of its stages runs."""
-    programs: dict[str, Stage] = {}
-    seen: dict[tuple, str] = {}
-    uses = []
-    for i, plan in enumerate(plans):
-        for stage in plan.stages:
-            key = (stage.name, stage.gm.code, stage.inputs, stage.outputs)
-            if key not in seen:
-                seen[key] = stage.name if i == 0 else f"{stage.name}-p{i}"
-                programs[seen[key]] = stage
-        uses.append({s.name: seen[(s.name, s.gm.code, s.inputs, s.outputs)] for s in plan.stages})
-    return programs, uses
+def _manifest(
+    model: str, compiled: Compilation, artifacts: Mapping[str, Artifact], measured: Mapping[str, float | None],
+    diffs: Sequence[float], scale: float,
+) -> Manifest:
+    """The manifest of a build: ``compiled`` as it is, with the artifacts, their times here and the check."""
+    ctx = compiled.ctx
+    order = {name: i for i, name in enumerate(ctx.tier_names)}
+    emitted = compiled.artifacts
+    schedules = {pid: p.schedule for pid, p in compiled.programs.items() if p.schedule is not None}
+    plans = compiled.plans
+    chain = sorted({s.name: s for p in plans for s in p.plan.stages}.values(), key=lambda s: order[s.tier])
+    peers = sorted({p.name: p for sch in schedules.values() for step in sch.steps for p in step.programs[1:]}.values(),
+                   key=lambda s: (order[s.tier], s.index))
+    stages = []
+    for worker in [*chain, *peers]:
+        tier = ctx.tier(worker.tier)
+        programs = tuple(
+            ProgramEntry(pid, a.path.name, a.sha256, a.bytes, a.inputs, a.outputs,
+                         compiled.programs[pid].seconds if pid in compiled.programs
+                         else program_seconds(emitted[pid].gm, worker.tier), measured[pid], dict(a.info))
+            for pid, a in artifacts.items() if emitted[pid].name == worker.name)
+        tiled = tuple(
+            ScheduleEntry(pid, sch.inputs, sch.outputs,
+                          tuple(tuple(step_id(pid, i, t) for t in range(len(step.programs)))
+                                for i, step in enumerate(sch.steps)),
+                          sch.results, compiled.programs[pid].seconds, measured[pid])
+            for pid, sch in schedules.items() if sch.stage == worker.name)
+        stages.append(StageEntry(worker.name, worker.tier, worker.index, tier.backend, tier.target, programs, tiled))
+    names = [w.name for w in chain]
+    entries = tuple(PlanEntry(
+        p.name, p.kind, tuple(names[: max(names.index(stage) for stage in p.programs) + 1]), dict(p.programs),
+        {n.name: n.meta[META_TIER] for n in p.gm.graph.nodes}, p.prediction,
+        tuple(TransferEntry(t.tensor, t.src, t.dst, t.tensor.nbytes) for t in p.plan.transfers), diffs[i],
+    ) for i, p in enumerate(plans))
+    codecs = {link.name: link.codec for link in compiled.links}
+    first = plans[0].plan
+    return Manifest(
+        __version__, model, compiled.gm.meta["partc.tracer"], first.model_inputs, first.model_outputs,
+        ctx.source, ctx.objective,
+        tuple(TierEntry(t.name, t.target, t.backend, t.nodes) for t in ctx.tiers),
+        tuple(LinkEntry(lk.src, lk.dst, lk.bandwidth, lk.latency, codecs.get(link_name(lk.src, lk.dst), NO_CODEC))
+              for lk in ctx.links),
+        tuple(stages), entries, max(diffs), scale,
+    )
 
 
 def _verify(
-    gm: fx.GraphModule, plans: Sequence[Plan], uses: Sequence[Mapping[str, str]], emitted: Mapping[str, Stage],
-    schedules: Mapping[str, Schedule], artifacts: Mapping[str, Artifact],
+    compiled: Compilation, artifacts: Mapping[str, Artifact]
 ) -> tuple[dict[str, float | None], list[float], float]:
     """Run every plan through the artifacts; time each program; compare with the model.
 
     An artifact that cannot run here (cross-compiled for another architecture) runs
-    eagerly and is not timed. Returns the median seconds per program (emitted ones and
-    tiled stages' schedules), the largest absolute difference per plan, and the output scale.
+    eagerly and is not timed. Returns the median seconds per program (artifacts and tiled
+    programs' schedules), the largest absolute difference per plan, and the output scale.
     """
-    from partc.targets import backend
-    from partc.targets.tvm import host_arch
-
+    gm, emitted = compiled.gm, compiled.artifacts
+    schedules = {pid: p.schedule for pid, p in compiled.programs.items() if p.schedule is not None}
     examples = [spec.example() for spec in gm.meta["partc.inputs"]]
     measured: dict[str, list[float]] = {}
     fns: dict[str, StageFn] = {}
     for pid, artifact in artifacts.items():
-        if artifact.info.get("arch", host_arch()) == host_arch():
+        if runs_here(artifact):
             fns[pid] = _timed(backend(artifact.backend).load(artifact), measured, pid)
         else:
             fns[pid] = eager_stage_fn(emitted[pid])
@@ -227,9 +227,10 @@ def _verify(
         expected = [t.numpy() for t in (expected if isinstance(expected, (tuple, list)) else [expected])]
         scale = max(float(np.abs(want).max()) for want in expected)
         diffs = []
-        for plan, use in zip(plans, uses, strict=True):
+        for compiled_plan in compiled.plans:
+            plan = compiled_plan.plan
             inputs = {t.name: x.numpy() for t, x in zip(plan.model_inputs, examples, strict=True)}
-            plan_fns = {stage: fns[pid] for stage, pid in use.items()}
+            plan_fns = {stage: fns[pid] for stage, pid in compiled_plan.programs.items()}
             for _ in range(TIMING_RUNS + 1):
                 outputs = run_plan(plan, plan_fns, inputs)
             diffs.append(max(float(np.abs(outputs[spec.name] - want).max())

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -92,28 +92,62 @@ def parse_codec(name: str) -> Codec:
     return Codec(canonical, quant, pack, level if pack == "zstd" else 0)
 
 
-# The codec entry of a link that sends tensors as they are.
-NO_CODEC = {"codec": "none", "ratio": 1.0, "encode_bytes_per_s": None, "decode_bytes_per_s": None, "agreement": None,
-            "samples": 0}
+@dataclass(frozen=True)
+class LinkCodec:
+    """The codec one link's tensors cross with, as ``compress-cut-tensors`` chose and measured it.
 
-
-def effective_bandwidth(bandwidth: float, entry: Mapping) -> float:
-    """Return the raw bytes per second a link of ``bandwidth`` bytes/s moves with ``entry``'s codec.
-
-    ``entry`` is a link's codec entry (``partc.ir.META_LINK_CODECS``; the manifest's
-    ``cluster.links[].codec``).
-
-    ``1 / (1 / (ratio * bandwidth) + 1 / encode + 1 / decode)``: the wire carries ``1/ratio``
-    of the bytes, and encoding and decoding run one after the other with the transfer (a
-    speed of None is free). For codec ``none`` this is exactly ``bandwidth``.
+    Attributes:
+        codec: the codec's name (``none``: tensors cross raw).
+        ratio: raw bytes / wire bytes, over the tensors the plan sends (1.0 for ``none``).
+        encode_bytes_per_s: raw bytes encoded per second on the compiling host (None: free).
+        decode_bytes_per_s: likewise for decoding.
+        agreement: top-1 agreement with the uncompressed model on the calibration inputs
+            (None: lossless, or not checked).
+        samples: how many calibration inputs the figures were measured on.
     """
-    if entry["codec"] == "none":
-        return bandwidth
-    seconds = 1 / (entry["ratio"] * bandwidth)
-    for key in ("encode_bytes_per_s", "decode_bytes_per_s"):
-        if entry[key] is not None:
-            seconds += 1 / entry[key]
-    return 1 / seconds
+
+    codec: str = "none"
+    ratio: float = 1.0
+    encode_bytes_per_s: float | None = None
+    decode_bytes_per_s: float | None = None
+    agreement: float | None = None
+    samples: int = 0
+
+    @property
+    def lossless(self) -> bool:
+        """Whether tensors cross this link exactly."""
+        return parse_codec(self.codec).lossless
+
+    def effective_bandwidth(self, bandwidth: float) -> float:
+        """Return the raw bytes per second a link of ``bandwidth`` bytes/s moves with this codec.
+
+        ``1 / (1 / (ratio * bandwidth) + 1 / encode + 1 / decode)``: the wire carries ``1/ratio``
+        of the bytes, and encoding and decoding run one after the other with the transfer (a
+        speed of None is free). For codec ``none`` this is exactly ``bandwidth``.
+        """
+        if self.codec == "none":
+            return bandwidth
+        seconds = 1 / (self.ratio * bandwidth)
+        for speed in (self.encode_bytes_per_s, self.decode_bytes_per_s):
+            if speed is not None:
+                seconds += 1 / speed
+        return 1 / seconds
+
+    def to_json(self) -> dict:
+        """Return the manifest form (``cluster.links[].codec``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, entry: Mapping) -> LinkCodec:
+        """Return the codec of a manifest's ``cluster.links[].codec``.
+
+        Raises:
+            KeyError, TypeError: for a missing or unexpected key (the manifest reader names it).
+        """
+        return cls(**entry)
+
+
+NO_CODEC = LinkCodec()  # a link whose tensors cross raw
 
 
 def encode(array: np.ndarray, codec: Codec) -> bytes:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from partc.codec import NO_CODEC, Codec, decode, encode, parse_codec
+from partc.codec import Codec, LinkCodec, decode, encode, parse_codec
 from partc.context import Compression
 from partc.errors import ClusterError, PartcError
 from partc.ir import META_BYTES
@@ -59,8 +59,8 @@ class Measurements:
     encode_s: dict[str, np.ndarray]
     decode_s: dict[str, np.ndarray]
 
-    def entry(self, codec: str, mask: np.ndarray | None = None) -> dict:
-        """Return the ``META_LINK_CODECS`` entry of ``codec`` over the nodes in ``mask`` (all: None).
+    def entry(self, codec: str, mask: np.ndarray | None = None) -> LinkCodec:
+        """Return ``codec`` as measured over the nodes in ``mask`` (all: None).
 
         ``ratio`` is raw bytes / wire bytes and the speeds raw bytes per second, summed over
         the nodes (bytes-weighted); codec ``none`` has ratio 1.0 and speeds None (free), and so
@@ -69,20 +69,14 @@ class Measurements:
         mask = np.ones(len(self.raw), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
         raw = float(self.raw[mask].sum())
         if codec == "none" or raw == 0:
-            return no_compression(self.samples)
-        return {
-            "codec": codec,
-            "ratio": raw / float(self.wire[codec][mask].sum()),
-            "encode_bytes_per_s": raw / max(float(self.encode_s[codec][mask].sum()), 1e-9),
-            "decode_bytes_per_s": raw / max(float(self.decode_s[codec][mask].sum()), 1e-9),
-            "agreement": None,
-            "samples": self.samples,
-        }
-
-
-def no_compression(samples: int = 0) -> dict:
-    """Return the ``META_LINK_CODECS`` entry of a link whose tensors cross raw (codec ``none``)."""
-    return {**NO_CODEC, "samples": samples}
+            return LinkCodec(samples=self.samples)
+        return LinkCodec(
+            codec=codec,
+            ratio=raw / float(self.wire[codec][mask].sum()),
+            encode_bytes_per_s=raw / max(float(self.encode_s[codec][mask].sum()), 1e-9),
+            decode_bytes_per_s=raw / max(float(self.decode_s[codec][mask].sum()), 1e-9),
+            samples=self.samples,
+        )
 
 
 def calibration_inputs(

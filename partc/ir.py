@@ -27,11 +27,15 @@ META_TIER = "partc.tier"  # tier name (select-cuts)
 META_TILE = "partc.tile"  # (run index, tile index) of a vertical-tiling node; tile None: the stitch
 
 # Written by passes on the graph (gm.meta), not on nodes.
-# compress-cut-tensors: {link "src->dst": {"codec": str, "ratio": float, "encode_bytes_per_s": float | None,
-#   "decode_bytes_per_s": float | None, "agreement": float | None, "samples": int}}, see partc.compression.
+# compress-cut-tensors: {link_name(src, dst): partc.codec.LinkCodec}, for every link between consecutive tiers.
 META_LINK_CODECS = "partc.link_codecs"
 
 KINDS = ("input", "output", "conv", "matmul", "pool", "norm", "elementwise", "data", "other")
+
+
+def link_name(src: str, dst: str) -> str:
+    """Return the name of the link from tier ``src`` to tier ``dst``: ``"src->dst"``, everywhere partc keys a link."""
+    return f"{src}->{dst}"
 
 
 def kind_of(node: fx.Node) -> str:

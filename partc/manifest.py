@@ -17,8 +17,8 @@ Schema (``schema_version`` 2; keys sorted; sizes in bytes, times in seconds)::
                                     predicted_s, measured_s}]}]
     plans            [{name, kind, stages: [stage], programs: {stage: program id},
                        assignment: {node: tier},                   every IR node
-                       predicted: {latency, base, bottleneck, compute: {tier: s},
-                                   transfer: {link: s}, link_bytes: {link: bytes}},
+                       predicted: {compute: {tier: s}, link_bytes: {link: bytes},
+                                   reached: [link], latency, bottleneck, transfer: {link: s}},
                        transfers: [{tensor: TENSOR, from: stage | null, to: stage, bytes}],
                        max_abs_diff}]
     verification     {max_abs_diff, output_scale, inputs: "seeded example"}
@@ -33,8 +33,10 @@ their tier's stage and are in no chain. A stage's ``schedules`` are its tiled pr
 primary plan (``kind`` "primary"), the one compiled for the cluster file's bandwidths;
 "adaptive" plans are the rest of its plan family, "fallback" plans stop before a tier. A
 plan's ``stages`` are its chain: the stages from the first up to its last one with a
-program; a stage of the chain without a program in ``programs`` relays tensors. ``base``
-is the predicted latency at infinite bandwidth; link = "src->dst". ``artifact`` is
+program; a stage of the chain without a program in ``programs`` relays tensors. A plan's
+``predicted`` is a ``partc.partition.price.Prediction``: what it computes and sends, and its
+figures at the cluster file's bandwidths (``reached``: the links whose latency it pays);
+link = "src->dst". ``artifact`` is
 relative to the manifest's folder. ``measured_s`` is the median time of the artifact on
 the compiling host, or null where it cannot run there (cross-compiled).
 ``transfers[].from`` is null for a model input. A link's ``codec`` is what tensors cross
@@ -47,24 +49,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import partc
-from partc.codec import NO_CODEC
+from partc.codec import LinkCodec
 from partc.errors import ManifestError
-from partc.ir import META_LINK_CODECS, META_PROFILE, META_TIER
-from partc.plan import Artifact, Plan, Stage, TensorSpec
-from partc.tiling.schedule import Schedule, step_id
-
-if TYPE_CHECKING:
-    import numpy as np
-    from torch import fx
-
-    from partc.context import CompileContext
-    from partc.partition.cost import CostGraph
+from partc.ir import link_name
+from partc.partition.price import LinkPrice, Prediction
+from partc.plan import Artifact, TensorSpec
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -91,145 +84,212 @@ def tensor_spec(entry: Mapping) -> TensorSpec:
 
 
 @dataclass(frozen=True)
+class ProgramEntry:
+    """One artifact of a stage (``stages[].programs[]``)."""
+
+    id: str
+    artifact: str
+    sha256: str
+    bytes: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    predicted_s: float
+    measured_s: float | None
+    info: Mapping
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "artifact": self.artifact, "sha256": self.sha256, "bytes": self.bytes,
+                "inputs": [tensor_json(t) for t in self.inputs], "outputs": [tensor_json(t) for t in self.outputs],
+                "predicted_s": self.predicted_s, "measured_s": self.measured_s, "info": dict(self.info)}
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    """A tiled program of a stage (``stages[].schedules[]``, ``partc.tiling.schedule``)."""
+
+    id: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    steps: tuple[tuple[str, ...], ...]
+    results: tuple[tuple[str, str], ...]
+    predicted_s: float
+    measured_s: float | None
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "inputs": [tensor_json(t) for t in self.inputs],
+                "outputs": [tensor_json(t) for t in self.outputs], "steps": [list(s) for s in self.steps],
+                "results": [list(r) for r in self.results], "predicted_s": self.predicted_s,
+                "measured_s": self.measured_s}
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    """One worker (``stages[]``): index 0 is its tier's stage, the others run its tiles."""
+
+    name: str
+    tier: str
+    index: int
+    backend: str
+    target: str
+    programs: tuple[ProgramEntry, ...]
+    schedules: tuple[ScheduleEntry, ...]
+
+    def program(self, pid: str) -> ProgramEntry | ScheduleEntry | None:
+        """The program or tiled program called ``pid``; None if the stage has none."""
+        return next((p for p in (*self.programs, *self.schedules) if p.id == pid), None)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "tier": self.tier, "index": self.index, "backend": self.backend,
+                "target": self.target, "programs": [p.to_json() for p in self.programs],
+                "schedules": [s.to_json() for s in self.schedules]}
+
+
+@dataclass(frozen=True)
+class TransferEntry:
+    """A tensor moving to a stage in a plan (``plans[].transfers[]``)."""
+
+    tensor: TensorSpec
+    src: str | None
+    dst: str
+    bytes: int
+
+    def to_json(self) -> dict:
+        return {"tensor": tensor_json(self.tensor), "from": self.src, "to": self.dst, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One plan of the build (``plans[]``)."""
+
+    name: str
+    kind: str
+    stages: tuple[str, ...]
+    programs: Mapping[str, str]
+    assignment: Mapping[str, str]
+    predicted: Prediction
+    transfers: tuple[TransferEntry, ...]
+    max_abs_diff: float
+
+
+@dataclass(frozen=True)
+class TierEntry:
+    """A tier of the cluster (``cluster.tiers[]``)."""
+
+    name: str
+    target: str
+    backend: str
+    nodes: int
+
+
+@dataclass(frozen=True)
+class LinkEntry:
+    """A link of the cluster (``cluster.links[]``), with the codec its tensors cross with."""
+
+    src: str
+    dst: str
+    bandwidth: float
+    latency: float
+    codec: LinkCodec
+
+    @property
+    def name(self) -> str:
+        """``"src->dst"``."""
+        return link_name(self.src, self.dst)
+
+    @property
+    def price(self) -> LinkPrice:
+        """The link as plans are priced on it."""
+        return LinkPrice(self.name, self.bandwidth, self.latency, self.codec)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A build's manifest, typed (the schema in the module docstring)."""
+
+    partc_version: str
+    model: str
+    tracer: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    source: str
+    objective: str
+    tiers: tuple[TierEntry, ...]
+    links: tuple[LinkEntry, ...]
+    stages: tuple[StageEntry, ...]
+    plans: tuple[PlanEntry, ...]
+    max_abs_diff: float
+    output_scale: float
+
+    @property
+    def chain(self) -> tuple[StageEntry, ...]:
+        """The stages data flows through, in order (index 0); the others only run tiles."""
+        return tuple(s for s in self.stages if s.index == 0)
+
+    @property
+    def prices(self) -> tuple[LinkPrice, ...]:
+        """The links between consecutive tiers, as every plan is priced on them."""
+        names = [t.name for t in self.tiers]
+        wanted = {link_name(a, b) for a, b in zip(names, names[1:], strict=False)}
+        return tuple(lk.price for lk in self.links if lk.name in wanted)
+
+    def stage(self, name: str) -> StageEntry:
+        """The stage called ``name``.
+
+        Raises:
+            ManifestError: if there is none.
+        """
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ManifestError(f"no stage {name!r}; stages are: {', '.join(s.name for s in self.stages)}")
+
+    def to_json(self) -> dict:
+        """Return the manifest as ``manifest.json`` holds it."""
+        prices = self.prices
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "partc_version": self.partc_version,
+            "model": {"spec": self.model, "tracer": self.tracer, "inputs": [tensor_json(t) for t in self.inputs],
+                      "outputs": [tensor_json(t) for t in self.outputs]},
+            "cluster": {
+                "source": self.source, "objective": self.objective,
+                "tiers": [{"name": t.name, "target": t.target, "backend": t.backend, "nodes": t.nodes}
+                          for t in self.tiers],
+                "links": [{"from": lk.src, "to": lk.dst, "bandwidth": lk.bandwidth, "latency": lk.latency,
+                           "codec": lk.codec.to_json()} for lk in self.links],
+            },
+            "stages": [s.to_json() for s in self.stages],
+            "plans": [{
+                "name": p.name, "kind": p.kind, "stages": list(p.stages), "programs": dict(p.programs),
+                "assignment": dict(p.assignment), "predicted": p.predicted.to_json(prices),
+                "transfers": [t.to_json() for t in p.transfers], "max_abs_diff": p.max_abs_diff,
+            } for p in self.plans],
+            "verification": {"max_abs_diff": self.max_abs_diff, "output_scale": self.output_scale,
+                             "inputs": "seeded example"},
+        }
+
+
+@dataclass(frozen=True)
 class ManifestStage:
-    """A stage as the runtime sees it: where it runs, its programs' artifacts by program id, and
-    its tiled programs' schedules (manifest entries) by program id."""
+    """A stage as the runtime loads it: its programs' verified artifacts by program id, and its
+    tiled programs by program id."""
 
     name: str
     tier: str
     index: int
     target: str
     programs: Mapping[str, Artifact]
-    schedules: Mapping[str, Mapping]
+    schedules: Mapping[str, ScheduleEntry]
 
 
-def build_manifest(
-    model: str, gm: fx.GraphModule, ctx: CompileContext, graph: CostGraph, choices: Sequence[tuple[str, np.ndarray]],
-    assigned: Sequence[fx.GraphModule], plans: Sequence[Plan], uses: Sequence[Mapping[str, str]],
-    schedules: Mapping[str, Schedule], emitted: Mapping[str, Stage], artifacts: Mapping[str, Artifact],
-    measured: Mapping[str, float | None], diffs: Sequence[float], scale: float,
-) -> dict:
-    """Return the manifest of a build, from what ``partc.build.compile_model`` made.
-
-    Args:
-        model: the MODEL spec.
-        gm: the IR after the passes, before any plan's tiling.
-        ctx: the cluster.
-        graph: ``gm``'s cost graph.
-        choices: (kind, tier index per node) of each plan (``deployment_plans``).
-        assigned: each plan's IR (tiers assigned, tiled).
-        plans: each plan's stages.
-        uses: per plan, stage -> program id.
-        schedules: program id -> schedule, for the tiled programs.
-        emitted: program id -> the program of each artifact (a step of a tiled program included).
-        artifacts: program id -> artifact, for ``emitted``.
-        measured: program id -> median seconds on this host (None: not runnable here).
-        diffs: per plan, the largest absolute difference from the model.
-        scale: the model output's largest magnitude.
-    """
-    import numpy as np
-
-    from partc.partition.cost import evaluate
-
-    order = {name: i for i, name in enumerate(ctx.tier_names)}
-    codecs = gm.meta.get(META_LINK_CODECS, {})
-    seconds = {pid: _program_seconds(stage) for pid, stage in emitted.items()}
-    for pid, sch in schedules.items():
-        seconds[pid] = _schedule_seconds(sch, pid, seconds, ctx)
-    chain = sorted({s.name: s for plan in plans for s in plan.stages}.values(), key=lambda s: order[s.tier])
-    peers = sorted({p.name: p for sch in schedules.values() for step in sch.steps for p in step.programs[1:]}.values(),
-                   key=lambda s: (order[s.tier], s.index))
-    stages = []
-    for worker in [*chain, *peers]:
-        tier = ctx.tier(worker.tier)
-        entries = [{
-            "id": pid, "artifact": a.path.name, "sha256": a.sha256, "bytes": a.bytes,
-            "inputs": [tensor_json(t) for t in a.inputs], "outputs": [tensor_json(t) for t in a.outputs],
-            "predicted_s": seconds[pid], "measured_s": measured[pid], "info": dict(a.info),
-        } for pid, a in artifacts.items() if emitted[pid].name == worker.name]
-        tiled = [{
-            "id": pid, "inputs": [tensor_json(t) for t in sch.inputs], "outputs": [tensor_json(t) for t in sch.outputs],
-            "steps": [[step_id(pid, i, t) for t in range(len(step.programs))] for i, step in enumerate(sch.steps)],
-            "results": [list(pair) for pair in sch.results], "predicted_s": seconds[pid], "measured_s": measured[pid],
-        } for pid, sch in schedules.items() if sch.stage == worker.name]
-        stages.append({"name": worker.name, "tier": worker.tier, "index": worker.index, "backend": tier.backend,
-                       "target": tier.target, "programs": entries, "schedules": tiled})
-    names = [w.name for w in chain]
-    entries = []
-    for i, ((kind, tiers), g, plan, use) in enumerate(zip(choices, assigned, plans, uses, strict=True)):
-        cost = evaluate(graph, tiers)
-        compute = dict.fromkeys(graph.tiers, 0.0) | {s.tier: seconds[use[s.name]] for s in plan.stages}
-        stream = [b / bw for b, bw in zip(cost.link_bytes, graph.bandwidth, strict=True)]
-        latency = sum(compute.values()) + sum(cost.transfer)
-        entries.append({
-            "name": f"p{i}", "kind": kind, "stages": names[: max(names.index(stage) for stage in use) + 1],
-            "programs": dict(use), "assignment": {n.name: n.meta[META_TIER] for n in g.graph.nodes},
-            "predicted": {
-                "latency": latency, "base": latency - sum(stream), "bottleneck": max([*compute.values(), *stream]),
-                "compute": compute, "transfer": dict(zip(graph.links, cost.transfer, strict=True)),
-                "link_bytes": dict(zip(graph.links, map(int, cost.link_bytes), strict=True)),
-            },
-            "transfers": [
-                {"tensor": tensor_json(t.tensor), "from": t.src, "to": t.dst,
-                 "bytes": int(np.prod(t.tensor.shape)) * np.dtype(t.tensor.dtype).itemsize}
-                for t in plan.transfers
-            ],
-            "max_abs_diff": diffs[i],
-        })
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "partc_version": partc.__version__,
-        "model": {
-            "spec": model, "tracer": gm.meta["partc.tracer"],
-            "inputs": [tensor_json(t) for t in plans[0].model_inputs],
-            "outputs": [tensor_json(t) for t in plans[0].model_outputs],
-        },
-        "cluster": {
-            "source": ctx.source, "objective": ctx.objective,
-            "tiers": [{"name": t.name, "target": t.target, "backend": t.backend, "nodes": t.nodes} for t in ctx.tiers],
-            "links": [{"from": lk.src, "to": lk.dst, "bandwidth": lk.bandwidth, "latency": lk.latency,
-                       "codec": dict(codecs.get(f"{lk.src}->{lk.dst}", NO_CODEC))} for lk in ctx.links],
-        },
-        "stages": stages,
-        "plans": entries,
-        "verification": {"max_abs_diff": max(diffs), "output_scale": scale, "inputs": "seeded example"},
-    }
-
-
-def _program_seconds(stage: Stage) -> float:
-    """Predicted seconds of a program on its tier: its nodes' ``META_PROFILE``."""
-    return sum(n.meta.get(META_PROFILE, {}).get(stage.tier, 0.0) for n in stage.gm.graph.nodes)
-
-
-def _schedule_seconds(schedule: Schedule, pid: str, seconds: Mapping[str, float], ctx: CompileContext) -> float:
-    """Predicted seconds of a tiled stage: local steps in turn; in a tile step the slowest node, a
-    tile on another node paying its inputs' and outputs' transfer over the tier's own link."""
-    total = 0.0
-    for i, step in enumerate(schedule.steps):
-        tier = step.programs[0].tier
-        link = ctx.link(tier, tier)
-        times = []
-        for t, program in enumerate(step.programs):
-            moved = sum(_nbytes(s) for s in program.inputs + program.outputs) if t else 0
-            times.append(seconds[step_id(pid, i, t)] + (link.transfer_time(moved) if link and moved else 0.0))
-        total += max(times)
-    return total
-
-
-def _nbytes(spec: TensorSpec) -> int:
-    import numpy as np
-
-    return int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
-
-
-def write_manifest(manifest: Mapping, folder: Path) -> Path:
+def write_manifest(manifest: Manifest, folder: Path) -> Path:
     """Write ``manifest`` to ``folder/manifest.json`` (sorted keys) and return the path."""
     path = folder / MANIFEST
-    path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    path.write_text(json.dumps(manifest.to_json(), indent=1, sort_keys=True) + "\n")
     return path
 
 
-def render_deployment(manifest: Mapping, folder: Path, build_name: str) -> list[Path]:
+def render_deployment(manifest: Manifest, folder: Path, build_name: str) -> list[Path]:
     """Render the human-facing deployment files of the build ``build_name`` into ``folder``.
 
     Per stage: ``serve-<stage>.sh`` (runs ``partc serve`` for it, with the address of the
@@ -243,6 +303,7 @@ def render_deployment(manifest: Mapping, folder: Path, build_name: str) -> list[
         loader=jinja2.PackageLoader("partc.templates", ""), undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True, autoescape=False,
     )
+    manifest = manifest.to_json()  # templates only lay out the manifest's own text
     stages = manifest["stages"]
     chain = [s["name"] for s in stages if s["index"] == 0]
     written, deploy = [], []
@@ -268,7 +329,7 @@ def render_deployment(manifest: Mapping, folder: Path, build_name: str) -> list[
     return [*written, readme]
 
 
-def read_manifest(path: Path | str) -> dict:
+def read_manifest(path: Path | str) -> Manifest:
     """Read and validate a manifest (a file, or the build folder holding it).
 
     Raises:
@@ -312,7 +373,42 @@ def read_manifest(path: Path | str) -> dict:
         for stage, pid in plan["programs"].items():
             if (stage, pid) not in programs:
                 raise ManifestError(f"{path}: plans[{i}].programs.{stage}: no program {pid!r} in stage {stage!r}")
-    return manifest
+    try:
+        return _typed(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ManifestError(f"{path}: malformed ({type(err).__name__}: {err}); recompile with this partc") from err
+
+
+def _typed(data: Mapping) -> Manifest:
+    """The typed form of a manifest whose keys ``read_manifest`` has checked."""
+
+    def tensors(entries) -> tuple[TensorSpec, ...]:
+        return tuple(map(tensor_spec, entries))
+
+    stages = tuple(StageEntry(
+        s["name"], s["tier"], s["index"], s["backend"], s["target"],
+        tuple(ProgramEntry(p["id"], p["artifact"], p["sha256"], p["bytes"], tensors(p["inputs"]),
+                           tensors(p["outputs"]), p["predicted_s"], p["measured_s"], p["info"])
+              for p in s["programs"]),
+        tuple(ScheduleEntry(c["id"], tensors(c["inputs"]), tensors(c["outputs"]), tuple(map(tuple, c["steps"])),
+                            tuple(map(tuple, c["results"])), c["predicted_s"], c["measured_s"])
+              for c in s["schedules"]),
+    ) for s in data["stages"])
+    plans = tuple(PlanEntry(
+        p["name"], p["kind"], tuple(p["stages"]), dict(p["programs"]), dict(p["assignment"]),
+        Prediction.from_json(p["predicted"]),
+        tuple(TransferEntry(tensor_spec(t["tensor"]), t["from"], t["to"], t["bytes"]) for t in p["transfers"]),
+        p["max_abs_diff"],
+    ) for p in data["plans"])
+    model, cluster, verification = data["model"], data["cluster"], data["verification"]
+    return Manifest(
+        data["partc_version"], model["spec"], model["tracer"], tensors(model["inputs"]), tensors(model["outputs"]),
+        cluster["source"], cluster["objective"],
+        tuple(TierEntry(t["name"], t["target"], t["backend"], t["nodes"]) for t in cluster["tiers"]),
+        tuple(LinkEntry(lk["from"], lk["to"], lk["bandwidth"], lk["latency"], LinkCodec.from_json(lk["codec"]))
+              for lk in cluster["links"]),
+        stages, plans, verification["max_abs_diff"], verification["output_scale"],
+    )
 
 
 def _check_keys(path: Path, prefix: str, value, keys: Mapping[str, type]) -> None:
@@ -325,7 +421,7 @@ def _check_keys(path: Path, prefix: str, value, keys: Mapping[str, type]) -> Non
             raise ManifestError(f"{path}: {prefix}{key}: expected {kind.__name__}, got {type(value[key]).__name__}")
 
 
-def manifest_stages(manifest: Mapping, folder: Path, verify: Collection[str] | None = None) -> list[ManifestStage]:
+def manifest_stages(manifest: Manifest, folder: Path, verify: Collection[str] | None = None) -> list[ManifestStage]:
     """Return the manifest's stages with their programs' artifacts, verified against their sha256.
 
     Only the stages named in ``verify`` are checked (all when None): a worker holds only its
@@ -335,18 +431,17 @@ def manifest_stages(manifest: Mapping, folder: Path, verify: Collection[str] | N
         ManifestError: if an artifact to verify is missing or its checksum does not match.
     """
     stages = []
-    for i, entry in enumerate(manifest["stages"]):
+    for i, entry in enumerate(manifest.stages):
         programs = {}
-        for j, program in enumerate(entry["programs"]):
-            path = folder / program["artifact"]
-            if verify is None or entry["name"] in verify:
-                where = f"{folder / MANIFEST}: stages[{i}].programs[{j}].artifact: {program['artifact']!r}"
-                _check_artifact(path, program["sha256"], where)
-            inputs, outputs = (tuple(map(tensor_spec, program[key])) for key in ("inputs", "outputs"))
-            programs[program["id"]] = Artifact(program["id"], entry["backend"], path, program["sha256"],
-                                               program["bytes"], inputs, outputs, program["info"])
-        stages.append(ManifestStage(entry["name"], entry["tier"], entry["index"], entry["target"], programs,
-                                    {s["id"]: s for s in entry["schedules"]}))
+        for j, program in enumerate(entry.programs):
+            path = folder / program.artifact
+            if verify is None or entry.name in verify:
+                where = f"{folder / MANIFEST}: stages[{i}].programs[{j}].artifact: {program.artifact!r}"
+                _check_artifact(path, program.sha256, where)
+            programs[program.id] = Artifact(program.id, entry.backend, path, program.sha256, program.bytes,
+                                            program.inputs, program.outputs, program.info)
+        stages.append(ManifestStage(entry.name, entry.tier, entry.index, entry.target, programs,
+                                    {s.id: s for s in entry.schedules}))
     return stages
 
 

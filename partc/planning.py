@@ -1,31 +1,34 @@
 """``partc plan``: the chosen tier of every layer, its predicted cost, and the baselines.
 
-``plan_model`` traces the model, annotates it with costs for every tier of the cluster,
-runs the exact cut (``select-cuts``) and the choice of cut and codec per link
-(``compress-cut-tensors``), and prices the same cost graph, each link paying its codec,
-with every baseline strategy. With a sweep it also computes the plan family over one link's bandwidth range
-(every plan that is optimal somewhere in it, and the bandwidths where the optimum
-changes) and plots partc against the baselines.
+``plan_model`` runs the compile pipeline up to emission (``partc.compilation.compile_plans``:
+the same passes, plans and prices as ``partc compile``) and reports the primary plan, the
+other plans the build would carry, and every baseline strategy priced on the same cost graph,
+each link paying its codec. With a sweep it also computes the plan family over one link's
+bandwidth range (every plan that is optimal somewhere in it, and the bandwidths where the
+optimum changes) and plots partc against the baselines.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from partc.codec import NO_CODEC
-from partc.context import load_cluster, parse_bandwidth
+from partc.cluster import load_cluster, parse_bandwidth
+from partc.compilation import compile_plans
 from partc.errors import ClusterError
-from partc.ir import META_LINK_CODECS, META_TIER
-from partc.partition.cost import Cost, evaluate
-from partc.pipeline import run_passes
+from partc.ir import META_TIER
+from partc.partition.baselines import baselines
+from partc.partition.cost import Cost
+from partc.partition.family import bandwidth_sweep, plan_family, plot_bandwidth_sweep
+from partc.partition.model import assigned_cost
 from partc.report import format_table
 
 SWEEP_POINTS = 41
+CUT_PASSES = ("select-cuts", "compress-cut-tensors")  # the passes ``solve_seconds`` times
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,17 @@ class Sweep:
 
 
 @dataclass(frozen=True)
+class BuildPlan:
+    """One plan a build compiled for this cluster would carry (``partc.compilation.CompiledPlan``)."""
+
+    name: str
+    kind: str
+    stages: tuple[str, ...]
+    latency: float
+    bottleneck: float
+
+
+@dataclass(frozen=True)
 class PlanReport:
     """What ``partc plan`` prints.
 
@@ -70,11 +84,12 @@ class PlanReport:
         tiers, links: names, in data-flow order (links as ``src->dst``).
         assignment: node name -> tier.
         layers: per tier, the runs of layers it runs.
-        cost: the predicted cost of partc's plan.
+        cost: the predicted cost of partc's plan (its tiled stages priced as such).
         codecs: link -> the codec its tensors cross with (``compress-cut-tensors``).
         method: how the plan was found ("min-cut", "milp").
-        solve_seconds: time taken by the select-cuts pass.
+        solve_seconds: time taken by the passes that choose the cut and the codecs.
         baselines: strategy -> predicted cost (None: no feasible plan).
+        plans: every plan a build would carry, the primary one first.
         sweep: the plan family over a link, when asked for.
     """
 
@@ -88,6 +103,7 @@ class PlanReport:
     codecs: dict[str, str]
     solve_seconds: float
     baselines: dict[str, Cost | None]
+    plans: tuple[BuildPlan, ...] = ()
     sweep: Sweep | None = None
 
     def to_json(self) -> dict:
@@ -113,6 +129,11 @@ class PlanReport:
         lines.append(f"predicted latency {c.latency * 1e3:.2f} ms, pipeline bottleneck {c.bottleneck * 1e3:.2f} ms "
                      f"({1 / c.bottleneck:.1f} inferences/s)" if c.bottleneck > 0 else
                      f"predicted latency {c.latency * 1e3:.2f} ms")
+        if len(self.plans) > 1:
+            rows = [("plan", "kind", "stages", "latency ms", "bottleneck ms")]
+            rows += [(p.name, p.kind, " ".join(p.stages), f"{p.latency * 1e3:.2f}", f"{p.bottleneck * 1e3:.2f}")
+                     for p in self.plans]
+            lines += ["", "plans a build carries (the runtime switches among them):", format_table(rows, right=(3, 4))]
         if compare:
             key = "latency" if self.objective == "latency" else "bottleneck"
             rows = [("strategy", "latency ms", "bottleneck ms", *(f"{lk} MB" for lk in self.links), f"{key} vs partc")]
@@ -153,8 +174,11 @@ def plan_model(
     sweep: str | None = None,
     sweep_range: tuple[str, str] = ("100kbit/s", "1Gbit/s"),
     plot: Path | None = None,
+    dump_after: Sequence[str] = (),
+    dump_dir: Path = Path("partc-dump"),
+    progress: Callable[[str], None] = lambda _: None,
 ) -> PlanReport:
-    """Python twin of ``partc plan``.
+    """Python twin of ``partc plan``: ``partc compile`` stopped before emission.
 
     Args:
         model: a MODEL spec.
@@ -164,34 +188,31 @@ def plan_model(
         sweep: a link (``device->edge``) whose bandwidth to sweep over ``sweep_range``.
         sweep_range: the range, in units the cluster file accepts (``1Mbit/s``).
         plot: with ``sweep``, write the latency-vs-bandwidth plot here (PNG).
+        dump_after: passes after which to dump the IR (``partc.compilation.compile_plans``).
+        dump_dir: where to dump it.
+        progress: called with a line of text as each step starts.
 
     Raises:
         PartcError: for a bad model, cluster, constraint, sweep link or range.
     """
-    from partc.partition.baselines import baselines
-    from partc.partition.model import assigned_cost
-    from partc.passes.compress import priced
-    from partc.report import trace_model
-
     ctx = load_cluster(cluster, profiles)
-    gm = run_passes(trace_model(model, input_shapes), ["annotate-profile"], ctx)
-    started = time.perf_counter()
-    gm = run_passes(gm, ["select-cuts", "compress-cut-tensors"], ctx)
-    solve_seconds = time.perf_counter() - started
-    graph, tiers, _ = assigned_cost(gm, ctx)
-    paying = priced(graph, gm)  # the plan and the baselines alike pay each link's codec
-    codecs = gm.meta[META_LINK_CODECS]
-    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    compiled = compile_plans(model, input_shapes, ctx, dump_after=dump_after, dump_dir=dump_dir, progress=progress)
+    graph, primary = compiled.graph, compiled.primary
+    nodes = [n for n in compiled.gm.graph.nodes if n.op != "output"]
     report = PlanReport(
         model=model, objective=ctx.objective, tiers=graph.tiers, links=graph.links,
         assignment={n.name: n.meta[META_TIER] for n in nodes},
-        layers=_layers(graph.names, tiers, graph.tiers), cost=evaluate(paying, tiers),
-        codecs={link: codecs.get(link, NO_CODEC)["codec"] for link in graph.links}, solve_seconds=solve_seconds,
-        baselines={name: p.cost if p else None for name, p in baselines(paying, ctx.objective).items()},
+        layers=_layers(graph.names, primary.tiers, graph.tiers), cost=primary.cost,
+        codecs={link.name: link.codec.codec for link in compiled.links},
+        solve_seconds=sum(compiled.pass_seconds.get(name, 0.0) for name in CUT_PASSES),
+        baselines={name: p.cost if p else None for name, p in baselines(graph, ctx.objective).items()},
+        plans=tuple(BuildPlan(p.name, p.kind, tuple(s.name for s in p.plan.stages), p.cost.latency,
+                              p.cost.bottleneck) for p in compiled.plans),
     )
     if sweep is None:
         return report
-    return replace(report, sweep=_sweep(graph, sweep, sweep_range, plot, model, ctx))  # raw bandwidths, no codec
+    raw, _, _ = assigned_cost(compiled.gm, ctx)  # the sweep moves raw bandwidths: no codec
+    return replace(report, sweep=_sweep(raw, sweep, sweep_range, plot, model, ctx))
 
 
 def _layers(names, tiers: np.ndarray, tier_names) -> tuple[TierRuns, ...]:
@@ -209,8 +230,6 @@ def _layers(names, tiers: np.ndarray, tier_names) -> tuple[TierRuns, ...]:
 
 
 def _sweep(graph, link: str, sweep_range: tuple[str, str], plot: Path | None, model: str, ctx) -> Sweep:
-    from partc.partition.family import bandwidth_sweep, plan_family, plot_bandwidth_sweep
-
     if link not in graph.links:
         known = ", ".join(graph.links) or "none (one tier)"
         raise ClusterError(f"--sweep {link!r}: no such link; links are {known}")

@@ -2,24 +2,43 @@
 
 Each pass has the signature ``(gm: GraphModule, ctx: CompileContext) -> PassResult``,
 never mutates its input (it ``clone``s it), and records its results in node metadata.
+A pass that does not apply (a tier with one node, links that allow only ``none``) returns
+its input unchanged, so the pipeline never needs a condition around it.
 """
 
+from collections.abc import Iterable
+
+from partc.errors import PartcError
 from partc.passes.compress import compress_cut_tensors
 from partc.passes.cut import select_cuts
 from partc.passes.profile import annotate_profile
 from partc.passes.tile import tile_conv_stages
-from partc.pipeline import Pass
+from partc.pipeline import TRACE, Pass, Pipeline
 
 PASSES: dict[str, Pass] = {
-    "annotate-profile": annotate_profile,
-    "select-cuts": select_cuts,
-    "tile-conv-stages": tile_conv_stages,
-    "compress-cut-tensors": compress_cut_tensors,
+    "annotate-profile": Pass("annotate-profile", annotate_profile),
+    "select-cuts": Pass("select-cuts", select_cuts, requires=("annotate-profile",)),
+    "compress-cut-tensors": Pass("compress-cut-tensors", compress_cut_tensors, requires=("select-cuts",)),
+    "tile-conv-stages": Pass("tile-conv-stages", tile_conv_stages, requires=("select-cuts",)),
 }
 
-# Run on the whole model, in this order, by ``partc compile``: they choose the primary plan.
-DEFAULT_PIPELINE: tuple[str, ...] = ("annotate-profile", "select-cuts", "compress-cut-tensors")
+# What ``partc plan`` and ``partc compile`` run: the first three choose the primary plan on the
+# whole model; the plan family and fallbacks are chosen on that untiled model, and each plan of
+# the build is then tiled on its own.
+DEFAULT_PIPELINE = Pipeline(
+    model=(PASSES["annotate-profile"], PASSES["select-cuts"], PASSES["compress-cut-tensors"]),
+    plan=(PASSES["tile-conv-stages"],),
+)
 
-# Run by ``partc compile`` on each plan of a build once its tiers are assigned (the plan family
-# and the fallbacks are chosen on the untiled model; each plan is then tiled on its own).
-PLAN_PASSES: tuple[str, ...] = ("tile-conv-stages",)
+
+def passes_named(names: Iterable[str]) -> tuple[Pass, ...]:
+    """Return the passes called ``names``, in order.
+
+    Raises:
+        PartcError: for an unknown name; the message lists the passes.
+    """
+    names = list(names)
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise PartcError(f"unknown pass {unknown[0]!r}; passes are: {', '.join([TRACE, *PASSES])}")
+    return tuple(PASSES[n] for n in names)

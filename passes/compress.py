@@ -4,7 +4,7 @@ Each link of the cluster lists the codecs it allows (``links[i].codecs``, defaul
 ``[none]``). For every combination of one allowed codec per link the pass solves the cut
 exactly (``partc.partition.solve``) on two kinds of prices:
 
-1. each link at its *effective bandwidth* (``partc.codec.effective_bandwidth``), with
+1. each link at its *effective bandwidth* (``partc.codec.LinkCodec.effective_bandwidth``), with
    the codec's ratio and speeds aggregated, bytes-weighted, over every tensor the model
    makes (the candidate cut tensors);
 2. per compressed link, every tensor at its own measured ratio and speeds on that link (the
@@ -36,12 +36,11 @@ import numpy as np
 import torch
 from torch import fx
 
-from partc.codec import NO_CODEC, effective_bandwidth, parse_codec
+from partc.codec import NO_CODEC, LinkCodec
 from partc.compression import (
     Measurements,
     calibration_inputs,
     measure_codecs,
-    no_compression,
     run_pipeline,
     top1_agreement,
 )
@@ -57,16 +56,16 @@ from partc.pipeline import PassResult
 @dataclass(frozen=True)
 class _Candidate:
     tiers: np.ndarray
-    entries: tuple[dict, ...]
+    entries: tuple[LinkCodec, ...]
     cost: Cost
 
     @property
     def lossy(self) -> bool:
-        return any(not parse_codec(e["codec"]).lossless for e in self.entries)
+        return not all(e.lossless for e in self.entries)
 
     @property
     def codecs(self) -> tuple[str, ...]:
-        return tuple(e["codec"] for e in self.entries)
+        return tuple(e.codec for e in self.entries)
 
 
 def compress_cut_tensors(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
@@ -80,9 +79,9 @@ def compress_cut_tensors(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     ``none``, only the default entries are written and the model is not run.
 
     Raises:
-        ClusterError: if a link allows a lossy codec without ``compression.budget`` and
-            ``compression.calibration``, the calibration inputs do not fit the model, or no
-            plan meets the budget and some link allows no lossless codec.
+        ClusterError: if the calibration inputs do not fit the model, or no plan meets
+            ``compression.budget`` and some link allows no lossless codec (the cluster
+            parser, ``partc.context``, refuses a lossy codec without a budget).
         PartcError: if a node has no tier or profile.
     """
     gm = clone(gm)
@@ -91,9 +90,8 @@ def compress_cut_tensors(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     allowed = [link.codecs if link else ("none",) for link in links]
     link_names = [f"{a}->{b}" for a, b in zip(names, names[1:], strict=False)]
     if all(codecs == ("none",) for codecs in allowed):
-        gm.meta[META_LINK_CODECS] = {name: no_compression() for name in link_names}
+        gm.meta[META_LINK_CODECS] = dict.fromkeys(link_names, NO_CODEC)
         return PassResult(gm, "every link allows only codec none: tensors cross raw" if links else "one tier, no links")
-    _check_lossy(allowed, link_names, ctx)
     missing = [n.name for n in gm.graph.nodes if META_TIER not in n.meta]
     if missing:
         raise PartcError(f"node {missing[0]!r} has no tier; run select-cuts before compress-cut-tensors")
@@ -129,7 +127,7 @@ def compress_cut_tensors(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         )
     samples = sum(len(call[0]) for call in inputs) if agreement is not None else measured.samples
     gm.meta[META_LINK_CODECS] = {
-        name: {**entry, "agreement": agreement, "samples": samples}
+        name: replace(entry, agreement=agreement, samples=samples)
         for name, entry in zip(link_names, chosen.entries, strict=True)
     }
     moved = not np.array_equal(chosen.tiers, current)
@@ -147,31 +145,6 @@ def compress_cut_tensors(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     return PassResult(gm, summary)
 
 
-def priced(graph: CostGraph, gm: fx.GraphModule) -> CostGraph:
-    """``graph`` with each link at the effective bandwidth of the codec this pass chose for it.
-
-    Reads gm.meta[META_LINK_CODECS] (links without an entry, or a graph this pass has not
-    run on, keep their bandwidth): a plan's raw link bytes then cost what they cost
-    compressed, encoding and decoding included.
-    """
-    codecs = gm.meta.get(META_LINK_CODECS, {})
-    return graph.with_bandwidth([effective_bandwidth(bw, codecs.get(link, NO_CODEC))
-                                 for link, bw in zip(graph.links, graph.bandwidth, strict=True)])
-
-
-def _check_lossy(allowed: list[tuple[str, ...]], link_names: list[str], ctx: CompileContext) -> None:
-    compression = ctx.compression
-    if compression is not None and compression.budget is not None and compression.calibration is not None:
-        return
-    for name, codecs in zip(link_names, allowed, strict=True):
-        lossy = [c for c in codecs if not parse_codec(c).lossless]
-        if lossy:
-            raise ClusterError(
-                f"{ctx.source}: links: {name} allows the lossy codec {lossy[0]!r} and links are lossless by default; "
-                "add compression: {budget: 0.99, calibration: calib.npy}"
-            )
-
-
 def _candidates(
     graph: CostGraph, measured: Measurements, allowed: list[tuple[str, ...]], current: np.ndarray, objective: str
 ) -> list[_Candidate]:
@@ -179,16 +152,16 @@ def _candidates(
     found: dict[tuple, _Candidate] = {}
     for combo in itertools.product(*allowed):
         overall = [measured.entry(codec) for codec in combo]
-        bandwidth = [effective_bandwidth(bw, e) for bw, e in zip(graph.bandwidth.tolist(), overall, strict=True)]
+        bandwidth = [e.effective_bandwidth(bw) for bw, e in zip(graph.bandwidth.tolist(), overall, strict=True)]
         plans = [current, solve(graph.with_bandwidth(bandwidth), objective).tiers]
         if np.isinf(graph.max_link_bytes).all():  # per-tensor pricing rescales bytes: only without byte caps
             plans += [solve(g, objective).tiers for g in _per_tensor_graphs(graph, measured, combo)]
         for tiers in plans:
             tiers = np.asarray(tiers, dtype=np.int64)
             entries = _entries(graph, measured, combo, tiers)
-            key = (tiers.tobytes(), tuple(e["codec"] for e in entries))
+            key = (tiers.tobytes(), tuple(e.codec for e in entries))
             if key not in found:
-                priced = [effective_bandwidth(bw, e) for bw, e in zip(graph.bandwidth.tolist(), entries, strict=True)]
+                priced = [e.effective_bandwidth(bw) for bw, e in zip(graph.bandwidth.tolist(), entries, strict=True)]
                 found[key] = _Candidate(tiers, entries, evaluate(graph.with_bandwidth(priced), tiers))
     return sorted(found.values(), key=lambda c: (c.cost.value(objective), c.lossy))
 
@@ -218,7 +191,9 @@ def _per_tensor_graphs(graph: CostGraph, measured: Measurements, combo: tuple[st
     return graphs
 
 
-def _entries(graph: CostGraph, measured: Measurements, combo: tuple[str, ...], tiers: np.ndarray) -> tuple[dict, ...]:
+def _entries(
+    graph: CostGraph, measured: Measurements, combo: tuple[str, ...], tiers: np.ndarray
+) -> tuple[LinkCodec, ...]:
     """Each link's entry, measured on the tensors ``tiers`` sends over it (``none`` where it sends none)."""
     reach = graph.last_consumer(tiers)
     return tuple(measured.entry(codec, (tiers <= b) & (reach > b)) for b, codec in enumerate(combo))
@@ -236,6 +211,6 @@ def _tier_map(gm: fx.GraphModule, tiers: np.ndarray) -> dict[str, int]:
 
 def _described(candidate: _Candidate, link_names: list[str]) -> str:
     return ", ".join(
-        f"{name} {e['codec']}" + (f" ({e['ratio']:.1f}x)" if e["codec"] != "none" else "")
+        f"{name} {e.codec}" + (f" ({e.ratio:.1f}x)" if e.codec != "none" else "")
         for name, e in zip(link_names, candidate.entries, strict=True)
     )

@@ -16,7 +16,8 @@ itself (``{from: edge, to: edge, ...}``: the network between its nodes). A tier 
 several nodes but no such link is not tiled and the summary says so: without one there
 is no unit to price scatter and gather in, and partc does not guess bandwidths.
 
-Cost model (``partc.tiling``). A node's seconds ``s(n)`` are its ``META_PROFILE[tier]``
+Cost model (``partc.tiling.split``; a tiled step is priced by
+``partc.partition.price.tiled_step_seconds``). A node's seconds ``s(n)`` are its ``META_PROFILE[tier]``
 when every node has one, else the cost model's prediction (``partc.costmodel``) for the
 tier's target. A part tiled with an R x C grid, T = R*C tiles, on a tier whose self-link
 moves ``b`` bytes in ``link(b) = latency + b / bandwidth`` seconds::
@@ -31,7 +32,7 @@ moves ``b`` bytes in ``link(b) = latency + b / bandwidth`` seconds::
 The tiles compute in parallel, one per node, as ``partc.tiling.schedule`` runs them: tile 0 on
 the coordinator while it scatters, but the coordinator's link moves one tile at a time:
 it sends tiles 1..T-1 their inputs one after the other (each transfer paying the link's
-latency, each call ``partc.tiling.CALL_SECONDS`` of fixed cost), and receives their
+latency, each call ``partc.partition.price.CALL_SECONDS`` of fixed cost), and receives their
 outputs one after the other, the first done first. An untiled part costs the sum of its
 ``s(n)``; a run costs the sum of its parts (consecutive tiled parts gather to the
 coordinator and scatter again). Not counted: the crops, pads
@@ -74,6 +75,7 @@ from partc.ir import (
     clone,
     compute_nodes,
 )
+from partc.partition.model import link_price
 from partc.pipeline import PassResult
 from partc.targets import target
 from partc.tiling.regions import (
@@ -163,7 +165,7 @@ def tile_conv_stages(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         seconds = node_seconds(gm, tier)
         before = after = 0.0
         for run in runs:
-            for part in split_run(run, gm, tier.nodes, seconds, link):
+            for part in split_run(run, gm, tier.nodes, seconds, link_price(link)):
                 after += part.latency
                 if part.grid == (1, 1):
                     untiled += 1

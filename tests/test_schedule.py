@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from partc.context import cluster_from_dict
+from partc.cluster import cluster_from_dict
 from partc.ir import META_TILE
+from partc.passes import passes_named
 from partc.passes.tile import tile_graph
 from partc.pipeline import run_passes
 from partc.plan import build_plan, eager_stage_fn, run_plan
@@ -18,7 +19,7 @@ from partc.tiling.schedule import local_schedule_fn, schedule_stage, step_id
 def _tiled_plan(model, shape, grid):
     nodes = grid[0] * grid[1]
     ctx = cluster_from_dict({"tiers": [{"name": "edge", "target": "edge-x86", "backend": "onnx", "nodes": nodes}]})
-    gm = run_passes(trace_model(model, [shape]), ["annotate-profile", "select-cuts"], ctx)
+    gm = run_passes(trace_model(model, [shape]), passes_named(["annotate-profile", "select-cuts"]), ctx)
     tiled, runs = tile_graph(gm, grid)
     assert runs
     return gm, build_plan(tiled, ctx)
@@ -62,6 +63,7 @@ def test_steps_run_across_nodes_give_the_untiled_output(model, grid):
 
 def test_a_stage_without_tiles_has_no_schedule():
     ctx = cluster_from_dict({"tiers": [{"name": "edge", "target": "edge-x86", "backend": "onnx"}]})
-    gm = run_passes(trace_model("tests/models.py:conv_stack", ["1,3,32,32"]), ["annotate-profile", "select-cuts"], ctx)
+    passes = passes_named(["annotate-profile", "select-cuts"])
+    gm = run_passes(trace_model("tests/models.py:conv_stack", ["1,3,32,32"]), passes, ctx)
     (stage,) = build_plan(gm, ctx).stages
     assert schedule_stage(stage) is None

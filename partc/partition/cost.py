@@ -29,11 +29,14 @@ is a mixed-integer program (``partc.partition.milp``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from partc.errors import ClusterError
+from partc.ir import link_name
+from partc.partition.price import LinkPrice, Prediction
 
 OBJECTIVES = ("latency", "throughput")
 
@@ -73,8 +76,14 @@ class CostGraph:
 
     @property
     def links(self) -> tuple[str, ...]:
-        """Link names, ``"src->dst"``, in order."""
-        return tuple(f"{a}->{b}" for a, b in zip(self.tiers, self.tiers[1:], strict=False))
+        """Link names (``partc.ir.link_name``), in order."""
+        return tuple(link_name(a, b) for a, b in zip(self.tiers, self.tiers[1:], strict=False))
+
+    @property
+    def prices(self) -> tuple[LinkPrice, ...]:
+        """The links as ``partc.partition.price`` prices them (bandwidths as the graph holds them)."""
+        return tuple(LinkPrice(name, float(bw), float(lat))
+                     for name, bw, lat in zip(self.links, self.bandwidth, self.latency, strict=True))
 
     @property
     def has_caps(self) -> bool:
@@ -116,6 +125,18 @@ class Cost:
         """The figure ``objective`` minimises: latency or bottleneck."""
         return self.latency if objective == "latency" else self.bottleneck
 
+    @classmethod
+    def of(cls, prediction: Prediction, links: Sequence[LinkPrice], memory: Sequence[int]) -> Cost:
+        """The figures of ``prediction`` on ``links``, per tier and link, with each tier's ``memory``."""
+        return cls(
+            compute=tuple(float(c) for c in prediction.compute.values()),
+            transfer=tuple(prediction.transfer(links).values()),
+            link_bytes=tuple(prediction.link_bytes.values()),
+            memory=tuple(memory),
+            latency=prediction.latency(links),
+            bottleneck=prediction.bottleneck(links),
+        )
+
 
 @dataclass(frozen=True)
 class Partition:
@@ -135,25 +156,28 @@ class Partition:
     gap: float = 0.0
 
 
+def predict(graph: CostGraph, tiers: np.ndarray, compute: Mapping[str, float] | None = None) -> Prediction:
+    """Return the ``Prediction`` of ``tiers`` (a tier index per node) under the cost model above.
+
+    ``compute`` (tier -> seconds) replaces the per-tier sums of the nodes' seconds where a
+    plan's stages are priced otherwise (tiled stages, ``partc.compilation``).
+    """
+    tiers = np.asarray(tiers, dtype=np.int64)
+    n_tiers = len(graph.tiers)
+    if compute is None:
+        sums = np.bincount(tiers, weights=graph.compute[np.arange(len(tiers)), tiers], minlength=n_tiers)
+        compute = dict(zip(graph.tiers, sums.tolist(), strict=True))
+    reach = graph.last_consumer(tiers)
+    link_bytes = [int(graph.nbytes[(tiers <= b) & (reach > b)].sum()) for b in range(n_tiers - 1)]
+    return Prediction(dict.fromkeys(graph.tiers, 0.0) | dict(compute), dict(zip(graph.links, link_bytes, strict=True)),
+                      graph.links[: int(tiers.max(initial=0))])
+
+
 def evaluate(graph: CostGraph, tiers: np.ndarray) -> Cost:
     """Return the cost of ``tiers`` (a tier index per node) under the cost model above."""
     tiers = np.asarray(tiers, dtype=np.int64)
-    n_tiers = len(graph.tiers)
-    compute = np.bincount(tiers, weights=graph.compute[np.arange(len(tiers)), tiers], minlength=n_tiers)
-    memory = np.bincount(tiers, weights=graph.memory, minlength=n_tiers)
-    reach = graph.last_consumer(tiers)
-    top = tiers.max(initial=0)
-    link_bytes = [int(graph.nbytes[(tiers <= b) & (reach > b)].sum()) for b in range(n_tiers - 1)]
-    stream = [nb / bw for nb, bw in zip(link_bytes, graph.bandwidth, strict=True)]
-    transfer = [s + (lat if top > b else 0.0) for b, (s, lat) in enumerate(zip(stream, graph.latency, strict=True))]
-    return Cost(
-        compute=tuple(float(c) for c in compute),
-        transfer=tuple(float(t) for t in transfer),
-        link_bytes=tuple(link_bytes),
-        memory=tuple(int(m) for m in memory),
-        latency=float(compute.sum() + sum(transfer)),
-        bottleneck=float(max([*compute, *stream])),
-    )
+    memory = np.bincount(tiers, weights=graph.memory, minlength=len(graph.tiers))
+    return Cost.of(predict(graph, tiers), graph.prices, tuple(int(m) for m in memory))
 
 
 def format_size(nbytes: float) -> str:

@@ -1,20 +1,26 @@
-"""The cost graph of a model: ``partc.partition.cost.CostGraph`` from the profiled IR and the cluster.
+"""Costs of a model on a cluster, read from the profiled IR.
 
-``cost_graph`` reads each node's profile, bytes and parameter bytes, the cluster's links
-and constraints (checking the constraints and naming any that is malformed).
+``cost_graph`` builds the ``partc.partition.cost.CostGraph`` the solver works on from each
+node's profile, bytes and parameter bytes, the cluster's links and constraints (checking the
+constraints and naming any that is malformed); ``priced`` puts each link at its codec's
+effective bandwidth. ``program_seconds`` prices a stage program by its nodes, and
+``link_price`` a cluster link, for ``partc.partition.price``.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 
 import numpy as np
 from torch import fx
 
-from partc.context import CompileContext
+from partc.codec import NO_CODEC, LinkCodec
+from partc.context import CompileContext, Link
 from partc.errors import ClusterError, PartcError
-from partc.ir import META_BYTES, META_PARAM_BYTES, META_PROFILE, META_TIER
+from partc.ir import META_BYTES, META_PARAM_BYTES, META_PROFILE, META_TIER, compute_nodes, link_name
 from partc.partition.cost import Cost, CostGraph, evaluate
+from partc.partition.price import LinkPrice
 
 
 def assigned_cost(gm: fx.GraphModule, ctx: CompileContext) -> tuple[CostGraph, np.ndarray, Cost]:
@@ -25,6 +31,27 @@ def assigned_cost(gm: fx.GraphModule, ctx: CompileContext) -> tuple[CostGraph, n
     graph = cost_graph(gm, ctx)
     tiers = np.array([graph.tiers.index(n.meta[META_TIER]) for n in gm.graph.nodes if n.op != "output"])
     return graph, tiers, evaluate(graph, tiers)
+
+
+def priced(graph: CostGraph, codecs: Mapping[str, LinkCodec]) -> CostGraph:
+    """``graph`` with each link at the effective bandwidth of its codec in ``codecs`` (link name ->
+    codec; absent: ``none``): a plan's raw link bytes then cost what they cost compressed,
+    encoding and decoding included."""
+    return graph.with_bandwidth([codecs.get(link, NO_CODEC).effective_bandwidth(bw)
+                                 for link, bw in zip(graph.links, graph.bandwidth, strict=True)])
+
+
+def link_price(link: Link, codec: LinkCodec = NO_CODEC) -> LinkPrice:
+    """The cluster's ``link`` as plans are priced on it, its tensors crossing with ``codec``."""
+    return LinkPrice(link_name(link.src, link.dst), link.bandwidth, link.latency, codec)
+
+
+def program_seconds(gm: fx.GraphModule, tier: str) -> float:
+    """Predicted seconds of a stage program on ``tier``: its compute nodes' META_PROFILE.
+
+    Placeholders carry their producer's metadata and are not counted (the producer runs elsewhere).
+    """
+    return sum(n.meta.get(META_PROFILE, {}).get(tier, 0.0) for n in compute_nodes(gm))
 
 
 def cost_graph(gm: fx.GraphModule, ctx: CompileContext) -> CostGraph:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, replace
 from torch import fx
 
 from partc.ir import META_TILE
+from partc.partition.model import program_seconds
+from partc.partition.price import LinkPrice, tiled_step_seconds
 from partc.plan import Stage, StageFn, TensorSpec, spec_of
 
 # Runs one tile step's program on another node: (node index, program id, named inputs) -> named outputs.
@@ -102,6 +104,28 @@ def schedule_stage(stage: Stage) -> Schedule | None:
     returned = [a.name for a in gm.graph.output_node().args[0]]
     return Schedule(stage.name, stage.inputs, stage.outputs, tuple(steps),
                     tuple((spec.name, node) for spec, node in zip(stage.outputs, returned, strict=True)))
+
+
+def schedule_seconds(schedule: Schedule, link: LinkPrice | None) -> float:
+    """Predicted seconds of a tiled stage: its steps in turn; a local step its nodes' seconds
+    (``partc.partition.model.program_seconds``), a tile step ``tiled_step_seconds`` over the
+    tier's ``link`` to itself, each tile's inputs scattered and outputs gathered.
+
+    Raises:
+        ValueError: if the schedule has a tile step and ``link`` is None.
+    """
+    total = 0.0
+    for step in schedule.steps:
+        compute = [program_seconds(p.gm, p.tier) for p in step.programs]
+        if not step.tiled:
+            total += compute[0]
+            continue
+        if link is None:
+            raise ValueError(f"{schedule.stage}: a tile step needs its tier's link to itself")
+        scatter = [sum(t.nbytes for t in p.inputs) for p in step.programs]
+        gather = [sum(t.nbytes for t in p.outputs) for p in step.programs]
+        total += tiled_step_seconds(compute, scatter, gather, link)
+    return total
 
 
 def _unit(node: fx.Node) -> tuple[str, int, int]:

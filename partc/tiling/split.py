@@ -21,20 +21,14 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from partc.context import Link, Tier
+from partc.context import Tier
 from partc.costmodel import load_calibration, predict_graph
 from partc.ir import META_BYTES, META_PROFILE, compute_nodes
+from partc.partition.price import LinkPrice, tiled_step_seconds
 from partc.targets import target
 from partc.tiling.regions import Box, TileRegions, Window, hw, spatial_op, split
 
 Grid = tuple[int, int]
-
-# Fixed seconds of one call to another node, besides its bytes: encoding and decoding the
-# frames, gRPC and the program's invocation on both sides. About 2 ms per tile step in the
-# testbed on this host (benchmarks/results/tiling.md); without it the plan splits runs into
-# parts too small to be worth a round trip.
-CALL_SECONDS = 2e-3
-
 
 @dataclass(frozen=True)
 class Part:
@@ -69,35 +63,10 @@ def node_seconds(gm: fx.GraphModule, tier: Tier) -> dict[fx.Node, float]:
     return {n: predicted[n.name] for n in nodes}
 
 
-def coordinator_latency(
-    compute: Sequence[float], scatter: Sequence[float], gather: Sequence[float], link: Link,
-    call: float = CALL_SECONDS,
-) -> float:
-    """Return the seconds from the coordinator (tile 0's node) holding a run's inputs to it
-    holding every tile's outputs, as ``partc.tiling.schedule.schedule_fn`` runs a tile step.
-
-    ``compute[t]`` is tile t's seconds, ``scatter[t]`` and ``gather[t]`` the bytes of its
-    inputs and outputs (unused for tile 0). The coordinator's link carries one transfer
-    at a time each way: it sends tiles 1, 2, ... their inputs one after the other, and
-    receives their outputs one after the other, each once that tile is done (the
-    earliest done first). Each call to another node also costs ``call`` seconds of its
-    own. Tile t starts when its inputs have arrived; tile 0 computes on the coordinator
-    meanwhile.
-    """
-    sent, done = 0.0, []
-    for t in range(1, len(compute)):
-        sent += call + link.transfer_time(scatter[t])
-        done.append((sent + compute[t], gather[t]))
-    received = 0.0
-    for ready, nbytes in sorted(done):
-        received = max(received, ready) + link.transfer_time(nbytes)
-    return max(compute[0], received)
-
-
 def predict_latency(
-    run: Sequence[fx.Node], regions: Sequence[TileRegions], seconds: Mapping[fx.Node, float], link: Link
+    run: Sequence[fx.Node], regions: Sequence[TileRegions], seconds: Mapping[fx.Node, float], link: LinkPrice
 ) -> float:
-    """Predict the seconds of ``run`` tiled as ``regions`` (``coordinator_latency``).
+    """Predict the seconds of ``run`` tiled as ``regions`` (``partc.partition.price.tiled_step_seconds``).
 
     A tile computes each node's ``seconds`` scaled by the share of its output map the
     tile computes; it receives its input boxes and sends back its stitched boxes, each
@@ -107,11 +76,11 @@ def predict_latency(
     compute = [sum(seconds[n] * box.area / _area(n) for n, box in tile.computed.items()) for tile in regions]
     scatter = [sum(_bytes_per_pixel(x) * box.area for x, box in tile.inputs.items()) for tile in regions]
     gather = [sum(_bytes_per_pixel(o) * box.area for o, box in tile.stitched.items()) for tile in regions]
-    return coordinator_latency(compute, scatter, gather, link)
+    return tiled_step_seconds(compute, scatter, gather, link)
 
 
 def split_run(
-    run: Sequence[fx.Node], gm: fx.GraphModule, nodes: int, seconds: Mapping[fx.Node, float], link: Link
+    run: Sequence[fx.Node], gm: fx.GraphModule, nodes: int, seconds: Mapping[fx.Node, float], link: LinkPrice
 ) -> list[Part]:
     """Cut ``run`` (a convex run, in graph order) into the consecutive parts, each with the
     grid among ``candidate_grids(nodes)``, of least total predicted latency (module
@@ -158,7 +127,7 @@ def _bytes_per_pixel(node: fx.Node) -> float:
 class _Sweep:
     """Prices every part of one run that ends at a given node, for a given grid."""
 
-    def __init__(self, run: Sequence[fx.Node], gm: fx.GraphModule, seconds: Mapping[fx.Node, float], link: Link):
+    def __init__(self, run: Sequence[fx.Node], gm: fx.GraphModule, seconds: Mapping[fx.Node, float], link: LinkPrice):
         self.run, self.link = run, link
         position = {n: k for k, n in enumerate(run)}
         self.windows: list[Window] = []
@@ -205,4 +174,4 @@ class _Sweep:
                     new = (need if pointwise else window.input_box(need, size)[0]).union(old)
                     scatter[t] += source_per_pixel * (new.area - (old.area if old else 0))
                     read[t][source] = new
-            yield k, coordinator_latency(compute, scatter, gather, self.link), max(compute)
+            yield k, tiled_step_seconds(compute, scatter, gather, self.link), max(compute)

@@ -3,7 +3,7 @@ import pytest
 from partc.context import CompileContext, Link, Tier
 from partc.errors import PartcError
 from partc.ir import META_PROFILE, compute_nodes
-from partc.passes import DEFAULT_PIPELINE, PASSES
+from partc.passes import DEFAULT_PIPELINE, PASSES, passes_named
 from partc.passes.profile import annotate_profile
 from partc.pipeline import run_passes
 from partc.profile import profile_model, write_profile
@@ -23,8 +23,8 @@ def resnet18():
 
 
 def test_registered_first():
-    assert PASSES["annotate-profile"] is annotate_profile
-    assert DEFAULT_PIPELINE[0] == "annotate-profile"
+    assert PASSES["annotate-profile"].run is annotate_profile
+    assert DEFAULT_PIPELINE.names[0] == "annotate-profile"
 
 
 def test_every_node_gets_every_tier(resnet18):
@@ -58,7 +58,7 @@ def test_measured_profile_overrides_the_model(tmp_path):
     write_profile(profile, path)
     tiers = (Tier("device", "rpi4", "torchscript"), Tier("cloud", "cloud-cpu", "tvm"))
     ctx = CompileContext(tiers, (Link("device", "cloud", 1e6, 0.01),), profiles={"rpi4": path})
-    out = run_passes(gm, ["annotate-profile"], ctx)
+    out = run_passes(gm, passes_named(["annotate-profile"]), ctx)
     measured = profile.median_of()
     modelled = annotate_profile(gm, CompileContext(tiers, ctx.links)).gm
     for n, m in zip(compute_nodes(out), compute_nodes(modelled), strict=True):
@@ -74,7 +74,7 @@ def test_profile_of_another_input_shape_is_an_error(tmp_path):
     other = trace_model("tests/models.py:residual", ["1,8,8,8"])
     ctx = CompileContext((Tier("device", "rpi4", "torchscript"),), profiles={"rpi4": path})
     with pytest.raises(PartcError) as info:
-        run_passes(other, ["annotate-profile"], ctx)
+        run_passes(other, passes_named(["annotate-profile"]), ctx)
     assert str(info.value).startswith(
         f"pass 'annotate-profile' failed: {path}: node 'conv1': the profile measured it as conv2d [1, 8, 16, 16], "
         "not conv2d [1, 8, 8, 8]"

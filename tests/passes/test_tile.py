@@ -26,7 +26,7 @@ from partc.ir import (
     compute_nodes,
     lint,
 )
-from partc.passes import DEFAULT_PIPELINE, PASSES, PLAN_PASSES
+from partc.passes import DEFAULT_PIPELINE, PASSES, passes_named
 from partc.passes.tile import tile_conv_stages, tile_graph, tile_nodes
 from partc.pipeline import run_passes
 from partc.plan import build_plan, eager_stage_fn, run_plan
@@ -229,8 +229,8 @@ def _on_three_tiers(profile: bool = False):
 
 
 def test_registered_and_run_on_each_plan_of_a_build():
-    assert PASSES["tile-conv-stages"] is tile_conv_stages
-    assert "tile-conv-stages" not in DEFAULT_PIPELINE and PLAN_PASSES == ("tile-conv-stages",)
+    assert PASSES["tile-conv-stages"].run is tile_conv_stages
+    assert DEFAULT_PIPELINE.plan == (PASSES["tile-conv-stages"],)
 
 
 def test_tiles_only_the_tier_with_several_nodes_and_reports_the_halo():
@@ -246,7 +246,7 @@ def test_tiles_only_the_tier_with_several_nodes_and_reports_the_halo():
     assert not {"_1", "_2", "_3", "_4", "_5"} & names  # the edge run, replaced by its tiles
     assert "run(s) tiled" in result.summary and "halo +" in result.summary and "edge: predicted" in result.summary
     assert _relative_error(gm, tiled, InputSpec((1, 3, 32, 32))) <= 1e-5
-    run_passes(gm, ["tile-conv-stages"], _ctx(4, FAST))  # lints, tiers included
+    run_passes(gm, passes_named(["tile-conv-stages"]), _ctx(4, FAST))  # lints, tiers included
 
 
 def test_tiers_with_one_node_are_left_alone():
@@ -432,7 +432,8 @@ def test_splitting_a_long_run_cuts_its_halo_overhead(torchvision_graph, name, no
 @pytest.mark.slow
 def test_split_parts_run_as_alternating_steps_across_the_nodes(torchvision_graph):
     ctx = _one_tier(4, GIGABIT)
-    gm = run_passes(torchvision_graph("resnet18", 128), ["annotate-profile", "select-cuts", "tile-conv-stages"], ctx)
+    passes = passes_named(["annotate-profile", "select-cuts", "tile-conv-stages"])
+    gm = run_passes(torchvision_graph("resnet18", 128), passes, ctx)
     plan = build_plan(gm, ctx)
     (stage,) = plan.stages
     schedule = schedule_stage(stage)
