@@ -5,7 +5,9 @@ format. Each ``descriptions/NAME.yaml`` holds the fields of ``TargetDesc`` and a
 text that says where its numbers come from (vendor data sheets, measurements).
 
 Backends (``torchscript``, ``onnx``, ``tvm``) are one module each; ``BACKENDS`` maps their
-names to their default instances, and ``backend(name)`` looks one up.
+names to their instances, and ``backend(name)`` looks one up. A backend takes its compile
+settings from the ``BackendOptions`` that ``emit`` receives. ``runs_here(artifact)`` says
+whether this machine can load an artifact.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from typing import Protocol
 
 import yaml
 
+from partc.context import BackendOptions
 from partc.errors import ClusterError
 from partc.plan import Artifact, Stage, StageFn
+from partc.targets import onnx, torchscript, tvm
+from partc.targets.tvm import host_arch
 
 
 @dataclass(frozen=True)
@@ -103,8 +108,12 @@ class Backend(Protocol):
     dynamic_shapes: bool
     cross_compiles: bool
 
-    def emit(self, stage: Stage, target: TargetDesc, outdir: Path) -> Artifact:
-        """Write ``outdir/<stage.name><suffix>`` atomically and describe it."""
+    def emit(self, stage: Stage, target: TargetDesc, outdir: Path, options: BackendOptions) -> Artifact:
+        """Write ``outdir/<stage.name><suffix>`` atomically and describe it.
+
+        ``options`` carries the command line's settings; a backend reads the fields that
+        concern it (``tvm`` its trials and tuning database).
+        """
         ...
 
     def load(self, artifact: Artifact) -> StageFn:
@@ -112,17 +121,11 @@ class Backend(Protocol):
         ...
 
 
-def _backends() -> dict[str, Backend]:
-    from partc.targets import onnx, torchscript, tvm
-
-    return {b.name: b for b in (torchscript.BACKEND, onnx.BACKEND, tvm.BACKEND)}
-
-
-BACKENDS: dict[str, Backend] = _backends()
+BACKENDS: dict[str, Backend] = {b.name: b for b in (torchscript.BACKEND, onnx.BACKEND, tvm.BACKEND)}
 
 
 def backend(name: str) -> Backend:
-    """Return the backend called ``name``, with its default options.
+    """Return the backend called ``name``.
 
     Raises:
         ClusterError: if there is none; the message lists the known backends.
@@ -130,3 +133,13 @@ def backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise ClusterError(f"unknown backend {name!r}; known backends are: {', '.join(sorted(BACKENDS))}")
     return BACKENDS[name]
+
+
+def runs_here(artifact: Artifact) -> bool:
+    """Return whether this machine can load ``artifact``.
+
+    A portable artifact (TorchScript, ONNX) runs anywhere; a compiled one only on the
+    architecture its ``info["arch"]`` names.
+    """
+    arch = artifact.info.get("arch")
+    return arch is None or arch == host_arch()

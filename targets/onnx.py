@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from partc.context import BackendOptions
 from partc.errors import UnsupportedLayerError
 from partc.plan import Artifact, Stage, StageFn, make_artifact
 
@@ -41,8 +42,10 @@ class OnnxBackend:
     def __init__(self, threads: int = 0):
         self.threads = threads
 
-    def emit(self, stage: Stage, target: object, outdir: Path) -> Artifact:
-        """Write ``outdir/<stage>.onnx``; ``target`` is not used (the file is portable).
+    def emit(self, stage: Stage, target: object, outdir: Path, options: BackendOptions) -> Artifact:
+        """Write ``outdir/<stage>.onnx``.
+
+        ``target`` and ``options`` are not used: the file is portable and nothing is tuned.
 
         Graph inputs and outputs are named after ``stage.inputs`` / ``stage.outputs``.
 

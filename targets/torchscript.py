@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from partc.context import BackendOptions
 from partc.errors import UnsupportedLayerError
 from partc.plan import Artifact, Stage, StageFn, make_artifact
 
@@ -35,8 +36,10 @@ class TorchScriptBackend:
     def __init__(self, threads: int = 0):
         self.threads = threads
 
-    def emit(self, stage: Stage, target: object, outdir: Path) -> Artifact:
-        """Write ``outdir/<stage>.pt``; ``target`` is not used (the file is portable).
+    def emit(self, stage: Stage, target: object, outdir: Path, options: BackendOptions) -> Artifact:
+        """Write ``outdir/<stage>.pt``.
+
+        ``target`` and ``options`` are not used: the file is portable and nothing is tuned.
 
         Raises:
             UnsupportedLayerError: if TorchScript cannot compile the stage.

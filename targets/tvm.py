@@ -8,12 +8,12 @@ pipeline, optionally scheduled from a MetaSchedule tuning database, compiled wit
 the result is checked to be for that architecture.
 
 Speed: the wheel's default CPU pipeline applies no schedules, so an untuned stage runs
-naive loops (~50x slower than ONNX Runtime on resnet50). ``TvmBackend(trials=N,
-database=DIR)`` tunes every task of a stage that ``DIR`` has no record for with N
-MetaSchedule trials, and keeps the records in ``DIR`` (a ``JSONDatabase``), so later builds
-of the same layers reuse them without tuning again; ``trials=0`` with a ``database`` only
-applies what is there. Tuning measures candidates on this machine, so it is only done for
-targets of this machine's architecture.
+naive loops (~50x slower than ONNX Runtime on resnet50). ``emit`` with
+``BackendOptions(tvm_trials=N, tuning_db=DIR)`` tunes every task of a stage that ``DIR`` has
+no record for with N MetaSchedule trials, and keeps the records in ``DIR`` (a
+``JSONDatabase``), so later builds of the same layers reuse them without tuning again;
+``tvm_trials=0`` with a ``tuning_db`` only applies what is there. Tuning measures
+candidates on this machine, so it is only done for targets of this machine's architecture.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from partc.context import BackendOptions
 from partc.errors import PartcError, RunError, UnsupportedLayerError
 from partc.plan import Artifact, Stage, StageFn, make_artifact
 
@@ -70,9 +71,8 @@ def elf_machine(path: Path) -> int:
 class TvmBackend:
     """Emit TVM stages and run them with the Relax VM.
 
-    Attributes:
-        trials: MetaSchedule trials per untuned task; 0 tunes nothing.
-        database: tuning database directory (created if missing); None uses no database.
+    The backend holds no settings: ``emit`` reads ``options.tvm_trials`` and
+    ``options.tuning_db``.
     """
 
     name = "tvm"
@@ -80,19 +80,12 @@ class TvmBackend:
     dynamic_shapes = False
     cross_compiles = True
 
-    def __init__(self, trials: int = 0, database: Path | None = None):
-        if trials < 0:
-            raise PartcError(f"tvm: trials must be >= 0, not {trials}")
-        if trials and database is None:
-            raise PartcError("tvm: tuning (trials > 0) needs a tuning database directory to keep its records")
-        self.trials = trials
-        self.database = Path(database) if database is not None else None
-
-    def emit(self, stage: Stage, target: object, outdir: Path) -> Artifact:
+    def emit(self, stage: Stage, target: object, outdir: Path, options: BackendOptions) -> Artifact:
         """Compile ``stage`` for ``target`` and write ``outdir/<stage>.so``.
 
         ``target`` is a ``TargetDesc`` (or any object with ``triple``, ``cores``, ``mcpu``
-        and ``mattr``).
+        and ``mattr``). With ``options.tuning_db``, the stage is scheduled from that
+        database after tuning its missing tasks with ``options.tvm_trials`` trials each.
 
         Raises:
             UnsupportedLayerError: if TVM cannot import or compile the stage.
@@ -123,8 +116,8 @@ class TvmBackend:
                 "use backend 'onnx' or 'torchscript' for this tier"
             ) from err
         tuned, total = 0, None
-        if self.database is not None:
-            mod, tuned, total = self._schedule(stage, mod, tvm_target, cross)
+        if options.tuning_db is not None:
+            mod, tuned, total = self._schedule(stage, mod, tvm_target, cross, options.tvm_trials, options.tuning_db)
         if not tuned:
             log.warning(UNTUNED_WARNING, stage.name)
         elif tuned < total:
@@ -150,12 +143,12 @@ class TvmBackend:
             "tuned": bool(total) and tuned == total,
             "tuned_tasks": tuned,
             "tasks": total,
-            "trials": self.trials,
+            "trials": options.tvm_trials,
         }
         return make_artifact(stage, self.name, path, info)
 
-    def _schedule(self, stage: Stage, mod, tvm_target, cross: bool):
-        """Tune the tasks of ``mod`` missing from the database, then apply the database.
+    def _schedule(self, stage: Stage, mod, tvm_target, cross: bool, trials: int, database: Path):
+        """Tune the tasks of ``mod`` missing from ``database`` with ``trials`` trials each, then apply it.
 
         Returns the scheduled module, the number of tasks with a record and the number of tasks.
         """
@@ -164,15 +157,15 @@ class TvmBackend:
 
         with tvm_target:  # lower to TIR first: tasks and records are TIR functions
             mod = relax.get_pipeline("zero")(relax.transform.CanonicalizeBindings()(mod))
-        self.database.mkdir(parents=True, exist_ok=True)
-        db = ms.database.JSONDatabase(work_dir=str(self.database))
+        database.mkdir(parents=True, exist_ok=True)
+        db = ms.database.JSONDatabase(work_dir=str(database))
         tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
 
         def missing():
             return [t for t in tasks if db.query_tuning_record(t.dispatched[0], tvm_target, t.task_name) is None]
 
         todo = missing()
-        if todo and self.trials and cross:
+        if todo and trials and cross:
             log.warning(
                 "stage %s: cannot tune for %s on this %s machine (MetaSchedule measures candidates "
                 "where it runs); using the %d records the database has",
@@ -181,14 +174,14 @@ class TvmBackend:
                 host_arch(),
                 len(tasks) - len(todo),
             )
-        elif todo and self.trials:
+        elif todo and trials:
             cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
             log.info(
                 "stage %s: tuning %d of %d tasks, %d trials each (cost model %s)",
                 stage.name,
                 len(todo),
                 len(tasks),
-                self.trials,
+                trials,
                 cost_model,
             )
             with tempfile.TemporaryDirectory(prefix="partc-ms-") as work_dir:
@@ -199,9 +192,9 @@ class TvmBackend:
                     tasks=contexts,
                     task_weights=weights,
                     work_dir=work_dir,
-                    max_trials_global=self.trials * len(todo),
-                    max_trials_per_task=self.trials,
-                    num_trials_per_iter=min(self.trials, 64),
+                    max_trials_global=trials * len(todo),
+                    max_trials_per_task=trials,
+                    num_trials_per_iter=min(trials, 64),
                     builder=ms.builder.LocalBuilder(f_build=_build_candidate, timeout_sec=180),
                     runner=ms.runner.LocalRunner(timeout_sec=60),
                     database=db,

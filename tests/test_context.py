@@ -1,19 +1,19 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from partc.context import (
-    Compression,
-    Constraints,
-    Link,
-    Tier,
+from partc.cluster import (
+    cluster_from_dict,
     load_cluster,
     parse_bandwidth,
     parse_duration,
     parse_profile_args,
     parse_size,
 )
-from partc.errors import ClusterError
+from partc.context import BackendOptions, Compression, Constraints, Link, Tier
+from partc.errors import ClusterError, PartcError
 
 DESIGN_CLUSTER = """\
 tiers:
@@ -349,3 +349,27 @@ def test_link_within_a_tier_joins_its_nodes(tmp_path):
 def test_link_within_a_tier_errors(tmp_path, old, new, message):
     assert old in WITHIN_EDGE
     assert cluster_error(tmp_path, WITHIN_EDGE.replace(old, new)) == f"cluster.yaml: {message}"
+
+
+def test_backend_options_reach_the_context(tmp_path):
+    assert load_cluster(write(tmp_path, DESIGN_CLUSTER)).options == BackendOptions(0, None)
+    options = BackendOptions(tvm_trials=8, tuning_db=tmp_path / "tuning")
+    assert load_cluster(write(tmp_path, DESIGN_CLUSTER), options=options).options is options
+    assert cluster_from_dict({"tiers": [{"name": "edge", "target": "edge-x86", "backend": "tvm"}]}).options == (
+        BackendOptions()
+    )
+
+
+def test_bad_backend_options():
+    with pytest.raises(PartcError) as info:
+        BackendOptions(tvm_trials=-1)
+    assert str(info.value) == "tvm: trials must be >= 0, not -1"
+    with pytest.raises(PartcError) as info:
+        BackendOptions(tvm_trials=4)
+    assert str(info.value) == "tvm: tuning (trials > 0) needs a tuning database directory to keep its records"
+
+
+def test_the_context_types_do_not_import_the_backends():
+    code = "import sys, partc.context; print(sorted(m for m in sys.modules if m.startswith('partc.targets')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from partc.context import CompileContext, Tier
+from partc.context import BackendOptions, CompileContext, Tier
 from partc.ir import META_TIER, compute_nodes
 from partc.plan import Artifact, Plan, build_plan, run_plan
 from partc.trace import InputSpec, load_model, trace
@@ -71,8 +71,8 @@ def _assert_close_to_scale(actual: np.ndarray, expected: np.ndarray, rel: float 
 
 
 def _emit_and_run(backend, case: Case, target, outdir: Path) -> tuple[list[Artifact], dict[str, np.ndarray]]:
-    """Emit every stage of ``case`` with ``backend``, load them back and run the plan."""
-    artifacts = [backend.emit(stage, target, outdir) for stage in case.plan.stages]
+    """Emit every stage of ``case`` with ``backend`` (default options), load them back and run the plan."""
+    artifacts = [backend.emit(stage, target, outdir, BackendOptions()) for stage in case.plan.stages]
     outputs = run_plan(case.plan, {a.stage: backend.load(a) for a in artifacts}, case.inputs)
     return artifacts, outputs
 

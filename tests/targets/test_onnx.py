@@ -7,6 +7,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from partc.context import BackendOptions  # noqa: E402
 from partc.targets import BACKENDS, backend  # noqa: E402
 from partc.targets.onnx import BACKEND, OPSET, OnnxBackend  # noqa: E402
 
@@ -44,6 +45,6 @@ def test_compiling_twice_gives_identical_bytes(model_case, tmp_path):
     stage = model_case("googlenet").plan.stages[1]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first = BACKEND.emit(stage, None, tmp_path / "a")
-    second = OnnxBackend().emit(stage, None, tmp_path / "b")
+    first = BACKEND.emit(stage, None, tmp_path / "a", BackendOptions())
+    second = OnnxBackend().emit(stage, None, tmp_path / "b", BackendOptions())
     assert first.sha256 == second.sha256

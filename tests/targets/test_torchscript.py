@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from partc.context import BackendOptions
 from partc.targets import BACKENDS, backend
 from partc.targets.torchscript import BACKEND, TorchScriptBackend
 
@@ -39,15 +40,15 @@ def test_compiling_twice_gives_identical_bytes(model_case, tmp_path):
     stage = model_case("mobilenet_v2").plan.stages[1]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first = BACKEND.emit(stage, None, tmp_path / "a")
-    second = TorchScriptBackend().emit(stage, None, tmp_path / "b")
+    first = BACKEND.emit(stage, None, tmp_path / "a", BackendOptions())
+    second = TorchScriptBackend().emit(stage, None, tmp_path / "b", BackendOptions())
     assert first.sha256 == second.sha256
 
 
 def test_the_file_loads_with_torch_jit_load_alone(model_case, tmp_path):
     case = model_case("googlenet")
     stage = case.plan.stages[0]  # one input, four outputs
-    artifact = BACKEND.emit(stage, None, tmp_path)
+    artifact = BACKEND.emit(stage, None, tmp_path, BackendOptions())
     script = (
         "import sys, torch\n"
         "m = torch.jit.load(sys.argv[1])\n"

@@ -13,18 +13,18 @@ pytest.importorskip("tvm")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from partc.context import CompileContext, Tier  # noqa: E402
+from partc.context import BackendOptions, CompileContext, Tier  # noqa: E402
 from partc.errors import PartcError, RunError  # noqa: E402
 from partc.ir import META_TIER, compute_nodes  # noqa: E402
 from partc.plan import build_plan, run_plan  # noqa: E402
-from partc.targets import BACKENDS, backend, target  # noqa: E402
-from partc.targets.tvm import BACKEND, TvmBackend, elf_machine, host_arch  # noqa: E402
+from partc.targets import BACKENDS, backend, runs_here, target  # noqa: E402
+from partc.targets.tvm import BACKEND, elf_machine, host_arch  # noqa: E402
 from partc.trace import InputSpec, trace  # noqa: E402
 
 
 def test_backend_is_registered():
     assert backend("tvm") is BACKEND is BACKENDS["tvm"]
-    assert (BACKEND.name, BACKEND.suffix, BACKEND.trials, BACKEND.database) == ("tvm", ".so", 0, None)
+    assert (BACKEND.name, BACKEND.suffix, BACKEND.cross_compiles) == ("tvm", ".so", True)
 
 
 @pytest.mark.slow
@@ -40,6 +40,7 @@ def test_three_tier_split_equals_the_model(
     for artifact in artifacts:
         assert elf_machine(artifact.path) == 62
         assert artifact.info["tuned"] is False and artifact.info["arch"] == "x86_64"
+        assert runs_here(artifact)
     untuned = [r.getMessage() for r in caplog.records]
     assert untuned == [
         f"stage {s.name} is untuned: expect ~50x slower than ONNX Runtime (tune with trials > 0)"
@@ -57,11 +58,12 @@ def test_aarch64_stage_is_cross_compiled_and_refused_on_this_host(model_case, tm
     rpi4 = target("rpi4")
     assert (rpi4.triple, rpi4.mcpu) == ("aarch64-linux-gnu", "cortex-a72")
     stage = model_case("resnet18", 64).plan.stages[1]
-    artifact = BACKEND.emit(stage, rpi4, tmp_path)
+    artifact = BACKEND.emit(stage, rpi4, tmp_path, BackendOptions())
 
     assert elf_machine(artifact.path) == 183  # EM_AARCH64
     assert artifact.info["arch"] == "aarch64" and artifact.info["triple"] == "aarch64-linux-gnu"
     assert artifact.path.read_bytes()[4] == 2  # ELFCLASS64
+    assert runs_here(artifact) == (host_arch() == "aarch64")
     if host_arch() != "aarch64":
         with pytest.raises(RunError, match=r"edge\.0 was compiled for aarch64 and cannot run on this x86_64"):
             BACKEND.load(artifact)
@@ -72,12 +74,10 @@ def test_a_missing_cross_compiler_or_unknown_architecture_is_named(model_case, t
     riscv = dataclasses.replace(target("rpi4"), name="riscv-board", triple="riscv64-linux-gnu", mcpu="", mattr="")
     if shutil.which("riscv64-linux-gnu-gcc") is None:
         with pytest.raises(PartcError, match=r"cross compiler 'riscv64-linux-gnu-gcc' for target 'riscv-board'"):
-            BACKEND.emit(stage, riscv, tmp_path)
+            BACKEND.emit(stage, riscv, tmp_path, BackendOptions())
     mips = dataclasses.replace(riscv, name="mips-board", triple="mips-linux-gnu")
     with pytest.raises(PartcError, match=r"target 'mips-board': triple 'mips-linux-gnu': unknown architecture"):
-        BACKEND.emit(stage, mips, tmp_path)
-    with pytest.raises(PartcError, match=r"tuning \(trials > 0\) needs a tuning database directory"):
-        TvmBackend(trials=4)
+        BACKEND.emit(stage, mips, tmp_path, BackendOptions())
     assert list(tmp_path.iterdir()) == []
 
 
@@ -94,11 +94,12 @@ def test_tuning_records_are_kept_and_reused_across_builds(x86_target, tmp_path, 
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
 
-    tuned = TvmBackend(trials=2, database=database).emit(plan.stages[0], x86_target, tmp_path / "first")
+    tuning = BackendOptions(tvm_trials=2, tuning_db=database)
+    tuned = BACKEND.emit(plan.stages[0], x86_target, tmp_path / "first", tuning)
     assert tuned.info["tuned"] is True and tuned.info["tuned_tasks"] == tuned.info["tasks"] > 0
     assert any(database.iterdir())
     with caplog.at_level(logging.INFO, logger="partc.targets.tvm"):
-        again = TvmBackend(trials=0, database=database).emit(plan.stages[0], x86_target, tmp_path / "second")
+        again = BACKEND.emit(plan.stages[0], x86_target, tmp_path / "second", BackendOptions(tuning_db=database))
     assert again.info["tuned"] is True
     assert not [r for r in caplog.records if "tuning" in r.getMessage() or "untuned" in r.getMessage()]
 
