@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python benchmarks/cut_solver.py            # everything (a few minutes on 2 cores)
-    python benchmarks/cut_solver.py --quick    # synthetic graphs only
+    python benchmarks/cut_solver.py --quick    # synthetic graphs only (a minute or two)
 
 Graphs: four torchvision DAGs traced with torch.fx (resnet50, googlenet, inception_v3 at
 299x299, densenet121), with a FLOP-proportional profile (device 2 GFLOP/s, edge 20, cloud
@@ -18,7 +18,7 @@ exact throughput MILP (up to 500 nodes). It then compares partc with every basel
 bandwidth grid for the real models and draws latency-vs-bandwidth plots.
 
 Writes ``benchmarks/results/cut_solver.md``, ``cut_solver.json`` and
-``cut_solver_<model>.png``.
+``cut_solver_<model>.png`` (``--quick`` rewrites the first two without the models).
 """
 
 from __future__ import annotations
@@ -232,8 +232,8 @@ def _baseline(key: str, value) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="synthetic graphs only")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="synthetic graphs only (a minute or two)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()

@@ -8,6 +8,10 @@ Requests run one at a time; end-to-end latency is the median. Per link, the tabl
 plan's predicted transfer seconds (forward bytes / bandwidth + latency) and the measured
 seconds per transfer (forward bytes + the reply travelling back, + both directions' delay).
 
+Writes ``benchmarks/results/testbed.md`` (``-o``). Needs root (network namespaces, tc,
+cgroups) and the onnx and runtime extras. Every model and bandwidth compiles a build and
+starts a testbed, about a minute each on 2 cores: some ten minutes with the defaults.
+
 Usage: ``sudo python benchmarks/testbed.py [--models resnet18,mobilenet_v2,googlenet]
 [--bandwidths 5,20,100] [--requests 5] [-o benchmarks/results/testbed.md]``.
 Timings on a shared machine are noisy.
@@ -27,6 +31,7 @@ from pathlib import Path
 from partc.build import compile_model
 from partc.runtime.testbed import Testbed
 
+ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = """\
 tiers:
   - {{name: device, target: rpi4, backend: torchscript}}
@@ -102,11 +107,14 @@ def markdown(rows: list[dict], command: str, load: tuple[float, float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet18,mobilenet_v2,googlenet")
-    parser.add_argument("--bandwidths", default="5,20,100", help="Mbit/s of the device->edge link")
-    parser.add_argument("--requests", type=int, default=5)
-    parser.add_argument("-o", "--output", type=Path, default=Path("benchmarks/results/testbed.md"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet18,mobilenet_v2,googlenet",
+                        help="comma-separated torchvision models (default resnet18,mobilenet_v2,googlenet)")
+    parser.add_argument("--bandwidths", default="5,20,100",
+                        help="comma-separated Mbit/s of the device->edge link (default 5,20,100)")
+    parser.add_argument("--requests", type=int, default=5, help="timed requests per build (default 5)")
+    parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results" / "testbed.md",
+                        help="report to write (default benchmarks/results/testbed.md)")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     rows = []

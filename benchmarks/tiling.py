@@ -11,6 +11,11 @@ and measured seconds (smoothed, on this host under the quota, tiles' network rou
 included), and the speedup of each over N = 1. The predicted speedup is the cost model's;
 the measured one is what the tiles buy on real processes and sockets.
 
+Writes ``benchmarks/results/tiling.md`` (``-o``). Needs root (network namespaces, tc,
+cgroups) and the onnx and runtime extras. Every model and node count compiles a build and
+starts a testbed (vgg16's builds are the slow ones): some ten to twenty minutes on 2 cores
+with the defaults.
+
 Usage: ``sudo python benchmarks/tiling.py [--models resnet18,vgg16] [--nodes 1,2,4]
 [--share 0.45] [--requests 5] [-o benchmarks/results/tiling.md]``.
 """
@@ -27,13 +32,14 @@ import tempfile
 from pathlib import Path
 
 from partc.build import compile_model
-from partc.context import load_cluster
+from partc.cluster import load_cluster
 from partc.ir import META_FLOPS, META_TIER
-from partc.passes import DEFAULT_PIPELINE, PLAN_PASSES
+from partc.passes import DEFAULT_PIPELINE
 from partc.pipeline import run_passes
 from partc.report import trace_model
 from partc.runtime.testbed import Testbed
 
+ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = """\
 tiers:
   - {{name: device, target: rpi4, backend: torchscript}}
@@ -69,8 +75,8 @@ def run_one(model: str, nodes: int, share: float, requests: int, workdir: Path) 
 def _halo(model: str, cluster: Path) -> float:
     """FLOPs on the edge tier with the primary plan tiled, over those untiled, minus one."""
     ctx = load_cluster(cluster)
-    gm = run_passes(trace_model(model, ["1,3,224,224"]), DEFAULT_PIPELINE, ctx)
-    tiled = run_passes(gm, PLAN_PASSES, ctx)
+    gm = run_passes(trace_model(model, ["1,3,224,224"]), DEFAULT_PIPELINE.model, ctx)
+    tiled = run_passes(gm, DEFAULT_PIPELINE.plan, ctx)
 
     def flops(g):
         return sum(n.meta.get(META_FLOPS, 0) for n in g.graph.nodes if n.meta.get(META_TIER) == "edge")
@@ -112,12 +118,14 @@ def markdown(rows: list[dict], command: str, share: float, load: tuple[float, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet18,vgg16")
-    parser.add_argument("--nodes", default="1,2,4")
-    parser.add_argument("--share", type=float, default=0.45, help="cores of this host per worker")
-    parser.add_argument("--requests", type=int, default=5)
-    parser.add_argument("-o", "--output", type=Path, default=Path("benchmarks/results/tiling.md"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet18,vgg16",
+                        help=f"comma-separated torchvision models, of {', '.join(STEMS)} (default resnet18,vgg16)")
+    parser.add_argument("--nodes", default="1,2,4", help="comma-separated edge node counts (default 1,2,4)")
+    parser.add_argument("--share", type=float, default=0.45, help="cores of this host per worker (default 0.45)")
+    parser.add_argument("--requests", type=int, default=5, help="timed requests per build (default 5)")
+    parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results" / "tiling.md",
+                        help="report to write (default benchmarks/results/tiling.md)")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     rows = []

@@ -11,6 +11,9 @@ and waits for a small acknowledgement (as in ENVIRONMENT.md section 6). Rows:
 - partc ``Driver.run_one``: the same through the driver (thread pool, measurements);
 - partc frame encode + decode, no network: the format's own cost.
 
+Writes ``benchmarks/results/transport.md`` (``-o``). Takes under a minute; needs the
+runtime extra (gRPC).
+
 Usage: ``python benchmarks/transport.py [--repeat 30] [-o benchmarks/results/transport.md]``.
 Timings on a shared machine are noisy; compare the ratios.
 """
@@ -83,7 +86,8 @@ def serve(kind: str, ready: Path) -> None:
         announce(ready, f"127.0.0.1:{port}")
         server.wait_for_termination()
     if kind == "partc":
-        from partc.runtime.worker import Route, serve_stage
+        from partc.runtime.routes import Route
+        from partc.runtime.worker import serve_stage
 
         server = serve_stage({0: Route("bench.0", ("x",), ("ack",), (), ("ack",))}, {0: ack_stage("bench.0")})
         announce(ready, server.address)
@@ -122,9 +126,9 @@ def bench(repeat: int, tmp: Path) -> list[tuple[str, list[float]]]:
 
     from partc.runtime.driver import Driver
     from partc.runtime.plans import RuntimePlan
+    from partc.runtime.routes import StageSpec
     from partc.runtime.transport import GrpcChannel, call_stage
     from partc.runtime.wire import Frame, decode, encode
-    from partc.runtime.worker import StageSpec
 
     x = np.random.default_rng(0).standard_normal(NBYTES // 4).astype(np.float32)
     procs = []
@@ -211,9 +215,10 @@ def table(rows: list[tuple[str, list[float]]], repeat: int, load: float) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results" / "transport.md")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=30, help="timed samples per row (default 30)")
+    parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results" / "transport.md",
+                        help="report to write (default benchmarks/results/transport.md)")
     parser.add_argument("--serve", choices=["socket", "grpc", "partc"], help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -33,6 +33,7 @@ from partc.cluster import load_cluster
 from partc.codec import NO_CODEC
 from partc.compilation import Compilation, compile_plans
 from partc.context import BackendOptions
+from partc.deployment import render_deployment
 from partc.errors import PartcError
 from partc.ir import META_TIER, link_name
 from partc.manifest import (
@@ -45,7 +46,6 @@ from partc.manifest import (
     StageEntry,
     TierEntry,
     TransferEntry,
-    render_deployment,
     write_manifest,
 )
 from partc.partition.model import program_seconds

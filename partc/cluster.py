@@ -61,11 +61,9 @@ from pathlib import Path
 import yaml
 
 from partc.codec import parse_codec
-from partc.context import BackendOptions, CompileContext, Compression, Constraints, Link, Tier
+from partc.context import OBJECTIVES, BackendOptions, CompileContext, Compression, Constraints, Link, Tier
 from partc.errors import ClusterError, PartcError
 from partc.targets import backend, target
-
-OBJECTIVES = ("latency", "throughput")
 
 _BANDWIDTH_UNITS = {
     "bit/s": 1 / 8,

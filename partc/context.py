@@ -12,6 +12,8 @@ from pathlib import Path
 
 from partc.errors import PartcError
 
+OBJECTIVES = ("latency", "throughput")  # what a plan minimises: end-to-end latency, or the pipeline's bottleneck
+
 
 @dataclass(frozen=True)
 class Tier:
@@ -46,10 +48,6 @@ class Link:
     bandwidth: float
     latency: float
     codecs: tuple[str, ...] = ("none",)
-
-    def transfer_time(self, nbytes: int) -> float:
-        """Seconds to move ``nbytes`` over this link: latency + bytes / bandwidth."""
-        return self.latency + nbytes / self.bandwidth
 
 
 @dataclass(frozen=True)

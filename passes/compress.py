@@ -46,9 +46,9 @@ from partc.compression import (
 )
 from partc.context import CompileContext
 from partc.errors import ClusterError, PartcError
-from partc.ir import META_LINK_CODECS, META_TIER, clone
+from partc.ir import META_LINK_CODECS, META_TIER, clone, link_name
 from partc.partition.cost import Cost, CostGraph, evaluate
-from partc.partition.model import cost_graph
+from partc.partition.model import cost_graph, priced
 from partc.partition.solve import solve
 from partc.pipeline import PassResult
 
@@ -88,7 +88,7 @@ def compress_cut_tensors(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     names = ctx.tier_names
     links = [ctx.link(a, b) for a, b in zip(names, names[1:], strict=False)]
     allowed = [link.codecs if link else ("none",) for link in links]
-    link_names = [f"{a}->{b}" for a, b in zip(names, names[1:], strict=False)]
+    link_names = [link_name(a, b) for a, b in zip(names, names[1:], strict=False)]
     if all(codecs == ("none",) for codecs in allowed):
         gm.meta[META_LINK_CODECS] = dict.fromkeys(link_names, NO_CODEC)
         return PassResult(gm, "every link allows only codec none: tensors cross raw" if links else "one tier, no links")
@@ -152,8 +152,7 @@ def _candidates(
     found: dict[tuple, _Candidate] = {}
     for combo in itertools.product(*allowed):
         overall = [measured.entry(codec) for codec in combo]
-        bandwidth = [e.effective_bandwidth(bw) for bw, e in zip(graph.bandwidth.tolist(), overall, strict=True)]
-        plans = [current, solve(graph.with_bandwidth(bandwidth), objective).tiers]
+        plans = [current, solve(priced(graph, dict(zip(graph.links, overall, strict=True))), objective).tiers]
         if np.isinf(graph.max_link_bytes).all():  # per-tensor pricing rescales bytes: only without byte caps
             plans += [solve(g, objective).tiers for g in _per_tensor_graphs(graph, measured, combo)]
         for tiers in plans:
@@ -161,8 +160,8 @@ def _candidates(
             entries = _entries(graph, measured, combo, tiers)
             key = (tiers.tobytes(), tuple(e.codec for e in entries))
             if key not in found:
-                priced = [e.effective_bandwidth(bw) for bw, e in zip(graph.bandwidth.tolist(), entries, strict=True)]
-                found[key] = _Candidate(tiers, entries, evaluate(graph.with_bandwidth(priced), tiers))
+                paying = priced(graph, dict(zip(graph.links, entries, strict=True)))
+                found[key] = _Candidate(tiers, entries, evaluate(paying, tiers))
     return sorted(found.values(), key=lambda c: (c.cost.value(objective), c.lossy))
 
 

@@ -7,12 +7,11 @@ import pytest
 import torch
 from models import conv_stack, residual
 
-from partc.codec import effective_bandwidth, parse_codec
+from partc.codec import NO_CODEC, LinkCodec, parse_codec
 from partc.compression import (
     MEASURE_SAMPLES,
     calibration_inputs,
     measure_codecs,
-    no_compression,
     run_pipeline,
     top1_agreement,
 )
@@ -31,10 +30,11 @@ def _conv_stack():
 
 
 def test_effective_bandwidth():
-    assert effective_bandwidth(1e6, no_compression()) == 1e6
-    entry = {"codec": "int8+zstd-1", "ratio": 5.0, "encode_bytes_per_s": 1e8, "decode_bytes_per_s": 2e8}
-    assert effective_bandwidth(1e6, entry) == pytest.approx(1 / (1 / 5e6 + 1 / 1e8 + 1 / 2e8))
-    assert effective_bandwidth(1e6, {**entry, "encode_bytes_per_s": None, "decode_bytes_per_s": None}) == 5e6
+    assert NO_CODEC.effective_bandwidth(1e6) == 1e6
+    codec = LinkCodec("int8+zstd-1", ratio=5.0, encode_bytes_per_s=1e8, decode_bytes_per_s=2e8)
+    assert codec.effective_bandwidth(1e6) == pytest.approx(1 / (1 / 5e6 + 1 / 1e8 + 1 / 2e8))
+    assert LinkCodec("int8+zstd-1", ratio=5.0).effective_bandwidth(1e6) == 5e6
+    assert LinkCodec.from_json(codec.to_json()) == codec
 
 
 def test_measurements_give_ratios_per_node_and_per_cut():
@@ -48,11 +48,11 @@ def test_measurements_give_ratios_per_node_and_per_cut():
     assert measured.wire["int8"][conv] == measured.raw[conv] / 4 + 8  # one scale and zero point
     mask = np.arange(len(measured.names)) == conv
     entry = measured.entry("int8", mask)
-    assert entry["codec"] == "int8" and entry["ratio"] == pytest.approx(8192 * 4 / (8192 + 8))
-    assert entry["encode_bytes_per_s"] > 0 and entry["decode_bytes_per_s"] > 0
-    assert entry["agreement"] is None and entry["samples"] == 1
-    assert measured.entry("none", mask) == no_compression(1)
-    assert measured.entry("int8", np.zeros(len(mask), dtype=bool))["codec"] == "none"  # nothing crosses
+    assert entry.codec == "int8" and entry.ratio == pytest.approx(8192 * 4 / (8192 + 8))
+    assert entry.encode_bytes_per_s > 0 and entry.decode_bytes_per_s > 0
+    assert entry.agreement is None and entry.samples == 1
+    assert measured.entry("none", mask) == LinkCodec(samples=1)
+    assert measured.entry("int8", np.zeros(len(mask), dtype=bool)).codec == "none"  # nothing crosses
 
 
 def test_lossless_codecs_are_bit_exact_across_two_links():

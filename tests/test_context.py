@@ -14,6 +14,7 @@ from partc.cluster import (
 )
 from partc.context import BackendOptions, Compression, Constraints, Link, Tier
 from partc.errors import ClusterError, PartcError
+from partc.partition.model import link_price
 
 DESIGN_CLUSTER = """\
 tiers:
@@ -52,7 +53,7 @@ def test_design_cluster(tmp_path):
     assert ctx.objective == "latency"
     assert ctx.constraints == Constraints(pin={"device": ("conv1", "bn1")})
     assert ctx.source == str(tmp_path / "cluster.yaml")
-    assert ctx.link("edge", "cloud").transfer_time(625_000) == pytest.approx(1.030)
+    assert link_price(ctx.link("edge", "cloud")).transfer_seconds(625_000) == pytest.approx(1.030)
 
 
 def test_all_constraints_and_one_and_two_tiers(tmp_path):

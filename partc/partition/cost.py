@@ -38,9 +38,6 @@ from partc.errors import ClusterError
 from partc.ir import link_name
 from partc.partition.price import LinkPrice, Prediction
 
-OBJECTIVES = ("latency", "throughput")
-
-
 
 @dataclass(frozen=True)
 class CostGraph:

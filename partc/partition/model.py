@@ -172,7 +172,7 @@ def _link_caps(ctx: CompileContext) -> np.ndarray:
     for pair in ctx.constraints.max_link_bytes:
         if tuple(pair) not in pairs:
             raise ClusterError(
-                f"{ctx.source}: constraints.max_link_bytes: no link {pair[0]}->{pair[1]}; "
-                f"links are {', '.join(f'{a}->{b}' for a, b in pairs)}"
+                f"{ctx.source}: constraints.max_link_bytes: no link {link_name(*pair)}; "
+                f"links are {', '.join(link_name(a, b) for a, b in pairs)}"
             )
     return np.array([ctx.constraints.max_link_bytes.get(p, np.inf) for p in pairs], dtype=float)

@@ -11,8 +11,9 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
+from partc.context import OBJECTIVES
 from partc.errors import ClusterError
-from partc.partition.cost import OBJECTIVES, CostGraph, Partition, check_labels, evaluate, violations
+from partc.partition.cost import CostGraph, Partition, check_labels, evaluate, violations
 from partc.partition.milp import solve_milp
 
 _UNITS = 2**29  # a finite cut is scaled into [0, 2**29]; scipy's max-flow works in int32

@@ -12,6 +12,7 @@ from models import conv_stack, sparse
 from torch import nn
 
 from partc.cluster import load_cluster
+from partc.codec import NO_CODEC, LinkCodec
 from partc.compression import calibration_inputs, run_pipeline, top1_agreement
 from partc.context import CompileContext, Link, Tier
 from partc.ir import META_LINK_CODECS, META_PROFILE, META_TIER
@@ -20,8 +21,6 @@ from partc.passes.compress import compress_cut_tensors
 from partc.passes.cut import select_cuts
 from partc.pipeline import run_passes
 from partc.report import trace_model
-
-ENTRY_KEYS = {"codec", "ratio", "encode_bytes_per_s", "decode_bytes_per_s", "agreement", "samples"}
 
 
 def _tiers(gm) -> dict[str, str]:
@@ -61,13 +60,8 @@ def test_only_none_changes_nothing(tmp_path):
     gm = run_passes(trace_model(conv_stack(), ["1,3,32,32"]), passes_named(["annotate-profile", "select-cuts"]), ctx)
     out = compress_cut_tensors(gm, ctx)
     assert _tiers(out.gm) == _tiers(gm)
-    assert out.gm.meta[META_LINK_CODECS] == {
-        link: {
-            "codec": "none", "ratio": 1.0, "encode_bytes_per_s": None, "decode_bytes_per_s": None,
-            "agreement": None, "samples": 0,  # nothing measured: the model was not run
-        }
-        for link in ("device->edge", "edge->cloud")
-    }
+    # nothing measured: the model was not run
+    assert out.gm.meta[META_LINK_CODECS] == dict.fromkeys(("device->edge", "edge->cloud"), NO_CODEC)
     assert META_LINK_CODECS not in gm.meta
     assert out.summary == "every link allows only codec none: tensors cross raw"
 
@@ -128,20 +122,20 @@ def test_digits_int8_zstd_keeps_top1_and_shrinks_the_cut(tmp_path, digits, recor
     )
     out = run_passes(gm, passes_named(["annotate-profile", "select-cuts", "compress-cut-tensors"]), ctx)
     entry = out.meta[META_LINK_CODECS]["device->cloud"]
-    assert set(entry) == ENTRY_KEYS
-    assert entry["codec"] == "int8+zstd-1"
-    assert entry["ratio"] >= 4  # the 32x4x4 float32 cut tensor: 2,048 bytes, int8 alone gives 3.94x
-    assert entry["agreement"] >= 0.99 and entry["samples"] == len(images) == 450
+    assert isinstance(entry, LinkCodec)
+    assert entry.codec == "int8+zstd-1"
+    assert entry.ratio >= 4  # the 32x4x4 float32 cut tensor: 2,048 bytes, int8 alone gives 3.94x
+    assert entry.agreement >= 0.99 and entry.samples == len(images) == 450
     assert [n for n, t in _tiers(out).items() if t == "device"][:6] == ["input_1", *CONV]  # (+ flatten, free)
     assert {t for n, t in _tiers(out).items() if n in HEAD} == {"cloud"}
     calls = calibration_inputs(out, ctx.compression, ctx.source)
     reference = run_pipeline(out, _indices(out, ctx), ["none"], calls)
-    compressed = run_pipeline(out, _indices(out, ctx), [entry["codec"]], calls)
-    assert top1_agreement(reference, compressed) == entry["agreement"]
+    compressed = run_pipeline(out, _indices(out, ctx), [entry.codec], calls)
+    assert top1_agreement(reference, compressed) == entry.agreement
     accuracy = (_accuracy(reference, labels), _accuracy(compressed, labels))
     record_property("digits_accuracy_uncompressed_vs_int8_zstd", accuracy)
     print(f"digits: test accuracy {accuracy[0]:.4f} uncompressed, {accuracy[1]:.4f} with int8+zstd-1; "
-          f"top-1 agreement {entry['agreement']:.4f}; cut tensor {entry['ratio']:.2f}x smaller")
+          f"top-1 agreement {entry.agreement:.4f}; cut tensor {entry.ratio:.2f}x smaller")
     assert accuracy[0] > 0.9 and abs(accuracy[0] - accuracy[1]) <= 0.01
 
 
@@ -179,14 +173,14 @@ def test_a_budget_the_codec_cannot_meet_is_refused(tmp_path):
     out = compress_cut_tensors(cut, ctx)
     # Per tensor, the outlier channel takes all 255 steps: the other channels round to a few levels.
     entry = out.gm.meta[META_LINK_CODECS]["device->cloud"]
-    assert entry["codec"] in ("none", "none+zstd-1") and entry["agreement"] is None
+    assert entry.codec in ("none", "none+zstd-1") and entry.agreement is None
     assert _tiers(out.gm) == _tiers(cut)
     assert "; refused: device->cloud int8 (4.0x): agreement 0.8550 < 0.99" in out.summary
     # Per channel, the outlier has its own scale: int8c keeps top-1 and is taken.
     ctx = _two_tier(tmp_path, "10kbit/s", "[none, int8, int8c]", pin, compression)
     out = compress_cut_tensors(cut, ctx)
     entry = out.gm.meta[META_LINK_CODECS]["device->cloud"]
-    assert entry["codec"] == "int8c" and entry["agreement"] == 1.0 and entry["samples"] == 200
+    assert entry.codec == "int8c" and entry.agreement == 1.0 and entry.samples == 200
     assert "refused: device->cloud int8 (4.0x): agreement 0.8550 < 0.99" in out.summary
 
 
@@ -220,12 +214,12 @@ def test_the_link_speed_decides_cut_and_codec_together(bandwidth, codec, device_
     out = compress_cut_tensors(cut, ctx)
     assert [n for n, t in _tiers(out.gm).items() if t == "device"] == device_nodes
     entry = out.gm.meta[META_LINK_CODECS]["device->cloud"]
-    assert entry["codec"] == codec and entry["agreement"] is None and entry["samples"] == 1
+    assert entry.codec == codec and entry.agreement is None and entry.samples == 1
     if codec == "none":
         assert _tiers(out.gm) == _tiers(cut) and "cut kept" in out.summary
     else:  # uncompressed, the 64 kB ReLU output costs 0.5 s: select-cuts kept conv2 on the device
         assert _tiers(cut)["conv2"] == "device" and "cut moved" in out.summary
-        assert entry["ratio"] > 5
+        assert entry.ratio > 5
     assert all(META_TIER not in n.meta for n in gm.graph.nodes)
     x = calibration_inputs(gm, None)
     assert torch.equal(run_pipeline(out.gm, _indices(out.gm, ctx), [codec], x)[0], gm(*x[0]))
@@ -250,13 +244,13 @@ def test_resnet18_three_tiers(tmp_path):
     out = run_passes(gm, DEFAULT_PIPELINE.model, ctx)
     entries = out.meta[META_LINK_CODECS]
     assert set(entries) == {"device->edge", "edge->cloud"}
-    assert all(set(e) == ENTRY_KEYS for e in entries.values())
-    codecs = [entries[link]["codec"] for link in ("device->edge", "edge->cloud")]
+    assert all(isinstance(e, LinkCodec) for e in entries.values())
+    codecs = [entries[link].codec for link in ("device->edge", "edge->cloud")]
     calls = calibration_inputs(out, ctx.compression, ctx.source)
     reference = run_pipeline(out, _indices(out, ctx), ["none", "none"], calls)
     agreement = top1_agreement(reference, run_pipeline(out, _indices(out, ctx), codecs, calls))
-    if any(e["agreement"] is not None for e in entries.values()):
-        assert agreement == entries["device->edge"]["agreement"] >= 0.75
+    if any(e.agreement is not None for e in entries.values()):
+        assert agreement == entries["device->edge"].agreement >= 0.75
     else:
         assert agreement == 1.0
-    assert entries["device->edge"]["codec"] == "int8+zstd-1" and entries["device->edge"]["ratio"] > 4
+    assert entries["device->edge"].codec == "int8+zstd-1" and entries["device->edge"].ratio > 4

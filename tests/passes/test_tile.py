@@ -26,13 +26,15 @@ from partc.ir import (
     compute_nodes,
     lint,
 )
+from partc.partition.model import link_price
+from partc.partition.price import tiled_step_seconds
 from partc.passes import DEFAULT_PIPELINE, PASSES, passes_named
 from partc.passes.tile import tile_conv_stages, tile_graph, tile_nodes
 from partc.pipeline import run_passes
 from partc.plan import build_plan, eager_stage_fn, run_plan
 from partc.tiling.regions import find_runs, plan_regions, tile_flops
 from partc.tiling.schedule import local_schedule_fn, schedule_stage, step_id
-from partc.tiling.split import candidate_grids, coordinator_latency, node_seconds, predict_latency, split_run
+from partc.tiling.split import candidate_grids, node_seconds, predict_latency, split_run
 from partc.trace import InputSpec, load_model, parse_input_spec, trace
 
 
@@ -337,13 +339,14 @@ def test_a_tier_with_several_nodes_but_no_link_to_itself_is_not_tiled():
 
 
 def test_the_coordinators_link_moves_one_tile_at_a_time_while_it_computes_tile_0():
-    link = Link("edge", "edge", bandwidth=10.0, latency=0.5)  # 10 bytes: 1.5 s, 20 bytes: 2.5 s, 5 bytes: 1 s
+    # 10 bytes: 1.5 s, 20 bytes: 2.5 s, 5 bytes: 1 s
+    link = link_price(Link("edge", "edge", bandwidth=10.0, latency=0.5))
     # inputs arrive at 1.5 and 4.0; tile 1 done at 3.5, back at 4.5; tile 2 done at 7, back at 8; tile 0 done at 6
-    assert coordinator_latency([6.0, 2.0, 3.0], [0.0, 10.0, 20.0], [0.0, 5.0, 5.0], link, 0.0) == pytest.approx(8.0)
+    assert tiled_step_seconds([6.0, 2.0, 3.0], [0.0, 10.0, 20.0], [0.0, 5.0, 5.0], link, 0.0) == pytest.approx(8.0)
     # tile 2 (done at 5) comes back before tile 1 (done at 10.5): 5 -> 6, then 10.5 -> 11.5
-    assert coordinator_latency([1.0, 9.0, 1.0], [0.0, 10.0, 20.0], [0.0, 5.0, 5.0], link, 0.0) == pytest.approx(11.5)
-    assert coordinator_latency([9.0, 1.0], [0.0, 10.0], [0.0, 5.0], link, call=0.0) == 9.0  # tile 0 is the slowest
-    assert coordinator_latency([4.0], [0.0], [0.0], link, call=0.0) == 4.0
+    assert tiled_step_seconds([1.0, 9.0, 1.0], [0.0, 10.0, 20.0], [0.0, 5.0, 5.0], link, 0.0) == pytest.approx(11.5)
+    assert tiled_step_seconds([9.0, 1.0], [0.0, 10.0], [0.0, 5.0], link, call=0.0) == 9.0  # tile 0 is the slowest
+    assert tiled_step_seconds([4.0], [0.0], [0.0], link, call=0.0) == 4.0
 
 
 @pytest.mark.parametrize("link", [Link("edge", "edge", 1e3, 1e-2), GIGABIT, FAST], ids=["slow", "gigabit", "fast"])
@@ -360,7 +363,7 @@ def test_split_run_is_the_best_split_under_the_cost_model(model, link):
         part, costs = run[start:end], [sum(seconds[n] for n in run[start:end])]
         for grid in candidate_grids(4)[1:]:
             try:
-                costs.append(predict_latency(part, plan_regions(part, gm, grid), seconds, link))
+                costs.append(predict_latency(part, plan_regions(part, gm, grid), seconds, link_price(link)))
             except ValueError:
                 pass
         return min(costs)
@@ -370,13 +373,14 @@ def test_split_run_is_the_best_split_under_the_cost_model(model, link):
         for k in range(len(run))
         for cuts in itertools.combinations(range(1, len(run)), k)
     ]
-    parts = split_run(run, gm, 4, seconds, link)
+    parts = split_run(run, gm, 4, seconds, link_price(link))
     assert [n for part in parts for n in part.nodes] == run
     assert sum(part.latency for part in parts) == pytest.approx(min(every_split), rel=1e-12)
     for part in parts:
         if part.grid != (1, 1):
             regions = plan_regions(part.nodes, gm, part.grid)
-            assert part.latency == pytest.approx(predict_latency(part.nodes, regions, seconds, link), rel=1e-12)
+            predicted = predict_latency(part.nodes, regions, seconds, link_price(link))
+            assert part.latency == pytest.approx(predicted, rel=1e-12)
 
 
 @pytest.mark.slow
@@ -410,11 +414,11 @@ def test_splitting_a_long_run_cuts_its_halo_overhead(torchvision_graph, name, no
     seconds = node_seconds(gm, _one_tier(nodes, GIGABIT).tiers[0])  # the cost model's, on jetson-nano
     flops = sum(n.meta[META_FLOPS] for n in run)
     whole = min(
-        (predict_latency(run, regions, seconds, GIGABIT), sum(tile_flops(run, regions)) / flops - 1)
+        (predict_latency(run, regions, seconds, link_price(GIGABIT)), sum(tile_flops(run, regions)) / flops - 1)
         for grid in candidate_grids(nodes)[1:]
         for regions in [plan_regions(run, gm, grid)]
     )
-    parts = split_run(run, gm, nodes, seconds, GIGABIT)
+    parts = split_run(run, gm, nodes, seconds, link_price(GIGABIT))
     executed = sum(
         sum(n.meta[META_FLOPS] for n in part.nodes)
         if part.grid == (1, 1)

@@ -1,0 +1,266 @@
+"""The runtime side of the ``partc`` command line: ``run``, ``serve``, ``bundle`` and ``testbed``.
+
+Each command is a ``_add_<command>(subparsers)`` function that declares its flags and sets
+``func`` to the ``_run_<command>(args) -> int`` that does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from partc.errors import PartcError
+
+log = logging.getLogger("partc")
+
+
+def _add_security_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="shared secret (first line) every stage and the driver must present")
+    parser.add_argument("--cert", type=Path, metavar="PEM", help="TLS certificate this worker serves with")
+    parser.add_argument("--key", type=Path, metavar="PEM", help="private key of --cert")
+    parser.add_argument("--root", type=Path, metavar="PEM", help="TLS root certificate to trust when calling a stage")
+
+
+def _security(args):
+    from partc.runtime.transport import Security
+
+    return Security.from_files(args.token_file, args.cert, args.key, args.root)
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run", help="run a compiled build, in this process or across worker processes",
+        description="Load BUILD (checking every artifact against the manifest's sha256) and run its stages "
+        "through their artifacts. Without --input, a seeded example input of the compiled shape is used. "
+        "With --distributed, every stage runs in its own worker over gRPC: started here on loopback, or "
+        "already serving on other machines (--connect); --requests N streams N requests through the "
+        "pipeline with several in flight and reports latency, throughput and the measured links.",
+        epilog="examples:\n  partc run build/resnet50 --input x.npy --output y.npy\n"
+        "  partc run build/resnet50 --distributed --requests 50\n"
+        "  partc run build/resnet50 --distributed --connect device.0=10.0.0.2:50051 "
+        "--connect edge.0=10.0.0.3:50051 --connect cloud.0=10.0.0.4:50051\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("build", type=Path, metavar="BUILD", help="folder written by 'partc compile'")
+    p.add_argument("--input", action="append", default=[], type=Path, metavar="FILE",
+                   help=".npy file of one model input, in the model's input order; repeatable")
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="where to write the output: .npy for one output, .npz for several")
+    p.add_argument("--distributed", action="store_true", help="run every stage in its own gRPC worker")
+    p.add_argument("--connect", action="append", default=[], metavar="STAGE=HOST:PORT",
+                   help="with --distributed: a worker already serving STAGE ('partc serve'); repeat for every stage")
+    p.add_argument("--requests", type=int, default=1, metavar="N", help="with --distributed: requests to stream")
+    p.add_argument("--window", type=int, default=4, metavar="N", help="with --distributed: requests in flight")
+    _add_security_args(p)
+    p.set_defaults(func=_run_run)
+
+
+def _run_run(args) -> int:
+    import numpy as np
+
+    from partc.manifest import read_manifest
+    from partc.trace import parse_input_spec
+
+    manifest = read_manifest(args.build)
+    specs = manifest.inputs
+    if args.input and len(args.input) != len(specs):
+        raise PartcError(f"--input: the model takes {len(specs)} input(s), {len(args.input)} given")
+    if args.input:
+        inputs = {spec.name: _read_npy(path) for spec, path in zip(specs, args.input, strict=True)}
+    else:
+        inputs = {s.name: parse_input_spec(",".join(map(str, s.shape)) + f":{s.dtype}").example().numpy()
+                  for s in specs}
+    if args.connect and not args.distributed:
+        raise PartcError("--connect needs --distributed")
+    if args.distributed:
+        outputs = _run_distributed(args, inputs)
+    else:
+        from partc.runtime.local import load
+
+        outputs = load(args.build)(inputs)
+    if args.output:
+        if len(outputs) == 1 and args.output.suffix == ".npy":
+            np.save(args.output, next(iter(outputs.values())))
+        else:
+            np.savez(args.output, **outputs)
+    for name, value in outputs.items():
+        print(f"{name}: {'x'.join(map(str, value.shape))} {value.dtype}, "
+              f"min {value.min():.4g} max {value.max():.4g} mean {value.mean():.4g}")
+    return 0
+
+
+def _run_distributed(args, inputs):
+    import contextlib
+    import statistics
+    import time
+
+    from partc.runtime.deploy import LocalWorkers, connect_build
+    from partc.runtime.worker import parse_pair
+
+    addresses = dict(parse_pair(text, "--connect", "STAGE=HOST:PORT") for text in args.connect)
+    with contextlib.ExitStack() as stack:
+        if not addresses:
+            print("partc: starting one worker process per stage on 127.0.0.1", file=sys.stderr)
+            addresses = stack.enter_context(LocalWorkers(args.build, args.token_file)).addresses
+        driver = stack.enter_context(connect_build(args.build, addresses, _security(args), window=args.window))
+        driver.check()
+        started, latencies, outputs = time.perf_counter(), [], None
+        sent = []
+        for result in driver.run(_stamped(inputs, args.requests, sent)):
+            latencies.append(time.perf_counter() - sent[len(latencies)])
+            outputs = outputs or result
+        elapsed = time.perf_counter() - started
+        print(f"{args.requests} requests in {elapsed:.2f} s: {args.requests / elapsed:.1f} requests/s, latency "
+              f"median {statistics.median(latencies) * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms")
+        for link, estimate in driver.links.items():
+            rate = estimate.bytes_per_second
+            print(f"link {link}: " + (f"{rate * 8 / 1e6:.1f} Mbit/s measured" if rate else "no transfers"))
+        for stage, ewma in driver.compute.items():
+            print(f"stage {stage}: compute {ewma.value * 1e3:.2f} ms (smoothed)")
+        for switch in driver.switches:
+            print(f"request {switch.request}: switched from plan {switch.old} to {switch.new}: {switch.reason}")
+    return outputs
+
+
+def _stamped(inputs, count: int, sent: list):
+    """Yield ``inputs`` ``count`` times, recording when each request is handed to the driver."""
+    import time
+
+    for _ in range(count):
+        sent.append(time.perf_counter())
+        yield inputs
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve one stage of a build as a gRPC worker",
+        description="Serve STAGE of BUILD over gRPC until SIGTERM or Ctrl-C. The worker checks its artifacts "
+        "(one per program: the stage's share of each of the build's plans) against the manifest's sha256, "
+        "loads them, runs the one of each request's plan and forwards what later stages read to the next "
+        "stage's worker (--next). Only the manifest and this stage's artifacts are needed on the machine "
+        "('partc bundle').",
+        epilog="example (three machines, last stage first):\n"
+        "  partc serve build/resnet50 --stage cloud.0 --listen 0.0.0.0:50051\n"
+        "  partc serve build/resnet50 --stage edge.0 --listen 0.0.0.0:50051 --next 10.0.0.4:50051\n"
+        "  partc serve build/resnet50 --stage device.0 --listen 0.0.0.0:50051 --next 10.0.0.3:50051\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("build", type=Path, metavar="BUILD", help="folder written by 'partc compile'")
+    p.add_argument("--stage", required=True, metavar="STAGE", help="stage to serve, e.g. edge.0")
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:0, any free port)")
+    p.add_argument("--next", metavar="HOST:PORT", help="address of the next stage's worker")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="compute threads of the stage's programs (TorchScript, ONNX); default: every core")
+    p.add_argument("--peer", action="append", default=[], metavar="STAGE=HOST:PORT",
+                   help="a node of this tier that runs tiles for STAGE's tiled programs (edge.1=10.0.0.5:50051); "
+                        "repeat for each")
+    p.add_argument("--ready-file", type=Path, metavar="FILE",
+                   help="write {stage, address} as JSON here once serving (for scripts)")
+    _add_security_args(p)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    import os
+    import signal
+    import threading
+
+    from partc.runtime.deploy import serve
+    from partc.runtime.worker import parse_pair
+
+    peers = dict(parse_pair(text, "--peer", "STAGE=HOST:PORT") for text in args.peer)
+    server = serve(args.build, args.stage, listen=args.listen, next_address=args.next, peers=peers,
+                   security=_security(args), threads=args.threads)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.warning("serving stage %s on %s", args.stage, server.address)
+    if args.ready_file is not None:
+        tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
+        tmp.write_text(json.dumps({"stage": args.stage, "address": server.address}))
+        os.replace(tmp, args.ready_file)
+    stop.wait()
+    server.stop()
+    return 0
+
+
+def _add_bundle(sub) -> None:
+    p = sub.add_parser(
+        "bundle", help="pack what one tier's machines need from a build",
+        description="Write a .tar.gz with the manifest, the build README, and for every stage of TIER its "
+        "artifacts (checked against the manifest's sha256), its serve script and its systemd unit.",
+        epilog="example:\n  partc bundle build/resnet50 --tier edge -o edge.tar.gz\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("build", type=Path, metavar="BUILD", help="folder written by 'partc compile'")
+    p.add_argument("--tier", required=True, help="tier name from the cluster file")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="archive to write (.tar.gz)")
+    p.set_defaults(func=_run_bundle)
+
+
+def _run_bundle(args) -> int:
+    from partc.runtime.deploy import bundle
+
+    members = bundle(args.build, args.tier, args.output)
+    print(f"wrote {args.output}: {', '.join(members)}")
+    return 0
+
+
+def _add_testbed(sub) -> None:
+    p = sub.add_parser(
+        "testbed", help="run a build in an emulated testbed on this machine (root)",
+        description="Run every stage of BUILD in its own network namespace, with each link shaped (tc tbf, "
+        "plus a user-space delay proxy) to the cluster file's bandwidth and latency and each stage's CPU "
+        "limited by a cgroup quota that emulates its target's speed on this host. Then run N requests one "
+        "at a time and report measured against predicted latency per stage, per link and end to end. "
+        "Needs root; every namespace and cgroup it makes is removed at the end.",
+        epilog="example:\n  sudo partc testbed build/resnet50 --requests 20 --cpu-share device.0=0.5\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("build", type=Path, metavar="BUILD", help="folder written by 'partc compile'")
+    p.add_argument("--requests", type=int, default=10, metavar="N", help="timed requests (default 10)")
+    p.add_argument("--cpu-share", action="append", default=[], metavar="STAGE=FRACTION",
+                   help="cores of this host for STAGE instead of its target's emulated speed; repeatable")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_run_testbed)
+
+
+def _run_testbed(args) -> int:
+    from partc.runtime.netns import check_privileges
+    from partc.runtime.testbed import Testbed
+    from partc.runtime.worker import parse_pair
+
+    shares = {}
+    for text in args.cpu_share:
+        stage, value = parse_pair(text, "--cpu-share", "STAGE=FRACTION")
+        try:
+            shares[stage] = float(value)
+        except ValueError:
+            raise PartcError(f"--cpu-share {text!r}: {value!r} is not a number") from None
+    check_privileges()
+    with Testbed(args.build, cpu_shares=shares) as testbed:
+        report = testbed.measure(args.requests)
+    print(json.dumps(report.to_json(), indent=1) if args.json else report.table())
+    return 0
+
+
+def _read_npy(path: Path):
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise PartcError(f"--input {path}: cannot read a .npy array ({err})") from err
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``run``, ``serve``, ``bundle`` and ``testbed`` to the subparsers ``sub``, in that order."""
+    _add_run(sub)
+    _add_serve(sub)
+    _add_bundle(sub)
+    _add_testbed(sub)

@@ -1,0 +1,222 @@
+"""The compiler side of the ``partc`` command line: ``inspect``, ``profile``, ``plan`` and ``compile``.
+
+Each command is a ``_add_<command>(subparsers)`` function that declares its flags and sets
+``func`` to the ``_run_<command>(args) -> int`` that does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from partc.errors import PartcError
+
+EPILOG_MODEL = """\
+MODEL is torchvision:NAME (random weights, seeded), package.module:factory, or
+path/to/file.py:factory, where factory() returns a torch.nn.Module.
+"""
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="torchvision:NAME, package.module:factory or file.py:factory")
+    parser.add_argument(
+        "--input-shape", action="append", required=True, metavar="SHAPE",
+        help="shape of one model input, e.g. 1,3,224,224 (append :int64 for integer inputs); "
+        "repeat the flag for a model with several inputs",
+    )
+    parser.add_argument(
+        "--dump-after", action="append", default=[], metavar="PASS",
+        help="write the IR after PASS ('trace' for the traced IR) as JSON and Graphviz dot; repeatable",
+    )
+    parser.add_argument("--dump-dir", type=Path, default=Path("partc-dump"), help="where --dump-after writes")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect", help="trace a model and print a per-layer table",
+        description="Trace MODEL into partc's IR and print, per layer: op, output shape, MFLOPs, "
+        "activation KB and parameter KB, with totals.",
+        epilog=EPILOG_MODEL + "\nexample:\n  partc inspect torchvision:resnet50 --input-shape 1,3,224,224\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    from partc.pipeline import run_passes
+    from partc.report import inspect, trace_model
+
+    gm = trace_model(args.model, args.input_shape)
+    if args.dump_after:
+        from partc.context import CompileContext
+
+        run_passes(gm, [], CompileContext(tiers=()), dump_after=args.dump_after, dump_dir=args.dump_dir)
+    report = inspect(gm)
+    print(json.dumps(report.to_json(), indent=1) if args.json else report.table())
+    return 0
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser(
+        "profile", help="measure every layer of a model on this host",
+        description="Trace MODEL, then time every node of its IR on this host (warm-up runs, then "
+        "repeated runs; median, p10 and p90 per node) and the whole model, and write a versioned JSON "
+        "profile. Run it on a real target (a Raspberry Pi, a GPU server) and pass the file to later "
+        "commands with --profile TARGET=FILE.",
+        epilog=EPILOG_MODEL + "\nexample:\n  partc profile torchvision:resnet50 --input-shape 1,3,224,224 "
+        "-o host.profile.json\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(p)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="profile file to write")
+    p.add_argument("--repeats", type=int, default=15, metavar="N", help="timed runs (default 15)")
+    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs first (default 3)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads (default: torch's default, all cores)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_run_profile)
+
+
+def _run_profile(args) -> int:
+    from partc.profile import profile_model, write_profile
+    from partc.report import trace_model
+
+    gm = trace_model(args.model, args.input_shape)
+
+    def bar(done: int, total: int) -> None:
+        filled = 30 * done // total
+        print(f"\rprofiling [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="", file=sys.stderr)
+        if done == total:
+            print(file=sys.stderr)
+
+    profile = profile_model(
+        gm, model=args.model, warmup=args.warmup, repeats=args.repeats, threads=args.threads, progress=bar
+    )
+    write_profile(profile, args.output)
+    top = sorted(profile.nodes, key=lambda n: n.median_s, reverse=True)[:5]
+    summary = {
+        "file": str(args.output),
+        "threads": profile.threads,
+        "whole_model_median_ms": profile.whole_median_s * 1e3,
+        "sum_node_median_ms": profile.sum_node_median_s * 1e3,
+        "top_nodes": [{"name": n.name, "op": n.op, "median_ms": n.median_s * 1e3} for n in top],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"wrote {args.output}: {len(profile.nodes)} nodes, {profile.threads} threads, "
+          f"{profile.repeats} runs after {profile.warmup} warm-up")
+    print(f"whole model (median)   {profile.whole_median_s * 1e3:9.2f} ms")
+    print(f"sum of node medians    {profile.sum_node_median_s * 1e3:9.2f} ms")
+    for n in top:
+        print(f"  {n.name:<28} {n.op:<18} {n.median_s * 1e3:9.2f} ms")
+    return 0
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="choose where every layer runs; compare with the baseline strategies",
+        description="Trace MODEL, predict every layer's time on every tier of the cluster (measured profiles "
+        "where given, the cost model elsewhere) and find the exact optimal device -> edge -> cloud assignment "
+        "for the cluster's objective and constraints. Prints the layers per tier, compute per tier, bytes and "
+        "time per link. --compare adds every baseline (single-tier, Neurosurgeon, Scission, DADS, a D3-style "
+        "greedy) priced by the same cost model; --sweep LINK lists the plans that are optimal over a "
+        "bandwidth range of that link and where the optimum changes, and plots latency against bandwidth.",
+        epilog=EPILOG_MODEL + "\nexamples:\n  partc plan torchvision:resnet50 --input-shape 1,3,224,224 "
+        "--cluster examples/cluster.yaml --compare\n  partc plan torchvision:googlenet --input-shape 1,3,224,224 "
+        "--cluster examples/cluster.yaml --sweep 'device->edge' --plot sweep.png\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(p)
+    p.add_argument("--cluster", type=Path, required=True, help="cluster file (tiers, links, constraints)")
+    p.add_argument("--profile", action="append", default=[], metavar="TARGET=FILE",
+                   help="measured profile of TARGET (from 'partc profile' on that machine); repeatable")
+    p.add_argument("--compare", action="store_true", help="add a table of every baseline strategy")
+    p.add_argument("--sweep", metavar="LINK", help="link to sweep, e.g. 'device->edge'")
+    p.add_argument("--sweep-range", default="100kbit/s:1Gbit/s", metavar="LOW:HIGH",
+                   help="bandwidth range of --sweep (default 100kbit/s:1Gbit/s)")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="with --sweep: where to write the plot (default "
+                   "plan-sweep.png)")
+    p.add_argument("--json", action="store_true", help="print the plan, costs and baselines as JSON")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> int:
+    from partc.cluster import parse_profile_args
+    from partc.planning import plan_model
+
+    low, sep, high = args.sweep_range.partition(":")
+    if not sep:
+        raise PartcError(f"--sweep-range {args.sweep_range!r}: expected LOW:HIGH, e.g. 1Mbit/s:100Mbit/s")
+    plot = (args.plot or Path("plan-sweep.png")) if args.sweep else None
+    report = plan_model(args.model, args.input_shape, args.cluster, profiles=parse_profile_args(args.profile),
+                        sweep=args.sweep, sweep_range=(low, high), plot=plot)
+    print(json.dumps(report.to_json(), indent=1) if args.json else report.table(compare=args.compare))
+    return 0
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser(
+        "compile", help="compile a model for a cluster into per-stage artifacts and a manifest",
+        description="Trace MODEL, choose where every layer runs on the cluster (the default pass "
+        "pipeline), emit one artifact per stage with the backend its tier names, check the artifacts "
+        "against the model on a seeded input, time them on this machine, and write OUTPUT/manifest.json "
+        "last. OUTPUT is replaced only when everything succeeded.",
+        epilog=EPILOG_MODEL + "\nexample:\n  partc compile torchvision:resnet50 --input-shape 1,3,224,224 "
+        "--cluster examples/cluster.yaml -o build/resnet50\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(p)
+    p.add_argument("--cluster", type=Path, required=True, help="cluster file (tiers, links, constraints)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="build folder to write")
+    p.add_argument("--profile", action="append", default=[], metavar="TARGET=FILE",
+                   help="measured profile of TARGET (from 'partc profile' on that machine); repeatable")
+    p.add_argument("--tvm-trials", type=int, default=0, metavar="N",
+                   help="MetaSchedule trials per task for TVM stages (default 0: untuned, slow)")
+    p.add_argument("--tuning-db", type=Path, metavar="DIR", help="TVM tuning database, reused across builds")
+    p.add_argument("--depfile", type=Path, metavar="FILE", help="write a Makefile-syntax dependency file")
+    p.set_defaults(func=_run_compile)
+
+
+def _run_compile(args) -> int:
+    from partc.build import compile_model
+    from partc.cluster import parse_profile_args
+    from partc.report import format_table
+
+    build = compile_model(
+        args.model, args.input_shape, args.cluster, args.output, profiles=parse_profile_args(args.profile),
+        tvm_trials=args.tvm_trials, tuning_db=args.tuning_db, dump_after=args.dump_after, dump_dir=args.dump_dir,
+        depfile=args.depfile, progress=lambda line: print(f"partc: {line}", file=sys.stderr),
+    )
+    manifest = build.manifest
+    rows = [("stage", "program", "backend", "target", "artifact", "MB", "predicted ms", "measured ms")]
+    for s in manifest["stages"]:
+        for p in s["programs"]:
+            measured = f"{p['measured_s'] * 1e3:.2f}" if p["measured_s"] is not None else "-"
+            rows.append((s["name"], p["id"], s["backend"], s["target"], p["artifact"], f"{p['bytes'] / 1e6:.2f}",
+                         f"{p['predicted_s'] * 1e3:.2f}", measured))
+    print(format_table(rows, right=(5, 6, 7)))
+    links = list(manifest["plans"][0]["predicted"]["link_bytes"])
+    rows = [("plan", "kind", "stages", "predicted ms", *(f"{link} MB" for link in links))]
+    for p in manifest["plans"]:
+        predicted = p["predicted"]
+        rows.append((p["name"], p["kind"], " ".join(p["programs"]), f"{predicted['latency'] * 1e3:.2f}",
+                     *(f"{predicted['link_bytes'][link] / 1e6:.3f}" for link in links)))
+    print(format_table(rows, right=tuple(range(3, 4 + len(links)))))
+    check = manifest["verification"]
+    print(f"every plan's artifacts match the model within {check['max_abs_diff']:.2e} "
+          f"(output scale {check['output_scale']:.3g})")
+    print(f"wrote {build.path}/manifest.json")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``inspect``, ``profile``, ``plan`` and ``compile`` to the subparsers ``sub``, in that order."""
+    _add_inspect(sub)
+    _add_profile(sub)
+    _add_plan(sub)
+    _add_compile(sub)
