@@ -47,14 +47,15 @@ def _add_inspect(sub) -> None:
 
 
 def _run_inspect(args) -> int:
-    from partc.pipeline import run_passes
+    from partc.passes import passes_named
+    from partc.pipeline import TRACE, Pipeline, dump_ir
     from partc.report import inspect, trace_model
 
+    Pipeline(passes_named(d for d in args.dump_after if d != TRACE)).check_dumps(args.dump_after)
     gm = trace_model(args.model, args.input_shape)
-    if args.dump_after:
-        from partc.context import CompileContext
-
-        run_passes(gm, [], CompileContext(tiers=()), dump_after=args.dump_after, dump_dir=args.dump_dir)
+    if args.dump_after:  # inspect runs no pass: only the traced IR can be dumped
+        Pipeline(()).check_dumps(args.dump_after)
+        dump_ir(gm, args.dump_dir / f"00-{TRACE}")
     report = inspect(gm)
     print(json.dumps(report.to_json(), indent=1) if args.json else report.table())
     return 0
@@ -154,7 +155,8 @@ def _run_plan(args) -> int:
         raise PartcError(f"--sweep-range {args.sweep_range!r}: expected LOW:HIGH, e.g. 1Mbit/s:100Mbit/s")
     plot = (args.plot or Path("plan-sweep.png")) if args.sweep else None
     report = plan_model(args.model, args.input_shape, args.cluster, profiles=parse_profile_args(args.profile),
-                        sweep=args.sweep, sweep_range=(low, high), plot=plot)
+                        sweep=args.sweep, sweep_range=(low, high), plot=plot, dump_after=args.dump_after,
+                        dump_dir=args.dump_dir, progress=lambda line: print(f"partc: {line}", file=sys.stderr))
     print(json.dumps(report.to_json(), indent=1) if args.json else report.table(compare=args.compare))
     return 0
 
@@ -194,22 +196,20 @@ def _run_compile(args) -> int:
     )
     manifest = build.manifest
     rows = [("stage", "program", "backend", "target", "artifact", "MB", "predicted ms", "measured ms")]
-    for s in manifest["stages"]:
-        for p in s["programs"]:
-            measured = f"{p['measured_s'] * 1e3:.2f}" if p["measured_s"] is not None else "-"
-            rows.append((s["name"], p["id"], s["backend"], s["target"], p["artifact"], f"{p['bytes'] / 1e6:.2f}",
-                         f"{p['predicted_s'] * 1e3:.2f}", measured))
+    for s in manifest.stages:
+        for p in s.programs:
+            measured = f"{p.measured_s * 1e3:.2f}" if p.measured_s is not None else "-"
+            rows.append((s.name, p.id, s.backend, s.target, p.artifact, f"{p.bytes / 1e6:.2f}",
+                         f"{p.predicted_s * 1e3:.2f}", measured))
     print(format_table(rows, right=(5, 6, 7)))
-    links = list(manifest["plans"][0]["predicted"]["link_bytes"])
-    rows = [("plan", "kind", "stages", "predicted ms", *(f"{link} MB" for link in links))]
-    for p in manifest["plans"]:
-        predicted = p["predicted"]
-        rows.append((p["name"], p["kind"], " ".join(p["programs"]), f"{predicted['latency'] * 1e3:.2f}",
-                     *(f"{predicted['link_bytes'][link] / 1e6:.3f}" for link in links)))
+    links = manifest.prices
+    rows = [("plan", "kind", "stages", "predicted ms", *(f"{link.name} MB" for link in links))]
+    for p in manifest.plans:
+        rows.append((p.name, p.kind, " ".join(p.programs), f"{p.predicted.latency(links) * 1e3:.2f}",
+                     *(f"{p.predicted.link_bytes[link.name] / 1e6:.3f}" for link in links)))
     print(format_table(rows, right=tuple(range(3, 4 + len(links)))))
-    check = manifest["verification"]
-    print(f"every plan's artifacts match the model within {check['max_abs_diff']:.2e} "
-          f"(output scale {check['output_scale']:.3g})")
+    print(f"every plan's artifacts match the model within {manifest.max_abs_diff:.2e} "
+          f"(output scale {manifest.output_scale:.3g})")
     print(f"wrote {build.path}/manifest.json")
     return 0
 

@@ -25,9 +25,10 @@ from partc.manifest import ManifestStage, manifest_stages, read_manifest
 from partc.runtime.driver import Driver, connect, stage_routes
 from partc.runtime.local import load_programs
 from partc.runtime.plans import from_manifest
+from partc.runtime.routes import Route
 from partc.runtime.transport import DEFAULT_RETRY, NO_SECURITY, GrpcChannel, Security, StageServer, call_stage
 from partc.runtime.wire import Frame, decode, encode
-from partc.runtime.worker import Route, serve_stage
+from partc.runtime.worker import serve_stage
 from partc.tiling.schedule import TileCall
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ TILE_TIMEOUT = 60.0  # seconds for a tier's other node to answer a tile
 def _folder(build: Path | str) -> Path:
     build = Path(build)
     return build if build.is_dir() else build.parent
-
-
-def _model_names(manifest: Mapping, key: str) -> list[str]:
-    return [t["name"] for t in manifest["model"][key]]
 
 
 def serve(
@@ -72,7 +69,7 @@ def serve(
         PartcError: for an unknown stage or a missing address.
     """
     manifest = read_manifest(build)
-    names = [s["name"] for s in manifest["stages"]]
+    names = [s.name for s in manifest.stages]
     if stage not in names:
         raise PartcError(f"no stage {stage!r} in this build; stages are: {', '.join(names)}")
     stages = manifest_stages(manifest, _folder(build), verify=[stage])
@@ -85,7 +82,7 @@ def serve(
                   for k, (pid, a) in enumerate(mine.programs.items())}
         return serve_stage(routes, {k: fns[pid] for k, pid in enumerate(mine.programs)}, listen, security)
     plans, hops = from_manifest(manifest)
-    routes = stage_routes(plans, _model_names(manifest, "inputs"), _model_names(manifest, "outputs"),
+    routes = stage_routes(plans, [t.name for t in manifest.inputs], [t.name for t in manifest.outputs],
                           [h.codec for h in hops])[stage]
     if any(r.next_stage for r in routes.values()):
         following = routes[next(i for i, r in routes.items() if r.next_stage)].next_stage
@@ -128,16 +125,16 @@ def connect_build(
         PartcError: if a stage has no address, or an address names no stage.
     """
     manifest = read_manifest(build)
-    names = [s["name"] for s in manifest["stages"]]
+    names = [s.name for s in manifest.stages]
     unknown = sorted(set(addresses) - set(names))
     if unknown:
         raise PartcError(f"no stage {unknown[0]!r} in this build; stages are: {', '.join(names)}")
-    missing = [s["name"] for s in manifest["stages"] if s["index"] == 0 and s["name"] not in addresses]
+    missing = [s.name for s in manifest.chain if s.name not in addresses]
     if missing:
         raise PartcError(f"no address for stage {missing[0]!r}; give every stage as --connect STAGE=HOST:PORT")
     plans, hops = from_manifest(manifest, addresses)
-    return connect(plans, _model_names(manifest, "inputs"), _model_names(manifest, "outputs"), security,
-                   hops=hops, **options)
+    return connect(plans, [t.name for t in manifest.inputs], [t.name for t in manifest.outputs], security,
+                   hops=hops, prices=manifest.prices, **options)
 
 
 def bundle(build: Path | str, tier: str, output: Path | str) -> list[str]:
@@ -155,8 +152,8 @@ def bundle(build: Path | str, tier: str, output: Path | str) -> list[str]:
 
     folder = _folder(build)
     manifest = read_manifest(build)
-    tiers = list(dict.fromkeys(s["tier"] for s in manifest["stages"]))
-    names = [s["name"] for s in manifest["stages"] if s["tier"] == tier]
+    tiers = list(dict.fromkeys(s.tier for s in manifest.stages))
+    names = [s.name for s in manifest.stages if s.tier == tier]
     if not names:
         raise PartcError(f"no stage of this build runs on tier {tier!r}; tiers with stages: {', '.join(tiers)}")
     stages = [s for s in manifest_stages(manifest, folder, verify=names) if s.name in names]

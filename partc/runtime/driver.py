@@ -50,8 +50,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from partc.errors import PartcError, RunError
+from partc.partition.price import LinkPrice
 from partc.runtime.bandwidth import BandwidthEstimator, Ewma
 from partc.runtime.plans import Hop, PlanSelector, RuntimePlan, Switch
+from partc.runtime.routes import Route, plan_routes
 from partc.runtime.transport import (
     DEFAULT_RETRY,
     HEALTH,
@@ -64,7 +66,7 @@ from partc.runtime.transport import (
     call_stage,
 )
 from partc.runtime.wire import Frame, Measurement, decode, encode
-from partc.runtime.worker import Route, Worker, plan_routes
+from partc.runtime.worker import Worker
 
 if TYPE_CHECKING:
     from partc.plan import StageFn
@@ -93,6 +95,7 @@ class Driver:
         model_outputs: Sequence[str],
         *,
         hops: Sequence[Hop] = (),
+        prices: Sequence[LinkPrice] = (),
         window: int = 4,
         timeout: float = 30.0,
         retry: RetryPolicy = DEFAULT_RETRY,
@@ -102,10 +105,11 @@ class Driver:
     ) -> None:
         """Drive ``plans`` over the chain whose stages are reached through ``channels``, in order.
 
-        ``hops`` are the links between consecutive channels (needed to switch plans; a hop's
-        latency is taken off the round trips measured on it). ``timeout`` bounds each request
-        end to end; ``window`` requests are in flight at once; ``codecs`` maps model inputs
-        to the codec they are sent to the first stage with.
+        ``hops`` are the hops between consecutive channels and ``prices`` the cluster's links
+        as the plans are priced on them (``Manifest.prices``); both are needed to switch plans,
+        and a hop's latency is taken off the round trips measured on it. ``timeout`` bounds
+        each request end to end; ``window`` requests are in flight at once; ``codecs`` maps
+        model inputs to the codec they are sent to the first stage with.
 
         Raises:
             PartcError: if there is no channel, ``window`` < 1, or a plan's chain is not a
@@ -129,7 +133,7 @@ class Driver:
         self._alpha = alpha
         self._codecs = {n: c for n, c in (codecs or {}).items() if n in self._inputs}
         self._latency = {h.name: h.latency for h in hops}
-        self.selector = PlanSelector(plans, hops, margin=margin)
+        self.selector = PlanSelector(plans, hops, prices, margin=margin)
         self.links: dict[str, BandwidthEstimator] = {}
         self.compute: dict[str, Ewma] = {}
 
@@ -288,7 +292,7 @@ def connect(
     """Return a driver for workers already serving ``plans`` over gRPC.
 
     The stages of the longest chain must carry their addresses; the workers must serve
-    ``plan_routes`` of each plan's chain. ``options`` go to ``Driver`` (hops, window,
+    ``plan_routes`` of each plan's chain. ``options`` go to ``Driver`` (hops, prices, window,
     timeout, retry, alpha, margin, codecs).
 
     Raises:

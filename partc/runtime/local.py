@@ -15,7 +15,7 @@ import numpy as np
 
 from partc.codec import decode, encode, parse_codec
 from partc.errors import ManifestError
-from partc.manifest import ManifestStage, manifest_stages, read_manifest, tensor_spec
+from partc.manifest import Manifest, ManifestStage, manifest_stages, read_manifest
 from partc.plan import StageFn, TensorSpec
 from partc.runtime.plans import Hop, from_manifest
 from partc.tiling.schedule import TileCall, schedule_fn
@@ -37,7 +37,7 @@ class Pipeline:
     """
 
     path: Path
-    manifest: dict
+    manifest: Manifest
     programs: tuple[tuple[str, str, tuple[TensorSpec, ...], tuple[TensorSpec, ...]], ...]
     fns: Mapping[str, StageFn]
     hops: tuple[Hop, ...]
@@ -45,12 +45,12 @@ class Pipeline:
     @property
     def model_inputs(self) -> tuple[TensorSpec, ...]:
         """The model's inputs, in order."""
-        return tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in self.manifest["model"]["inputs"])
+        return self.manifest.inputs
 
     @property
     def model_outputs(self) -> tuple[TensorSpec, ...]:
         """The model's outputs, in order."""
-        return tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in self.manifest["model"]["outputs"])
+        return self.manifest.outputs
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run every stage in order on ``inputs`` (model input name -> array).
@@ -68,7 +68,7 @@ class Pipeline:
                     f"for {_shape(spec.shape)} {spec.dtype}; recompile with --input-shape "
                     f"{','.join(map(str, value.shape))}"
                 )
-        names = [s["name"] for s in self.manifest["stages"]]
+        names = [s.name for s in self.manifest.chain]
         env = {t.name: inputs[t.name] for t in self.model_inputs}
         made_at = dict.fromkeys(env, 0)
         for stage, pid, reads, writes in self.programs:
@@ -108,16 +108,14 @@ def load(path: Path | str) -> Pipeline:
     manifest = read_manifest(path)
     folder = path if path.is_dir() else path.parent
     stages = manifest_stages(manifest, folder)  # checksums first: nothing unverified is loaded
-    primary = manifest["plans"][0]["programs"]
+    primary = manifest.plans[0].programs
     fns = load_programs(stages, [s.name for s in stages], None, ThreadPoolExecutor(4, thread_name_prefix="partc-tiles"))
     programs = []
     for stage in stages:
         pid = primary.get(stage.name)
         if pid is not None:
-            entry = stage.schedules.get(pid)
-            reads, writes = ((stage.programs[pid].inputs, stage.programs[pid].outputs) if entry is None else
-                             (tuple(map(tensor_spec, entry["inputs"])), tuple(map(tensor_spec, entry["outputs"]))))
-            programs.append((stage.name, pid, reads, writes))
+            program = stage.schedules.get(pid) or stage.programs[pid]
+            programs.append((stage.name, pid, program.inputs, program.outputs))
     _, hops = from_manifest(manifest)
     return Pipeline(folder, manifest, tuple(programs), fns, tuple(hops))
 
@@ -144,7 +142,6 @@ def load_programs(stages: Sequence[ManifestStage], names: Collection[str], call:
         if stage.name not in names:
             continue
         for pid, entry in stage.schedules.items():
-            steps = [list(ids) for ids in entry["steps"]]
             tiles = call or (lambda t, program, tensors: fns[program](tensors))
-            fns[pid] = schedule_fn(steps, reads, [tuple(r) for r in entry["results"]], fns, tiles, pool)
+            fns[pid] = schedule_fn(entry.steps, reads, entry.results, fns, tiles, pool)
     return fns

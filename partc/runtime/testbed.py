@@ -1,41 +1,24 @@
 """An emulated testbed on one Linux host: every stage of a build in its own network namespace.
 
-``Testbed(build)`` (root only) lays a build's chain out as it would run across machines:
+``Testbed(build)`` (root only) lays a build's chain out as it would run across machines
+(``partc.runtime.layout``: the nodes, their hops and CPU shares), with the host's plumbing
+(``partc.runtime.netns``: namespaces, tbf shaping, delay proxies, cgroups):
 
-- **Namespaces.** Stage ``i`` runs in namespace ``partc-<pid>-<n>-<i>`` (``n`` tells apart
-  the testbeds of one process). Consecutive stages are
-  joined by a veth pair, ``10.231.<i>.1`` (stage ``i``) -- ``10.231.<i>.2`` (stage ``i+1``);
-  the addresses exist only inside the namespaces, so parallel testbeds never collide.
-  Every stage is reached at ``PORT`` on its veth address, so all addresses are known up
-  front and all workers start at once.
+- **Namespaces.** Node ``i`` of the chain runs in namespace ``partc-<pid>-<n>-<i>`` (``n``
+  tells apart the testbeds of one process). Consecutive nodes are joined by a veth pair,
+  ``10.231.<i>.1`` (node ``i``) -- ``10.231.<i>.2`` (node ``i+1``). Every stage is reached
+  at ``PORT`` on its veth address (its delay proxy, which passes on to the worker on its
+  namespace's loopback; or the worker itself on an unshaped hop), so all addresses are
+  known up front and all workers start at once.
 - **Driver.** The driver stays in the calling process, in the root namespace, and reaches
-  the chain through a Unix socket. Model inputs come from the first tier: when the first
-  stage runs there, the driver's hop is local and unshaped (a camera attached to the
-  device); otherwise a namespace for the driver (``DRIVER``) on the first tier holds a relay
-  (the delay proxy with no delay) from the Unix socket over the shaped link(s) to stage 0.
-- **Bandwidth.** Each direction of a link is shaped by an egress ``tbf`` qdisc on its end
-  of the veth (netem is not available: tbf shapes the rate, its ``latency`` only bounds
-  the queue). tbf counts whole frames, so TCP payload gets about 95% of the rate, as on a
-  real link of that line rate.
-- **Latency.** One-way delay is emulated in user space: a forwarding proxy
-  (``python -m partc.runtime.delayproxy``) in the receiving namespace listens on the veth
-  address and holds every chunk, in either direction, until its arrival + the link's
-  latency before passing it on to the worker on that namespace's loopback. The runtime's
-  transport is untouched. The delay is changed at run time through the proxy's stdin.
-- **Path.** Stages on tiers ``a`` and ``c`` cross the cluster's links ``a .. c-1``: their
-  veth gets the narrowest bandwidth and the summed latency. Consecutive stages on one tier
-  get an unshaped veth and no proxy.
-- **Tiles.** A tier's further nodes (``edge.1``..., which run tiles for ``edge.0``) get a
-  namespace each, joined to their coordinator's by a veth of their own (``t<k>`` on the
-  coordinator's side), shaped and delayed as the tier's link to itself says (unshaped
-  without one), and a CPU quota like any stage.
-- **CPU.** Each worker is moved, once it listens, into the cgroup (v1 ``cpu`` controller)
-  ``/sys/fs/cgroup/cpu/partc-<pid>-<n>-<i>`` with ``cfs_quota_us = share x cfs_period_us``.
-  The share emulates the target's speed in cores of this host: the target's
-  ``peak_gflops`` over the cost model's reference host's per-core ``peak_gflops``
-  (``partc.costmodel``: the reference is this kind of host at one thread), clamped to
-  [``MIN_SHARE``, cores of this host]. Loading runs unthrottled, so start-up stays quick.
-  ``cpu_shares`` overrides it per stage. Proxies run outside the cgroups. A worker computes
+  the chain through a Unix socket. When the chain starts with the driver's own node
+  (``DRIVER``), that namespace holds a relay (the delay proxy with no delay) from the Unix
+  socket over the shaped link(s) to stage 0.
+- **Tiles.** A tier's further nodes get a namespace each, joined to their coordinator's by
+  a veth of their own (``t<k>`` on the coordinator's side), and a CPU quota like any stage.
+- **CPU.** Each worker is moved, once it listens, into the cgroup ``partc-<pid>-<n>-<i>``
+  limited to its stage's share (``cpu_shares`` overrides it per stage). Loading runs
+  unthrottled, so start-up stays quick. Proxies run outside the cgroups. A worker computes
   with as many threads as its share rounds up to (``partc serve --threads``): threads beyond
   the quota's cores would burn it in a fraction of each period and stall the rest.
 
@@ -47,14 +30,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,91 +45,23 @@ from partc.errors import PartcError, RunError
 from partc.manifest import read_manifest
 from partc.runtime.deploy import START_TIMEOUT, connect_build, spawn_worker, stop_processes, wait_ready
 from partc.runtime.driver import Driver
+from partc.runtime.layout import DRIVER, Hop, chain, cpu_share, hops, tile_hops
+from partc.runtime.netns import (
+    add_namespace,
+    add_veth,
+    check_privileges,
+    make_cgroup,
+    move_to_cgroup,
+    remove_cgroup,
+    remove_namespace,
+    set_delay,
+    set_rate,
+    start_proxy,
+)
 
-CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 SUBNET = "10.231"  # link i: SUBNET.i.1 (sender) -- SUBNET.i.2 (receiver), inside the namespaces only
 PORT = 50051  # where a stage is reached on its veth (its proxy, or its worker on an unshaped hop)
 WORKER_LISTEN = "127.0.0.1:50052"  # a proxied worker, on its namespace's loopback
-MIN_SHARE = 0.05  # cores: below this a stage barely runs
-CFS_PERIOD_US = 100_000
-DRIVER = "driver"  # the driver's node of the chain, when it needs a namespace of its own
-
-
-@dataclass(frozen=True)
-class Hop:
-    """The link between two consecutive stages as the testbed shapes it.
-
-    Attributes:
-        src, dst: stage names (``src`` is ``DRIVER`` for the hop from where inputs come).
-        key: the plan's link name(s), ``"edge->cloud"``; several joined by ``","`` for a path.
-        bandwidth: bytes/s, or None when both stages share a tier (unshaped).
-        latency: one-way seconds.
-        predicted_s: the plan's predicted transfer seconds (sum over the path).
-        predicted_bytes: the plan's bytes per inference on the path's first link.
-    """
-
-    src: str
-    dst: str
-    key: str
-    bandwidth: float | None
-    latency: float
-    predicted_s: float
-    predicted_bytes: int
-
-
-def chain(manifest: Mapping) -> list[tuple[str, str]]:
-    """Return (name, tier) of every node of the testbed's chain: ``DRIVER`` first where the first
-    stage does not run on the first tier (model inputs come from the first tier), then the stages."""
-    first = manifest["cluster"]["tiers"][0]["name"]
-    stages = [(s["name"], s["tier"]) for s in manifest["stages"] if s["index"] == 0]
-    return stages if stages[0][1] == first else [(DRIVER, first), *stages]
-
-
-def hops(manifest: Mapping) -> list[Hop]:
-    """Return the hops between consecutive nodes of ``chain(manifest)``, shaped per the cluster's links."""
-    tiers = [t["name"] for t in manifest["cluster"]["tiers"]]
-    links = {(lk["from"], lk["to"]): lk for lk in manifest["cluster"]["links"]}
-    predicted = manifest["plans"][0]["predicted"]
-    out = []
-    nodes = chain(manifest)
-    for (src, src_tier), (dst, dst_tier) in zip(nodes, nodes[1:], strict=False):
-        a, c = tiers.index(src_tier), tiers.index(dst_tier)
-        path = [links[(tiers[b], tiers[b + 1])] for b in range(a, c)]
-        keys = [f"{lk['from']}->{lk['to']}" for lk in path]
-        out.append(Hop(
-            src, dst, ",".join(keys), min((lk["bandwidth"] for lk in path), default=None),
-            sum(lk["latency"] for lk in path), sum(predicted["transfer"].get(k, 0.0) for k in keys),
-            predicted["link_bytes"].get(keys[0], 0) if keys else 0,
-        ))
-    return out
-
-
-def tile_hops(manifest: Mapping) -> list[Hop]:
-    """Return the hop from each tier's first node to each of its further nodes, per the tier's own link."""
-    links = {lk["from"]: lk for lk in manifest["cluster"]["links"] if lk["from"] == lk["to"]}
-    out = []
-    for s in manifest["stages"]:
-        if s["index"] > 0:
-            link = links.get(s["tier"], {})
-            out.append(Hop(f"{s['tier']}.0", s["name"], f"{s['tier']}->{s['tier']}" if link else "",
-                           link.get("bandwidth"), link.get("latency", 0.0), 0.0, 0))
-    return out
-
-
-def cpu_share(target_name: str, host_cores: int) -> float:
-    """Cores of this host that emulate ``target_name``'s speed (see the module docstring)."""
-    from partc.costmodel import load_calibration
-    from partc.targets import target
-
-    reference = load_calibration().reference
-    share = target(target_name).peak_gflops / (reference.peak_gflops / reference.cores)
-    return min(max(share, MIN_SHARE), float(host_cores))
-
-
-def _sh(*argv: str) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RunError(f"testbed: '{' '.join(argv)}' failed: {result.stderr.strip() or result.returncode}")
 
 
 class Testbed:
@@ -177,8 +91,8 @@ class Testbed:
         """
         self.build = Path(build)
         self.manifest = read_manifest(self.build)
-        stages = self.manifest["stages"]
-        names = [s["name"] for s in stages]
+        stages = self.manifest.stages
+        names = [s.name for s in stages]
         overrides = dict(cpu_shares or {})
         unknown = sorted(set(overrides) - set(names))
         if unknown:
@@ -187,7 +101,7 @@ class Testbed:
         if bad:
             raise PartcError(f"--cpu-share {bad[0]}={overrides[bad[0]]}: a share must be a positive fraction of a core")
         cores = len(os.sched_getaffinity(0))
-        self.shares = {s["name"]: overrides.get(s["name"]) or cpu_share(s["target"], cores) for s in stages}
+        self.shares = {s.name: overrides.get(s.name) or cpu_share(s.target, cores) for s in stages}
         self.hops = hops(self.manifest)
         self.tile_hops = tile_hops(self.manifest)
         self.token_file = token_file
@@ -213,27 +127,18 @@ class Testbed:
     def _start(self) -> None:
         nodes = list(self.namespaces)[: len(self.namespaces) - len(self.tile_hops)]
         for ns in self.namespaces.values():
-            _sh("ip", "netns", "add", ns)
+            add_namespace(ns)
             self._made_ns.append(ns)
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
         for i, hop in enumerate(self.hops + self.tile_hops):
-            src, dst = self.namespaces[hop.src], self.namespaces[hop.dst]
-            out, into = self._devices(hop)
-            _sh("ip", "link", "add", out, "netns", src, "type", "veth", "peer", "name", into, "netns", dst)
-            for ns, dev, host in ((src, out, 1), (dst, into, 2)):
-                _sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{i}.{host}/24", "dev", dev)
-                _sh("ip", "-n", ns, "link", "set", dev, "up")
+            add_veth(*self._ends(hop), f"{SUBNET}.{i}")
             if hop.bandwidth is not None:
-                self._tbf(hop, hop.bandwidth)
-        for name in self.shares:
-            cgroup = CGROUP_CPU / self.namespaces[name]
+                set_rate(self._ends(hop), hop.bandwidth)
+        for name, share in self.shares.items():
             try:
-                cgroup.mkdir()
-                self._cgroups.append(cgroup)
-                (cgroup / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-                (cgroup / "cpu.cfs_quota_us").write_text(str(max(1000, round(self.shares[name] * CFS_PERIOD_US))))
+                self._cgroups.append(make_cgroup(self.namespaces[name], share))
             except OSError as err:
-                raise RunError(f"testbed: cannot make the cgroup {cgroup} for stage {name!r}: {err}") from err
+                raise RunError(f"testbed: cannot make the cgroup {self.namespaces[name]} for stage {name!r}: "
+                               f"{err}") from err
         scratch = Path(self._scratch.name)
         self.addresses = {name: self._address(i) for i, name in enumerate(nodes) if name != DRIVER}
         if nodes[0] == DRIVER:  # a relay on the first tier carries the driver's requests over the first link
@@ -276,19 +181,18 @@ class Testbed:
         return spawn_worker(self.build, name, scratch, listen=listen, next_address=next_address, peers=peers,
                             threads=threads, token_file=self.token_file, prefix=prefix, processes=self.processes)
 
-    def _devices(self, hop: Hop) -> tuple[str, str]:
-        """The veth's names at its two ends: ``out``/``in`` on the chain, ``t<k>``/``in`` to a tile node."""
-        if hop in self.tile_hops:
-            return f"t{self.tile_hops.index(hop)}", "in"
-        return "out", "in"
+    def _ends(self, hop: Hop) -> tuple[tuple[str, str], tuple[str, str]]:
+        """(namespace, device) at the veth's two ends: ``out``/``in`` on the chain, ``t<k>``/``in`` to a tile node."""
+        out = f"t{self.tile_hops.index(hop)}" if hop in self.tile_hops else "out"
+        return (self.namespaces[hop.src], out), (self.namespaces[hop.dst], "in")
 
     def _limit(self, stage: str, process: subprocess.Popen) -> None:
-        """Move every thread of ``stage``'s worker into its cgroup (``cgroup.procs`` moves them all)."""
-        procs = CGROUP_CPU / self.namespaces[stage] / "cgroup.procs"
+        """Move every thread of ``stage``'s worker into its cgroup."""
+        cgroup = next(c for c in self._cgroups if c.name == self.namespaces[stage])
         try:
-            procs.write_text(str(process.pid))
+            move_to_cgroup(cgroup, process.pid)
         except OSError as err:
-            raise RunError(f"testbed: cannot move the worker for stage {stage!r} into {procs}: {err}") from err
+            raise RunError(f"testbed: cannot move the worker for stage {stage!r} into {cgroup}: {err}") from err
 
     def _proxied(self, i: int) -> bool:
         return i > 0 and self.hops[i - 1].bandwidth is not None
@@ -302,20 +206,7 @@ class Testbed:
         return scratch / f"proxy-{node}.ready", scratch / f"proxy-{node}.log"
 
     def _start_proxy(self, node: str, listen: str, to: str, delay: float) -> None:
-        ready, log_path = self._proxy_files(node)
-        argv = ["ip", "netns", "exec", self.namespaces[node], sys.executable, "-m", "partc.runtime.delayproxy",
-                "--listen", listen, "--to", to, "--delay", repr(delay), "--ready-file", str(ready)]
-        with open(log_path, "wb") as log_file:
-            self.proxies[node] = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_file,
-                                                  stderr=subprocess.STDOUT)
-
-    def _tbf(self, hop: Hop, bandwidth: float) -> None:
-        rate = f"{round(bandwidth * 8)}bit"
-        burst = str(max(4096, round(bandwidth * 0.005)))
-        limit = str(max(65536, round(bandwidth * 0.1)))
-        for ns, dev in zip((self.namespaces[hop.src], self.namespaces[hop.dst]), self._devices(hop), strict=True):
-            _sh("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", burst,
-                "limit", limit)
+        self.proxies[node] = start_proxy(self.namespaces[node], listen, to, delay, *self._proxy_files(node))
 
     def shape(self, link: str, bandwidth: float, latency: float | None = None) -> None:
         """Re-shape ``link`` (``"device.0->edge.0"``) to ``bandwidth`` bytes/s and, if given, ``latency`` s.
@@ -332,13 +223,10 @@ class Testbed:
         if not bandwidth > 0 or (latency is not None and latency < 0):
             raise PartcError(f"link {link!r}: bandwidth must be positive and latency not negative")
         i, hop = shaped[link]
-        self._tbf(hop, bandwidth)
-        hop = Hop(hop.src, hop.dst, hop.key, bandwidth, hop.latency if latency is None else latency,
-                  hop.predicted_s, hop.predicted_bytes)
+        set_rate(self._ends(hop), bandwidth)
+        hop = replace(hop, bandwidth=bandwidth, latency=hop.latency if latency is None else latency)
         if latency is not None:
-            proxy = self.proxies[hop.dst]
-            proxy.stdin.write(f"{latency!r}\n".encode())
-            proxy.stdin.flush()
+            set_delay(self.proxies[hop.dst], latency)
         if i < len(self.hops):
             self.hops[i] = hop
         else:
@@ -366,8 +254,8 @@ class Testbed:
         if inputs is None:
             from partc.trace import parse_input_spec
 
-            inputs = {t["name"]: parse_input_spec(",".join(map(str, t["shape"])) + f":{t['dtype']}").example().numpy()
-                      for t in self.manifest["model"]["inputs"]}
+            inputs = {t.name: parse_input_spec(",".join(map(str, t.shape)) + f":{t.dtype}").example().numpy()
+                      for t in self.manifest.inputs}
         with self.driver(window=1, margin=math.inf) as driver:
             for _ in range(warmup):
                 driver.run_one(inputs)
@@ -394,16 +282,15 @@ class Testbed:
                 links.append(LinkRow(key, hop.key or "(same tier)", hop.bandwidth, hop.latency, hop.predicted_bytes,
                                      nbytes / count, hop.predicted_s, seconds / count + hop.latency,
                                      nbytes / seconds))
-            primary = self.manifest["plans"][0]["programs"]
+            primary = self.manifest.plans[0]
             stages = []
-            for s in self.manifest["stages"]:
-                program = next((p for p in s["programs"] if p["id"] == primary.get(s["name"])), None)
-                measured = driver.compute.get(s["name"])
-                stages.append(StageRow(s["name"], s["target"], self.shares[s["name"]],
-                                       program["predicted_s"] if program else 0.0,
+            for s in self.manifest.stages:
+                program = s.program(primary.programs[s.name]) if s.name in primary.programs else None
+                measured = driver.compute.get(s.name)
+                stages.append(StageRow(s.name, s.target, self.shares[s.name], program.predicted_s if program else 0.0,
                                        measured.value if measured else 0.0))
-        return TestbedReport(requests, self.manifest["plans"][0]["predicted"]["latency"], statistics.median(latencies),
-                             min(latencies), stages, links)
+        predicted = primary.predicted.latency(self.manifest.prices)
+        return TestbedReport(requests, predicted, statistics.median(latencies), min(latencies), stages, links)
 
     def __exit__(self, *exc: object) -> None:
         stop_processes(self.processes)
@@ -414,15 +301,14 @@ class Testbed:
         errors = []
         for cgroup in reversed(self._cgroups):
             try:
-                for pid in (cgroup / "cgroup.procs").read_text().split():
-                    (CGROUP_CPU / "cgroup.procs").write_text(pid)
-                cgroup.rmdir()
+                remove_cgroup(cgroup)
             except OSError as err:
                 errors.append(f"{cgroup}: {err}")
         for ns in reversed(self._made_ns):
-            result = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
-            if result.returncode != 0:
-                errors.append(f"namespace {ns}: {result.stderr.strip()}")
+            try:
+                remove_namespace(ns)
+            except RunError as err:
+                errors.append(str(err))
         self._cgroups, self._made_ns = [], []
         self._scratch.cleanup()
         if errors and exc[0] is None:
@@ -491,19 +377,3 @@ class TestbedReport:
                          f"{k.measured_bytes / 1e3:8.1f} {k.predicted_s * 1e3:8.2f} {k.measured_s * 1e3:8.2f} "
                          f"{k.measured_bandwidth * 8e-6:11.2f}")
         return "\n".join(lines)
-
-
-def check_privileges() -> None:
-    """Raise unless this process can make namespaces, shape links and make cgroups.
-
-    Raises:
-        PartcError: when not root, when ``ip`` or ``tc`` is missing, or without a cgroup v1
-            ``cpu`` controller at ``CGROUP_CPU``.
-    """
-    if os.geteuid() != 0:
-        raise PartcError("partc testbed needs root (network namespaces, tc and cgroups); run it with sudo")
-    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
-    if missing:
-        raise PartcError(f"partc testbed needs '{missing[0]}' (iproute2); install the iproute2 package")
-    if not (CGROUP_CPU / "cpu.cfs_quota_us").is_file():
-        raise PartcError(f"partc testbed needs the cgroup v1 cpu controller mounted at {CGROUP_CPU}")

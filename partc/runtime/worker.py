@@ -4,11 +4,8 @@ The pipeline is a chain: the driver sends each request to the first stage only; 
 worker runs its stage function, forwards the tensors later stages need to the next stage,
 and replies with the model outputs produced at or after its stage (its own, plus the next
 stage's reply). See ``partc.runtime.driver`` for why. What a worker does is fixed when it
-starts, by one ``Route`` per plan of the build (computed for all stages of a plan's chain
-by ``plan_routes``); a request names its plan and cannot make a worker send anything
-anywhere else. In a plan where the stage has no program of its own, its route only passes
-tensors on (the tier's machine relays them to the next tier); a plan's chain ends at its
-last stage with a program.
+starts, by one ``Route`` per plan of the build (``partc.runtime.routes``); a request names
+its plan and cannot make a worker send anything anywhere else.
 
 A worker is independent of how its stage function was loaded: it takes any callable from
 named numpy arrays to named numpy arrays (``partc.plan.StageFn``). Arrays it passes in are
@@ -35,7 +32,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +39,7 @@ import numpy as np
 
 from partc.codec import parse_codec
 from partc.errors import PartcError, RunError
+from partc.runtime.routes import Route
 from partc.runtime.transport import (
     DEFAULT_RETRY,
     NO_SECURITY,
@@ -57,117 +54,9 @@ from partc.runtime.transport import (
 from partc.runtime.wire import Frame, Measurement, decode, encode
 
 if TYPE_CHECKING:
-    from partc.plan import Stage, StageFn
+    from partc.plan import StageFn
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """A stage as the runtime sees it: where it runs and the tensors it reads and writes.
-
-    Attributes:
-        name: stage name, ``<tier>.<index>``.
-        address: host:port of its worker ("" for the in-process transport).
-        inputs: names of the tensors its function reads.
-        outputs: names of the tensors its function writes.
-    """
-
-    name: str
-    address: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-    @classmethod
-    def of(cls, stage: Stage, address: str = "") -> StageSpec:
-        """Return the spec of a ``partc.plan.Stage`` served at ``address``."""
-        return cls(stage.name, address, tuple(t.name for t in stage.inputs), tuple(t.name for t in stage.outputs))
-
-
-@dataclass(frozen=True)
-class Route:
-    """What one worker does with a request.
-
-    Attributes:
-        stage: stage name.
-        inputs: tensors its function reads.
-        outputs: tensors its function writes.
-        forward: tensors it sends to the next stage (read by a later stage).
-        results: model outputs its function writes; replied with the next stage's reply.
-        next_stage: name of the next stage, None for the last.
-        next_address: host:port of the next stage's worker, None for the last.
-        codecs: codec name (``partc.codec``) per forwarded tensor; others go raw.
-    """
-
-    stage: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    forward: tuple[str, ...] = ()
-    results: tuple[str, ...] = ()
-    next_stage: str | None = None
-    next_address: str | None = None
-    codecs: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def receives(self) -> tuple[str, ...]:
-        """Tensors a request to this stage must hold: what it reads or only passes on."""
-        passed_on = [n for n in self.forward + self.results if n not in self.outputs]
-        return tuple(dict.fromkeys(self.inputs + tuple(passed_on)))
-
-
-def plan_routes(
-    stages: Sequence[StageSpec],
-    model_inputs: Sequence[str],
-    model_outputs: Sequence[str],
-    codecs: Sequence[str] | None = None,
-) -> tuple[Route, ...]:
-    """Return the route of each stage of a chain, in order.
-
-    ``codecs`` gives the codec of each hop, from stage i to stage i + 1 (default ``none``):
-    every tensor crossing that hop is sent with it. A stage with no inputs and no outputs
-    only passes tensors on.
-
-    Raises:
-        PartcError: if there is no stage, a stage reads a tensor that neither the model
-            inputs nor an earlier stage provide, no stage writes a model output, or a codec
-            name is unknown.
-    """
-    if not stages:
-        raise PartcError("a pipeline needs at least one stage")
-    codecs = list(codecs or ["none"] * (len(stages) - 1))
-    if len(codecs) != len(stages) - 1:
-        raise PartcError(f"{len(stages)} stages have {len(stages) - 1} hops, but {len(codecs)} codecs were given")
-    for name in codecs:
-        parse_codec(name)
-    available = set(model_inputs)
-    problems = []
-    for s in stages:
-        problems += [
-            f"stage {s.name!r} reads {n!r}, which no earlier stage writes" for n in s.inputs if n not in available
-        ]
-        available.update(s.outputs)
-    problems += [f"no stage writes the model output {n!r}" for n in model_outputs if n not in available]
-    if problems:
-        raise PartcError("; ".join(problems))
-    routes = []
-    available = set(model_inputs)
-    for i, s in enumerate(stages):
-        available.update(s.outputs)
-        later = {n for t in stages[i + 1 :] for n in t.inputs}
-        nxt = stages[i + 1] if i + 1 < len(stages) else None
-        routes.append(
-            Route(
-                stage=s.name,
-                inputs=s.inputs,
-                outputs=s.outputs,
-                forward=tuple(sorted(later & available)),
-                results=tuple(n for n in model_outputs if n in s.outputs),
-                next_stage=nxt.name if nxt else None,
-                next_address=nxt.address if nxt else None,
-                codecs={n: codecs[i] for n in sorted(later & available) if codecs[i] != "none"} if nxt else {},
-            )
-        )
-    return tuple(routes)
 
 
 class Worker:

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import stagefns
 
+from partc.runtime.routes import plan_routes
 from partc.runtime.transport import NO_SECURITY
-from partc.runtime.worker import plan_routes, serve_stage
+from partc.runtime.worker import serve_stage
 
 HERE = Path(__file__).parent
 START_TIMEOUT = 90.0  # seconds for worker processes to come up (importing partc imports torch)

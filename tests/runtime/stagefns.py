@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from partc.runtime.worker import StageSpec
+from partc.runtime.routes import StageSpec
 
 MODEL_INPUTS = ("x", "b")
 MODEL_OUTPUTS = ("output.0", "output.1")

@@ -58,8 +58,8 @@ TWO_TIER = two_tier("bandwidth: 1Gbit/s, latency: 1ms")
 def test_a_killed_worker_degrades_to_a_plan_that_stops_before_it(tmp_path, caplog):
     (tmp_path / "cluster.yaml").write_text(TWO_TIER)
     build = compile_model("tests/models.py:residual", ["1,8,64,64"], tmp_path / "cluster.yaml", tmp_path / "b").path
-    plans = read_manifest(build)["plans"]  # at 1 Gbit/s the cloud computes, below 626 Mbit/s the device alone
-    assert plans[0]["stages"] == ["device.0", "cloud.0"] and ["device.0"] in [p["stages"] for p in plans]
+    plans = read_manifest(build).plans  # at 1 Gbit/s the cloud computes, below 626 Mbit/s the device alone
+    assert plans[0].stages == ("device.0", "cloud.0") and ("device.0",) in [p.stages for p in plans]
     rng = np.random.default_rng(0)
     requests = [{"x": rng.standard_normal((1, 8, 64, 64), dtype=np.float32)} for _ in range(30)]
     model = load_model("tests/models.py:residual")
@@ -78,7 +78,7 @@ def test_a_killed_worker_degrades_to_a_plan_that_stops_before_it(tmp_path, caplo
             want = model(torch.from_numpy(request["x"])).numpy()
         np.testing.assert_allclose(result["output"], want, atol=1e-4 * np.abs(want).max())
     (switch,) = driver.switches
-    assert switch.old == "p0" and plans[[p["name"] for p in plans].index(switch.new)]["stages"] == ["device.0"]
+    assert switch.old == "p0" and plans[[p.name for p in plans].index(switch.new)].stages == ("device.0",)
     assert 10 <= switch.request < 14 and "degrading to a plan without cloud.0" in switch.reason
     assert "degrading to a plan without cloud.0" in caplog.text
 
@@ -143,12 +143,12 @@ def test_a_tiled_stage_runs_its_tiles_on_the_tiers_other_node(tmp_path, capsys):
     (tmp_path / "cluster.yaml").write_text(TILED)
     build = compile_model("torchvision:resnet18", ["1,3,112,112"], tmp_path / "cluster.yaml", tmp_path / "b").path
     manifest = read_manifest(build)
-    assert [(s["name"], s["index"]) for s in manifest["stages"]] == [("device.0", 0), ("edge.0", 0), ("edge.1", 1)]
-    edge, peer = manifest["stages"][1:]
-    (schedule,) = [s for s in edge["schedules"] if s["id"] == manifest["plans"][0]["programs"]["edge.0"]]
-    assert any(len(step) == 2 for step in schedule["steps"])  # a step whose tile 1 runs on edge.1
-    assert {p["id"] for p in peer["programs"]} >= {ids[1] for ids in schedule["steps"] if len(ids) == 2}
-    assert all(p["stages"][-1] != "edge.1" for p in manifest["plans"])  # tile nodes are in no chain
+    assert [(s.name, s.index) for s in manifest.stages] == [("device.0", 0), ("edge.0", 0), ("edge.1", 1)]
+    edge, peer = manifest.stages[1:]
+    (schedule,) = [s for s in edge.schedules if s.id == manifest.plans[0].programs["edge.0"]]
+    assert any(len(step) == 2 for step in schedule.steps)  # a step whose tile 1 runs on edge.1
+    assert {p.id for p in peer.programs} >= {ids[1] for ids in schedule.steps if len(ids) == 2}
+    assert all(p.stages[-1] != "edge.1" for p in manifest.plans)  # tile nodes are in no chain
     rng = np.random.default_rng(0)
     requests = [{"x": rng.standard_normal((1, 3, 112, 112), dtype=np.float32)} for _ in range(6)]
     local = load(build)
@@ -170,7 +170,7 @@ def test_a_tiled_stage_runs_its_tiles_on_the_tiers_other_node(tmp_path, capsys):
     with tarfile.open(tmp_path / "edge.tar.gz") as archive:
         names = {m.name.split("/", 1)[1] for m in archive.getmembers()}
     assert {"serve-edge.1.sh", "partc-edge.1.service"} <= names
-    assert {p["artifact"] for p in peer["programs"]} <= names
+    assert {p.artifact for p in peer.programs} <= names
     assert 'PARTC_PEERS="edge.1=HOST:PORT" ./serve-edge.0.sh' in (build / "README.md").read_text()
 
 
@@ -188,8 +188,8 @@ constraints:
 def test_a_link_codec_applies_in_process_and_between_workers(tmp_path):
     (tmp_path / "cluster.yaml").write_text(COMPRESSED)
     build = compile_model("tests/models.py:sparse", ["1,4,32,32"], tmp_path / "cluster.yaml", tmp_path / "b").path
-    (link,) = read_manifest(build)["cluster"]["links"]
-    assert link["codec"]["codec"] == "none+zstd-1" and link["codec"]["ratio"] > 2
+    (link,) = read_manifest(build).links
+    assert link.codec.codec == "none+zstd-1" and link.codec.ratio > 2
     x = {"x": np.random.default_rng(0).standard_normal((1, 4, 32, 32), dtype=np.float32)}
     with torch.no_grad():
         want = load_model("tests/models.py:sparse")(torch.from_numpy(x["x"])).numpy()
@@ -199,5 +199,5 @@ def test_a_link_codec_applies_in_process_and_between_workers(tmp_path):
         estimate = driver.links["device.0->cloud.0"]
     for result in results:
         np.testing.assert_allclose(result["output"], want, rtol=1e-5, atol=1e-6)
-    raw = sum(t["bytes"] for t in read_manifest(build)["plans"][0]["transfers"] if t["to"] == "cloud.0")
+    raw = sum(t.bytes for t in read_manifest(build).plans[0].transfers if t.dst == "cloud.0")
     assert estimate.total_bytes / estimate.count < raw / 2  # the frames carried the compressed tensor

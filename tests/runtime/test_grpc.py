@@ -11,8 +11,9 @@ from conftest import bounded
 from partc.errors import PartcError, RunError
 from partc.runtime.driver import connect
 from partc.runtime.plans import RuntimePlan
+from partc.runtime.routes import plan_routes
 from partc.runtime.transport import NO_SECURITY, GrpcChannel, InProcessChannel, RetryPolicy, Security, call_stage
-from partc.runtime.worker import Worker, plan_routes, serve_stage
+from partc.runtime.worker import Worker, serve_stage
 
 grpc = pytest.importorskip("grpc")  # the 'runtime' extra
 

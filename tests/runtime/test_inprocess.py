@@ -8,8 +8,9 @@ from conftest import bounded
 from partc.errors import PartcError, RunError
 from partc.runtime.driver import Driver, in_process
 from partc.runtime.plans import RuntimePlan
+from partc.runtime.routes import StageSpec, plan_routes
 from partc.runtime.transport import InProcessChannel
-from partc.runtime.worker import StageSpec, Worker, plan_routes
+from partc.runtime.worker import Worker
 
 
 def pipeline(fns=None, **options):

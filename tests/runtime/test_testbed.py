@@ -1,5 +1,6 @@
 """The emulated testbed: stages in network namespaces, links shaped with tc, CPU quotas (root only)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -16,12 +17,15 @@ from partc.build import compile_model
 from partc.cli import main
 from partc.costmodel import load_calibration
 from partc.errors import PartcError
+from partc.manifest import read_manifest
+from partc.runtime import layout
 from partc.runtime import testbed as tb
+from partc.runtime.netns import CGROUP_CPU
 
 MBIT = 1e6 / 8  # bytes/s
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("tc") is None or not (tb.CGROUP_CPU / "cpu.cfs_quota_us").is_file(),
+    os.geteuid() != 0 or shutil.which("tc") is None or not (CGROUP_CPU / "cpu.cfs_quota_us").is_file(),
     reason="the testbed needs root, iproute2 (ip, tc) and the cgroup v1 cpu controller",
 )
 
@@ -60,7 +64,7 @@ def _ours():
         if int(fields[1]) == os.getpid() and fields[0] != "Z":
             children.add(stat.parent.name)
     return ({line.split()[0] for line in namespaces.splitlines() if line.startswith(prefix)},
-            {p.name for p in tb.CGROUP_CPU.iterdir() if p.name.startswith(prefix)}, children)
+            {p.name for p in CGROUP_CPU.iterdir() if p.name.startswith(prefix)}, children)
 
 
 def _delta(estimate, before):
@@ -144,20 +148,20 @@ def test_a_worker_that_fails_to_start_leaves_nothing_behind(build, tmp_path, cap
 
 
 def test_inputs_cross_the_first_link_when_the_first_stage_is_not_on_the_first_tier(build):
-    manifest = json.loads((build / "manifest.json").read_text())
-    assert [h.src for h in tb.hops(manifest)] == ["device.0", "edge.0"]
-    manifest["stages"] = manifest["stages"][1:]  # as if the plan ran nothing on the device
-    assert tb.chain(manifest) == [(tb.DRIVER, "device"), ("edge.0", "edge"), ("cloud.0", "cloud")]
-    first, second = tb.hops(manifest)
-    predicted = manifest["plans"][0]["predicted"]
+    manifest = read_manifest(build)
+    assert [h.src for h in layout.hops(manifest)] == ["device.0", "edge.0"]
+    manifest = dataclasses.replace(manifest, stages=manifest.stages[1:])  # as if the plan ran nothing on the device
+    assert layout.chain(manifest) == [(layout.DRIVER, "device"), ("edge.0", "edge"), ("cloud.0", "cloud")]
+    first, second = layout.hops(manifest)
+    transfer = manifest.plans[0].predicted.transfer(manifest.prices)  # the manifest's plans[0].predicted.transfer
     assert (first.src, first.dst, first.key, first.bandwidth, first.latency) == (
         "driver", "edge.0", "device->edge", 10 * MBIT, 0.001)
-    assert first.predicted_s == predicted["transfer"]["device->edge"]
+    assert first.predicted_s == transfer["device->edge"]
     assert (second.src, second.key, second.bandwidth) == ("edge.0", "edge->cloud", 50 * MBIT)
-    manifest["stages"] = manifest["stages"][1:]  # device -> cloud: the path's narrowest link, summed latency
-    (hop,) = tb.hops(manifest)
+    manifest = dataclasses.replace(manifest, stages=manifest.stages[1:])  # device -> cloud: the path's narrowest
+    (hop,) = layout.hops(manifest)  # link, summed latency
     assert (hop.key, hop.bandwidth, hop.latency) == ("device->edge,edge->cloud", 10 * MBIT, pytest.approx(0.021))
-    assert hop.predicted_s == pytest.approx(sum(predicted["transfer"].values()))
+    assert hop.predicted_s == pytest.approx(sum(transfer.values()))
 
 
 def test_cli_needs_root_and_names_bad_shares(build, capsys, monkeypatch):
