@@ -51,7 +51,7 @@ def run_one(model: str, bandwidth: float, requests: int, workdir: Path) -> dict:
     build = compile_model(f"torchvision:{model}", ["1,3,224,224"], folder / "cluster.yaml", folder / "build")
     with Testbed(build.path) as testbed:
         report = testbed.measure(requests)
-    return {"model": model, "bandwidth_mbit": bandwidth, "chain": build.manifest["plans"][0]["stages"],
+    return {"model": model, "bandwidth_mbit": bandwidth, "chain": list(build.manifest.plans[0].stages),
             **report.to_json()}
 
 

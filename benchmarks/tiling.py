@@ -34,6 +34,7 @@ from pathlib import Path
 from partc.build import compile_model
 from partc.cluster import load_cluster
 from partc.ir import META_FLOPS, META_TIER
+from partc.manifest import Manifest
 from partc.passes import DEFAULT_PIPELINE
 from partc.pipeline import run_passes
 from partc.report import trace_model
@@ -61,15 +62,13 @@ def run_one(model: str, nodes: int, share: float, requests: int, workdir: Path) 
     build = compile_model(f"torchvision:{model}", ["1,3,224,224"], folder / "cluster.yaml", folder / "build")
     halo = _halo(f"torchvision:{model}", folder / "cluster.yaml")
     manifest = build.manifest
-    edge = next(s for s in manifest["stages"] if s["name"] == "edge.0")
-    program = manifest["plans"][0]["programs"]["edge.0"]
-    entry = next(p for p in edge["programs"] + edge["schedules"] if p["id"] == program)
-    shares = {s["name"]: share for s in manifest["stages"]}
+    entry = manifest.stage("edge.0").program(manifest.plans[0].programs["edge.0"])
+    shares = {s.name: share for s in manifest.stages}
     with Testbed(build.path, cpu_shares=shares) as testbed:
         report = testbed.measure(requests)
     measured = next(s["measured_s"] for s in report.to_json()["stages"] if s["stage"] == "edge.0")
-    return {"model": model, "nodes": nodes, "predicted_s": entry["predicted_s"], "measured_s": measured,
-            "e2e_s": report.measured_s, "summary": _tiling_summary(folder / "build"), "halo": halo}
+    return {"model": model, "nodes": nodes, "predicted_s": entry.predicted_s, "measured_s": measured,
+            "e2e_s": report.measured_s, "summary": _tiling_summary(manifest), "halo": halo}
 
 
 def _halo(model: str, cluster: Path) -> float:
@@ -84,11 +83,9 @@ def _halo(model: str, cluster: Path) -> float:
     return flops(tiled) / flops(gm) - 1
 
 
-def _tiling_summary(build: Path) -> str:
+def _tiling_summary(manifest: Manifest) -> str:
     """The primary plan's edge stage: its steps, local or tiles on several nodes."""
-    manifest = json.loads((build / "manifest.json").read_text())
-    edge = next(s for s in manifest["stages"] if s["name"] == "edge.0")
-    steps = [len(s) for sch in edge["schedules"] if sch["id"] == "edge.0" for s in sch["steps"]]
+    steps = [len(s) for sch in manifest.stage("edge.0").schedules if sch.id == "edge.0" for s in sch.steps]
     return " / ".join(f"{n} tiles" if n > 1 else "local" for n in steps) or "untiled"
 
 

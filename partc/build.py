@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -54,7 +53,6 @@ from partc.pipeline import Pipeline
 from partc.plan import Artifact, StageFn, eager_stage_fn, run_plan
 from partc.targets import backend, runs_here, target
 from partc.tiling.schedule import local_schedule_fn, step_id
-from partc.trace import load_model
 from partc.version import __version__
 
 log = logging.getLogger(__name__)
@@ -110,8 +108,7 @@ def compile_model(
     """
     output = Path(output)
     ctx = load_cluster(cluster, profiles, BackendOptions(tvm_trials=tvm_trials, tuning_db=tuning_db))
-    module = load_model(model)
-    compiled = compile_plans(module, input_shapes, ctx, pipeline=pipeline, dump_after=dump_after,
+    compiled = compile_plans(model, input_shapes, ctx, pipeline=pipeline, dump_after=dump_after,
                              dump_dir=dump_dir, progress=progress)
     staging = _staging_folder(output)
     try:
@@ -131,7 +128,7 @@ def compile_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if depfile is not None:
-        _write_depfile(Path(depfile), output / MANIFEST, _dependencies(module, cluster, profiles or {}))
+        _write_depfile(Path(depfile), output / MANIFEST, _dependencies(compiled.source, cluster, profiles or {}))
     return Build(output, manifest)
 
 
@@ -251,11 +248,9 @@ def _timed(fn: StageFn, measured: dict, name: str) -> StageFn:
     return run
 
 
-def _dependencies(module: torch.nn.Module, cluster: Path | str, profiles: Mapping[str, Path]) -> list[Path]:
+def _dependencies(source: Path | None, cluster: Path | str, profiles: Mapping[str, Path]) -> list[Path]:
     """The files a build depends on: the model's source, the cluster file, the profiles."""
-    source = getattr(sys.modules.get(type(module).__module__), "__file__", None)
-    deps = [Path(source)] if source else []
-    return [*deps, Path(cluster), *map(Path, profiles.values())]
+    return [*([source] if source else []), Path(cluster), *map(Path, profiles.values())]
 
 
 def _write_depfile(path: Path, output: Path, deps: Sequence[Path]) -> None:

@@ -22,6 +22,7 @@ the others after the plan that first needs them (``edge.0-p2``).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from partc.pipeline import TRACE, Pipeline, run_passes
 from partc.plan import Plan, Stage, build_plan
 from partc.report import trace_model
 from partc.tiling.schedule import Schedule, schedule_seconds, schedule_stage, step_id
+from partc.trace import load_model
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class Compilation:
         plans: the build's plans; ``plans[0]`` is the primary one.
         programs: every distinct program by id, in the order plans first need them.
         pass_seconds: seconds each pass took (plan passes summed over the plans).
+        source: the file that defines the model's class (None: not from a file).
     """
 
     ctx: CompileContext
@@ -106,6 +109,7 @@ class Compilation:
     plans: tuple[CompiledPlan, ...]
     programs: Mapping[str, Program]
     pass_seconds: Mapping[str, float]
+    source: Path | None
 
     @property
     def primary(self) -> CompiledPlan:
@@ -154,7 +158,9 @@ def compile_plans(
     """
     pipeline.check_dumps(dump_after)
     progress(f"tracing {model if isinstance(model, str) else type(model).__name__}")
-    gm = trace_model(model, input_shapes)
+    module = load_model(model) if isinstance(model, str) else model
+    source = getattr(sys.modules.get(type(module).__module__), "__file__", None)
+    gm = trace_model(module, input_shapes)
     timings: dict[str, float] = {}
     gm = run_passes(gm, pipeline.model, ctx, dump_after=dump_after, dump_dir=dump_dir, progress=progress,
                     timings=timings)
@@ -179,7 +185,7 @@ def compile_plans(
         prediction = predict(graph, tiers, {s.tier: programs[use[s.name]].seconds for s in plan.stages})
         cost = Cost.of(prediction, links, evaluate(graph, tiers).memory)
         compiled.append(CompiledPlan(f"p{i}", kind, tiers, g, plan, use, prediction, cost))
-    return Compilation(ctx, gm, graph, links, tuple(compiled), programs, timings)
+    return Compilation(ctx, gm, graph, links, tuple(compiled), programs, timings, Path(source) if source else None)
 
 
 def _assign(gm: fx.GraphModule, tier_names: Sequence[str], tiers: np.ndarray) -> fx.GraphModule:

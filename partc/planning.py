@@ -114,7 +114,7 @@ class PlanReport:
         """Return the report as text: layers and costs per tier and link; baselines if ``compare``."""
         c = self.cost
         lines = [f"plan for {self.model} (objective {self.objective}, solved in {self.solve_seconds * 1e3:.0f} ms)"]
-        rows = [("tier", "nodes", "layers", "compute ms", "memory MB")]
+        rows = [("tier", "IR nodes", "layers", "compute ms", "memory MB")]
         for runs, compute, memory in zip(self.layers, c.compute, c.memory, strict=True):
             shown = [f"{a} .. {b}" if a != b else a for a, b, _ in runs.runs[:3]]
             more = f" (+{len(runs.runs) - 3} more runs)" if len(runs.runs) > 3 else ""

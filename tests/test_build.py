@@ -40,7 +40,8 @@ def build(tmp_path_factory, cluster):
 
 
 def test_three_tier_build_runs_exactly_through_its_artifacts(build):
-    manifest = read_manifest(build.path)
+    assert read_manifest(build.path) == build.manifest
+    manifest = build.manifest.to_json()  # as manifest.json holds it
     assert [s["name"] for s in manifest["stages"]] == ["device.0", "edge.0", "cloud.0"]
     assert [s["backend"] for s in manifest["stages"]] == ["torchscript", "onnx", "onnx"]
     programs = [p for s in manifest["stages"] for p in s["programs"]]
@@ -63,7 +64,7 @@ def test_three_tier_build_runs_exactly_through_its_artifacts(build):
 
 
 def test_every_plan_is_verified_and_identical_stages_are_stored_once(build):
-    manifest = build.manifest
+    manifest = build.manifest.to_json()
     plans = manifest["plans"]
     assert len(plans) >= 2 and all(p["kind"] in ("primary", "adaptive", "fallback") for p in plans[1:])
     assert len({json.dumps(p["assignment"], sort_keys=True) for p in plans}) == len(plans)
@@ -82,7 +83,7 @@ def test_every_plan_is_verified_and_identical_stages_are_stored_once(build):
 
 
 def test_manifest_records_plan_and_links(build):
-    manifest = build.manifest
+    manifest = build.manifest.to_json()
     predicted = manifest["plans"][0]["predicted"]
     assert set(predicted["link_bytes"]) == {"device->edge", "edge->cloud"}
     total = sum(predicted["compute"].values()) + sum(predicted["transfer"].values())
@@ -180,7 +181,7 @@ def test_deployment_files_are_rendered_from_the_manifest(build):
     import configparser
     import subprocess
 
-    manifest = build.manifest
+    manifest = build.manifest.to_json()
     for i, stage in enumerate(manifest["stages"]):
         script = build.path / f"serve-{stage['name']}.sh"
         assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
@@ -206,7 +207,8 @@ def test_a_cross_compiled_stage_is_verified_eagerly_and_not_timed(tmp_path):
     cluster = tmp_path / "pi.yaml"
     cluster.write_text("tiers:\n  - {name: device, target: rpi4, backend: tvm}\n")
     build = compile_model("tests/models.py:conv_stack", ["1,3,32,32"], cluster, tmp_path / "b")
-    (stage,) = build.manifest["stages"]
+    manifest = build.manifest.to_json()
+    (stage,) = manifest["stages"]
     (program,) = stage["programs"]
     assert program["info"]["arch"] == "aarch64" and program["measured_s"] is None
-    assert build.manifest["verification"]["max_abs_diff"] == 0.0  # the eager stand-in, not the artifact
+    assert manifest["verification"]["max_abs_diff"] == 0.0  # the eager stand-in, not the artifact

@@ -18,7 +18,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster.yaml"
 TILED = """\
 tiers:
   - {name: device, target: rpi4, backend: torchscript}
-  - {name: edge, target: rpi4, backend: onnx, nodes: 4}
+  - {name: edge, target: edge-x86, backend: onnx, nodes: 4}
   - {name: cloud, target: cloud-cpu, backend: onnx}
 links:
   - {from: device, to: edge, bandwidth: 100Mbit/s, latency: 2ms}
@@ -30,7 +30,7 @@ constraints:
 
 CASES = {
     "resnet50": ("torchvision:resnet50", "1,3,64,64", None),
-    "googlenet": ("torchvision:googlenet", "1,3,64,64", None),
+    "googlenet": ("torchvision:googlenet", "1,3,64,64", EXAMPLE.read_text().replace("[conv1]", "['conv1.*']")),
     "resnet18-tiled": ("torchvision:resnet18", "1,3,112,112", TILED),
 }
 
@@ -66,22 +66,21 @@ def test_plan_and_compile_predict_the_same_plans(planned_and_built):
 def test_the_runtime_ranks_plans_as_the_compiler_did(planned_and_built):
     _, report, build = planned_and_built
     manifest = read_manifest(build.path)
-    plans, hops, links = from_manifest(manifest)
-    selector = PlanSelector(plans, hops, links)
-    at_cluster = {}  # nothing measured: the cluster file's bandwidths
-    predicted = [selector.latency(i, at_cluster) for i in range(len(plans))]
+    plans, hops = from_manifest(manifest)
+    selector = PlanSelector(plans, hops, manifest.prices)
+    by_index = selector.predicted({})  # nothing measured: the cluster file's bandwidths
+    predicted = [by_index[i] for i in range(len(plans))]
     compiled = [p.latency for p in report.plans]
     assert predicted == pytest.approx(compiled, rel=1e-9)
     assert sorted(range(len(plans)), key=predicted.__getitem__) == sorted(range(len(plans)), key=compiled.__getitem__)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("planned_and_built", ["resnet18-tiled"], indirect=True)
 def test_a_tiled_stage_is_priced_by_the_one_tiled_step_function(planned_and_built):
     """The manifest's price of each tiled program is its steps priced by ``tiled_step_seconds``
     (the function the tile pass plans with), on its step programs' own seconds and bytes."""
-    name, _, build = planned_and_built
-    if name != "resnet18-tiled":
-        pytest.skip("no tiled stage")
+    _, _, build = planned_and_built
     manifest = read_manifest(build.path)
     (self_link,) = [lk for lk in manifest.links if lk.src == lk.dst == "edge"]
     link = LinkPrice(self_link.name, self_link.bandwidth, self_link.latency)
