@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +37,15 @@ from partc.partition.cost import Cost, CostGraph, evaluate, predict
 from partc.partition.family import deployment_plans
 from partc.partition.model import assigned_cost, link_price, priced, program_seconds
 from partc.partition.price import LinkPrice, Prediction
+from partc.partition.solve import solve
 from partc.passes import DEFAULT_PIPELINE
-from partc.pipeline import TRACE, Pipeline, run_passes
+from partc.pipeline import Pass, Pipeline, dump_ir, run_passes
 from partc.plan import Plan, Stage, build_plan
 from partc.report import trace_model
 from partc.tiling.schedule import Schedule, schedule_seconds, schedule_stage, step_id
 from partc.trace import load_model
+
+JOINT_ROUNDS = 4  # most re-solves of the cut with parallel tiers' speed-ups (``_Planner.joint_cut``)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class Compilation:
         programs: every distinct program by id, in the order plans first need them.
         pass_seconds: seconds each pass took (plan passes summed over the plans).
         source: the file that defines the model's class (None: not from a file).
+        notes: what the user should know about the cluster (a tier's nodes left unused).
     """
 
     ctx: CompileContext
@@ -110,6 +114,7 @@ class Compilation:
     programs: Mapping[str, Program]
     pass_seconds: Mapping[str, float]
     source: Path | None
+    notes: tuple[str, ...] = ()
 
     @property
     def primary(self) -> CompiledPlan:
@@ -164,28 +169,139 @@ def compile_plans(
     timings: dict[str, float] = {}
     gm = run_passes(gm, pipeline.model, ctx, dump_after=dump_after, dump_dir=dump_dir, progress=progress,
                     timings=timings)
-    graph, primary, _ = assigned_cost(gm, ctx)
+    graph, first_cut, _ = assigned_cost(gm, ctx)
     codecs = gm.meta.get(META_LINK_CODECS, {})
     graph = priced(graph, codecs)
     names = ctx.tier_names
     links = tuple(link_price(ctx.link(a, b), codecs.get(link_name(a, b), NO_CODEC))
                   for a, b in zip(names, names[1:], strict=False))
+    notes = tuple(
+        f"{t.name} has {t.nodes} nodes but no link {link_name(t.name, t.name)}: only one of them is used; add "
+        f"{{from: {t.name}, to: {t.name}, bandwidth: ..., latency: ...}} to the cluster file's links"
+        for t in ctx.tiers if t.nodes > 1 and ctx.link(t.name, t.name) is None
+    )
+    for note in notes:
+        progress(f"note: {note}")
+    planner = _Planner(gm, graph, links, ctx, pipeline, set(dump_after), progress, timings)
+    progress("choosing the cut with each tier's parallel speed-ups")
+    cut, parallel = planner.joint_cut(first_cut)
     progress("planning for other bandwidths and for failed tiers")
-    choices = deployment_plans(graph, primary, ctx.objective)
-    assigned = []
-    for i, (_, tiers) in enumerate(choices):
-        g = run_passes(_assign(gm, names, tiers), pipeline.plan, ctx, dump_after=set(dump_after) - {TRACE},
-                       dump_dir=dump_dir, first=len(pipeline.model) + 1, suffix=f"-p{i}", progress=progress,
-                       timings=timings)
-        assigned.append(g)
-    plans = [build_plan(g, ctx) for g in assigned]
-    programs, uses = _programs(plans, ctx)
-    compiled = []
-    for i, ((kind, tiers), g, plan, use) in enumerate(zip(choices, assigned, plans, uses, strict=True)):
-        prediction = predict(graph, tiers, {s.tier: programs[use[s.name]].seconds for s in plan.stages})
-        cost = Cost.of(prediction, links, evaluate(graph, tiers).memory)
-        compiled.append(CompiledPlan(f"p{i}", kind, tiers, g, plan, use, prediction, cost))
-    return Compilation(ctx, gm, graph, links, tuple(compiled), programs, timings, Path(source) if source else None)
+    choices = deployment_plans(parallel, cut, ctx.objective)
+    candidates = [(kind, planner.realise(tiers)) for kind, tiers in choices]
+    # the primary plan is the build's fastest at the cluster file's bandwidths, its parallel steps priced
+    fastest = min(range(len(candidates)), key=lambda i: (candidates[i][1].cost.value(ctx.objective), i))
+    if fastest:
+        candidates = [("primary", candidates[fastest][1]), ("adaptive", candidates[0][1]),
+                      *(c for i, c in enumerate(candidates) if i not in (0, fastest))]
+    programs, uses = _programs([c.plan for _, c in candidates], planner.scheduled)
+    compiled = tuple(
+        CompiledPlan(f"p{i}", kind, c.tiers, c.gm, c.plan, use, c.prediction, c.cost)
+        for i, ((kind, c), use) in enumerate(zip(candidates, uses, strict=True))
+    )
+    for i, (_, c) in enumerate(candidates):
+        for index, name, snapshot in c.snapshots:
+            dump_ir(snapshot, dump_dir / f"{index:02d}-{name}-p{i}")
+    return Compilation(ctx, gm, graph, links, compiled, programs, timings, Path(source) if source else None,
+                       notes)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One assignment realised: its plan passes run, its stages split, priced."""
+
+    tiers: np.ndarray
+    gm: fx.GraphModule
+    plan: Plan
+    prediction: Prediction
+    cost: Cost
+    snapshots: tuple[tuple[int, str, fx.GraphModule], ...]  # IR after each plan pass to dump
+
+
+class _Planner:
+    """Realises and prices assignments for one compile, each once (``realise`` caches by assignment)."""
+
+    def __init__(self, gm, graph, links, ctx, pipeline, dump_after, progress, timings):
+        self.gm, self.graph, self.links, self.ctx, self.pipeline = gm, graph, links, ctx, pipeline
+        self.dump_after, self.progress, self.timings = dump_after, progress, timings
+        self.realised: dict[bytes, _Candidate] = {}
+        self.scheduled: dict[tuple, tuple[Schedule | None, float]] = {}  # program key -> (schedule, seconds)
+
+    def realise(self, tiers: np.ndarray) -> _Candidate:
+        """The plan of ``tiers``, priced: with the plan passes run, or without them where that is
+        predicted faster (the passes decide on estimates without the glue between steps; the
+        price counts it), so a plan never loses to its own untiled self."""
+        tiers = np.asarray(tiers, dtype=np.int64)
+        key = tiers.tobytes()
+        if key not in self.realised:
+            variants = [self._variant(tiers, self.pipeline.plan)]
+            if self.pipeline.plan:
+                variants.append(self._variant(tiers, ()))
+            self.realised[key] = min(variants, key=lambda c: c.cost.value(self.ctx.objective))
+        return self.realised[key]
+
+    def _variant(self, tiers: np.ndarray, passes: Sequence[Pass]) -> _Candidate:
+        g = _assign(self.gm, self.ctx.tier_names, tiers)
+        snapshots = []
+        for offset, p in enumerate(passes, start=len(self.pipeline.model) + 1):
+            g = run_passes(g, (p,), self.ctx, timings=self.timings)
+            if p.name in self.dump_after:
+                snapshots.append((offset, p.name, g))
+        plan = build_plan(g, self.ctx)
+        prediction = predict(self.graph, tiers, {s.tier: self.seconds(s) for s in plan.stages})
+        cost = Cost.of(prediction, self.links, evaluate(self.graph, tiers).memory)
+        return _Candidate(tiers, g, plan, prediction, cost, tuple(snapshots))
+
+    def seconds(self, stage: Stage) -> float:
+        """Predicted seconds of a stage program: its schedule's when it runs on several nodes."""
+        key = _program_key(stage)
+        if key not in self.scheduled:
+            schedule = schedule_stage(stage)
+            if schedule is None:
+                self.scheduled[key] = (None, program_seconds(stage.gm, stage.tier))
+            else:
+                link = self.ctx.link(stage.tier, stage.tier)
+                self.scheduled[key] = (schedule, schedule_seconds(schedule, link_price(link) if link else None))
+        return self.scheduled[key][1]
+
+    def joint_cut(self, first: np.ndarray) -> tuple[np.ndarray, CostGraph]:
+        """The cut chosen knowing each tier's parallel speed-up, and the cost graph priced so.
+
+        Starts from ``first`` (the cut chosen as if every tier were one machine); then
+        re-solves the cut with each parallel tier's node seconds scaled by its speed-up
+        (first assumed perfect, ``1 / nodes``, then as measured on the last plan realised:
+        its stage's priced seconds over its nodes' summed seconds) until an assignment
+        repeats or ``JOINT_ROUNDS`` rounds have run. Every assignment found is realised and
+        priced exactly; the best one is returned, so the result is never worse than the
+        separate-steps plan ``first``.
+        """
+        ctx, graph = self.ctx, self.graph
+        parallel = [k for k, t in enumerate(ctx.tiers) if t.nodes > 1 and ctx.link(t.name, t.name) is not None]
+        best = self.realise(first)
+        if not parallel:
+            return best.tiers, graph
+        speedup = np.ones(len(ctx.tiers))
+        speedup[parallel] = [1 / ctx.tiers[k].nodes for k in parallel]
+        best_graph, seen = graph, {best.tiers.tobytes()}
+        for _ in range(JOINT_ROUNDS):
+            scaled = replace(graph, compute=graph.compute * speedup)
+            tiers = solve(scaled, ctx.objective).tiers
+            found = self.realise(tiers)
+            if found.cost.value(ctx.objective) < best.cost.value(ctx.objective):
+                best, best_graph = found, scaled
+            if tiers.tobytes() in seen:
+                break
+            seen.add(tiers.tobytes())
+            sums = np.bincount(found.tiers, weights=graph.compute[np.arange(len(tiers)), tiers],
+                               minlength=len(ctx.tiers))
+            for k in parallel:
+                priced_seconds = found.prediction.compute[ctx.tiers[k].name]
+                if sums[k] > 0:
+                    speedup[k] = min(1.0, priced_seconds / sums[k])
+        return best.tiers, best_graph
+
+
+def _program_key(stage: Stage) -> tuple:
+    return (stage.name, stage.gm.code, stage.inputs, stage.outputs)
 
 
 def _assign(gm: fx.GraphModule, tier_names: Sequence[str], tiers: np.ndarray) -> fx.GraphModule:
@@ -199,23 +315,19 @@ def _assign(gm: fx.GraphModule, tier_names: Sequence[str], tiers: np.ndarray) ->
     return gm
 
 
-def _programs(plans: Sequence[Plan], ctx: CompileContext) -> tuple[dict[str, Program], list[dict[str, str]]]:
-    """Every distinct stage program of ``plans`` by id, scheduled and priced, and for each plan
-    the program each of its stages runs."""
+def _programs(
+    plans: Sequence[Plan], scheduled: Mapping[tuple, tuple[Schedule | None, float]]
+) -> tuple[dict[str, Program], list[dict[str, str]]]:
+    """Every distinct stage program of ``plans`` by id (module docstring), with its schedule and
+    seconds from ``scheduled``, and for each plan the program each of its stages runs."""
     programs: dict[str, Program] = {}
     seen: dict[tuple, str] = {}
     uses = []
     for i, plan in enumerate(plans):
         for stage in plan.stages:
-            key = (stage.name, stage.gm.code, stage.inputs, stage.outputs)
+            key = _program_key(stage)
             if key not in seen:
                 seen[key] = pid = stage.name if i == 0 else f"{stage.name}-p{i}"
-                schedule = schedule_stage(stage)
-                if schedule is None:
-                    seconds = program_seconds(stage.gm, stage.tier)
-                else:
-                    self_link = ctx.link(stage.tier, stage.tier)
-                    seconds = schedule_seconds(schedule, link_price(self_link) if self_link else None)
-                programs[pid] = Program(pid, stage, schedule, seconds)
-        uses.append({s.name: seen[(s.name, s.gm.code, s.inputs, s.outputs)] for s in plan.stages})
+                programs[pid] = Program(pid, stage, *scheduled[key])
+        uses.append({s.name: seen[_program_key(s)] for s in plan.stages})
     return programs, uses

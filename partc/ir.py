@@ -24,11 +24,15 @@ META_PARAM_BYTES = "partc.param_bytes"  # bytes of the parameters and buffers th
 # Written by passes.
 META_PROFILE = "partc.profile"  # dict[tier name, predicted seconds] (annotate-profile)
 META_TIER = "partc.tier"  # tier name (select-cuts)
-META_TILE = "partc.tile"  # (run index, tile index) of a vertical-tiling node; tile None: the stitch
+META_TILE = "partc.tile"  # (run index, node index) of a tiled or distributed node; node None: a stitch
 
 # Written by passes on the graph (gm.meta), not on nodes.
 # compress-cut-tensors: {link_name(src, dst): partc.codec.LinkCodec}, for every link between consecutive tiers.
 META_LINK_CODECS = "partc.link_codecs"
+# distribute-branches and tile-conv-stages: one dict per group of nodes run in parallel on a tier's nodes:
+#   {"kind": "branches" | "tiles", "run": META_TILE run index, "tier", "nodes": nodes used, "sequential_s",
+#    "parallel_s", and per kind "join", "branches" {first node of a branch: node} | "grid", "layers", "halo"}.
+META_PARALLEL = "partc.parallel"
 
 KINDS = ("input", "output", "conv", "matmul", "pool", "norm", "elementwise", "data", "other")
 

@@ -20,9 +20,9 @@ import numpy as np
 from partc.cluster import load_cluster, parse_bandwidth
 from partc.compilation import compile_plans
 from partc.errors import ClusterError
-from partc.ir import META_TIER
+from partc.ir import META_PARALLEL, META_TIER
 from partc.partition.baselines import baselines
-from partc.partition.cost import Cost
+from partc.partition.cost import Cost, predict
 from partc.partition.family import bandwidth_sweep, plan_family, plot_bandwidth_sweep
 from partc.partition.model import assigned_cost
 from partc.report import format_table
@@ -90,6 +90,11 @@ class PlanReport:
         solve_seconds: time taken by the passes that choose the cut and the codecs.
         baselines: strategy -> predicted cost (None: no feasible plan).
         plans: every plan a build would carry, the primary one first.
+        one_node: seconds of each tier's share of the primary plan on one of its nodes.
+        parallel: the primary plan's groups run in parallel on a tier's nodes
+            (``partc.ir.META_PARALLEL``: tiled runs with their grid and halo, distributed
+            branches with their node).
+        notes: what to know about the cluster (a tier's nodes left unused).
         sweep: the plan family over a link, when asked for.
     """
 
@@ -104,6 +109,9 @@ class PlanReport:
     solve_seconds: float
     baselines: dict[str, Cost | None]
     plans: tuple[BuildPlan, ...] = ()
+    one_node: tuple[float, ...] = ()
+    parallel: tuple[dict, ...] = ()
+    notes: tuple[str, ...] = ()
     sweep: Sweep | None = None
 
     def to_json(self) -> dict:
@@ -129,6 +137,23 @@ class PlanReport:
         lines.append(f"predicted latency {c.latency * 1e3:.2f} ms, pipeline bottleneck {c.bottleneck * 1e3:.2f} ms "
                      f"({1 / c.bottleneck:.1f} inferences/s)" if c.bottleneck > 0 else
                      f"predicted latency {c.latency * 1e3:.2f} ms")
+        if self.parallel:
+            rows = [("tier", "one node ms", "its nodes ms", "speed-up")]
+            rows += [(t, f"{one * 1e3:.2f}", f"{many * 1e3:.2f}", f"{one / many:.2f}x")
+                     for t, one, many in zip(self.tiers, self.one_node, c.compute, strict=True)
+                     if many > 0 and one > many]
+            lines += ["", "run in parallel on a tier's nodes:", format_table(rows, right=(1, 2, 3))]
+            rows = [("tier", "kind", "layers", "nodes", "one node ms", "parallel ms", "halo")]
+            for g in self.parallel:
+                if g["kind"] == "tiles":
+                    first, last, count = g["layers"]
+                    what, how, halo = f"{first} .. {last} ({count})", "x".join(map(str, g["grid"])), f"+{g['halo']:.0%}"
+                else:
+                    what, halo = f"branches into {g['join']} ({len(g['branches'])})", "-"
+                    how = " ".join(str(node) for node in g["branches"].values())  # each branch's node
+                rows.append((g["tier"], g["kind"], what, how, f"{g['sequential_s'] * 1e3:.2f}",
+                             f"{g['parallel_s'] * 1e3:.2f}", halo))
+            lines += ["", format_table(rows, right=(4, 5))]
         if len(self.plans) > 1:
             rows = [("plan", "kind", "stages", "latency ms", "bottleneck ms")]
             rows += [(p.name, p.kind, " ".join(p.stages), f"{p.latency * 1e3:.2f}", f"{p.bottleneck * 1e3:.2f}")
@@ -145,6 +170,7 @@ class PlanReport:
                 rows.append((name, f"{cost.latency * 1e3:.2f}", f"{cost.bottleneck * 1e3:.2f}",
                              *(f"{b / 1e6:.3f}" for b in cost.link_bytes), f"{ratio:.2f}x"))
             lines += ["", format_table(rows, right=range(1, len(rows[0])))]
+        lines += [f"note: {note}" for note in self.notes]
         if self.sweep:
             s = self.sweep
             lines += ["", f"plan family over {s.link} from {_mbit(s.low)} to {_mbit(s.high)} Mbit/s: "
@@ -208,6 +234,8 @@ def plan_model(
         baselines={name: p.cost if p else None for name, p in baselines(graph, ctx.objective).items()},
         plans=tuple(BuildPlan(p.name, p.kind, tuple(s.name for s in p.plan.stages), p.cost.latency,
                               p.cost.bottleneck) for p in compiled.plans),
+        one_node=tuple(predict(graph, primary.tiers).compute.values()),
+        parallel=tuple(primary.gm.meta.get(META_PARALLEL, ())), notes=compiled.notes,
     )
     if sweep is None:
         return report

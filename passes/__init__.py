@@ -9,6 +9,7 @@ its input unchanged, so the pipeline never needs a condition around it.
 from collections.abc import Iterable
 
 from partc.errors import PartcError
+from partc.passes.branch import distribute_branches
 from partc.passes.compress import compress_cut_tensors
 from partc.passes.cut import select_cuts
 from partc.passes.profile import annotate_profile
@@ -19,15 +20,16 @@ PASSES: dict[str, Pass] = {
     "annotate-profile": Pass("annotate-profile", annotate_profile),
     "select-cuts": Pass("select-cuts", select_cuts, requires=("annotate-profile",)),
     "compress-cut-tensors": Pass("compress-cut-tensors", compress_cut_tensors, requires=("select-cuts",)),
+    "distribute-branches": Pass("distribute-branches", distribute_branches, requires=("select-cuts",)),
     "tile-conv-stages": Pass("tile-conv-stages", tile_conv_stages, requires=("select-cuts",)),
 }
 
-# What ``partc plan`` and ``partc compile`` run: the first three choose the primary plan on the
-# whole model; the plan family and fallbacks are chosen on that untiled model, and each plan of
-# the build is then tiled on its own.
+# What ``partc plan`` and ``partc compile`` run: the first three choose the cut and codecs on the
+# whole model; the build's plans are chosen on that cost graph, and each plan's tiers with several
+# nodes then run fork/join branches and spatial tiles in parallel (``partc.compilation``).
 DEFAULT_PIPELINE = Pipeline(
     model=(PASSES["annotate-profile"], PASSES["select-cuts"], PASSES["compress-cut-tensors"]),
-    plan=(PASSES["tile-conv-stages"],),
+    plan=(PASSES["distribute-branches"], PASSES["tile-conv-stages"]),
 )
 
 

@@ -69,6 +69,7 @@ from partc.ir import (
     META_BYTES,
     META_FLOPS,
     META_OP,
+    META_PARALLEL,
     META_PROFILE,
     META_TIER,
     META_TILE,
@@ -136,7 +137,9 @@ def tile_conv_stages(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     graph (``partc.trace.annotate``); gives new nodes the run's META_TIER, and each
     per-tile copy of a layer the layer's META_PROFILE scaled by its share of the FLOPs,
     and, when the graph has profiles, the glue (slices, pads, crops, stitches) the cost
-    model's (``partc.costmodel``) prediction for every tier.
+    model's (``partc.costmodel``) prediction for every tier. Appends one entry per tiled part
+    to gm.meta[META_PARALLEL] (kind "tiles"). Leaves nodes that already carry META_TILE
+    (``distribute-branches``) alone.
 
     The summary reads ``K run(s) tiled, U left untiled; <tier>: predicted A ms untiled,
     B ms as planned; ...; run I (<tier>, N nodes): RxC, halo +P% FLOPs; ...`` (U counts
@@ -149,7 +152,7 @@ def tile_conv_stages(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         return PassResult(gm, "no tier has more than one node; nothing tiled")
     gm = clone(gm)
     untiered = len(ctx.tiers) == 1 and all(META_TIER not in n.meta for n in compute_nodes(gm))
-    notes, plans, untiled = [], [], 0
+    notes, plans, prices, untiled = [], [], [], 0
     for tier in tiers:
         link = ctx.link(tier.name, tier.name)
         if link is None:
@@ -171,6 +174,7 @@ def tile_conv_stages(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
                     untiled += 1
                 else:
                     plans.append((list(part.nodes), part.grid, plan_regions(part.nodes, gm, part.grid)))
+                    prices.append((sum(seconds[n] for n in part.nodes), part.latency))
             before += sum(seconds[n] for n in run)
         notes.append(f"{tier.name}: predicted {before * 1e3:.2f} ms untiled, {after * 1e3:.2f} ms as planned")
     if not plans:
@@ -179,6 +183,11 @@ def tile_conv_stages(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     tiled = _rewrite(gm, plans)
     if any(META_PROFILE in n.meta for n in compute_nodes(gm)):
         _profile_glue(gm, ctx)
+    gm.meta[META_PARALLEL] = [*gm.meta.get(META_PARALLEL, ()), *(
+        {"kind": "tiles", "run": r.index, "tier": r.tier, "nodes": r.grid[0] * r.grid[1], "grid": list(r.grid),
+         "layers": [r.nodes[0], r.nodes[-1], len(r.nodes)], "halo": r.overhead, "sequential_s": before,
+         "parallel_s": after}
+        for r, (before, after) in zip(tiled, prices, strict=True))]
     parts = [
         f"run {r.index} ({r.tier or 'untiered'}, {len(r.nodes)} nodes): {r.grid[0]}x{r.grid[1]}, "
         f"halo +{r.overhead:.1%} FLOPs"
@@ -197,7 +206,8 @@ def _profile_glue(gm: fx.GraphModule, ctx: CompileContext) -> None:
 
 
 def _on_tier(node: fx.Node, tier: str, untiered: bool) -> bool:
-    return untiered or node.meta.get(META_TIER) == tier
+    """Whether ``node`` is on ``tier`` and not already run in parallel (``distribute-branches``)."""
+    return META_TILE not in node.meta and (untiered or node.meta.get(META_TIER) == tier)
 
 
 def tile_graph(
@@ -253,9 +263,11 @@ def tile_nodes(gm: fx.GraphModule, names: Sequence[str], grid: Grid) -> tuple[fx
 
 
 def _rewrite(gm: fx.GraphModule, plans: Sequence[tuple[list[fx.Node], Grid, list[TileRegions]]]) -> list[TiledRun]:
-    """Rewrite every planned run of ``gm`` in place, then re-annotate ``gm``."""
+    """Rewrite every planned run of ``gm`` in place, then re-annotate ``gm``. Run indices follow
+    those already in ``gm`` (``distribute-branches``)."""
     tiled, origins, stitches = [], {}, []
-    for index, (run, grid, regions) in enumerate(plans):
+    first = 1 + max((n.meta[META_TILE][0] for n in gm.graph.nodes if META_TILE in n.meta), default=-1)
+    for index, (run, grid, regions) in enumerate(plans, start=first):
         flops = sum(n.meta[META_FLOPS] for n in run)
         tier = run[0].meta.get(META_TIER)
         tiled.append(TiledRun(index, tier, tuple(n.name for n in run), grid, flops, tile_flops(run, regions)))
