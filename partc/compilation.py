@@ -3,17 +3,30 @@
 ``compile_plans`` traces the model and runs the pipeline (``partc.pipeline.Pipeline``):
 
 1. the model passes on the whole model (profile annotation, the cut, each link's codec),
-   which choose the primary plan;
-2. the build's other plans on the same cost graph, links at their codecs' effective
+   which choose the cut as if every tier were one machine;
+2. the joint cut (``_Planner.joint_cut``): the cut re-solved with each parallel tier's
+   node seconds scaled by its speed-up (a tier with several nodes and a link to itself
+   runs fork/join branches and spatial tiles in parallel: the plan passes), every
+   assignment found realised and priced exactly, the best kept;
+3. the build's other plans on the cost graph so scaled, links at their codecs' effective
    bandwidth (``partc.partition.family.deployment_plans``: the rest of the plan family,
-   and fallbacks that stop before a tier);
-3. the plan passes on each plan, once its tiers are assigned (tiling);
-4. each plan's stages (``partc.plan.build_plan``), its distinct programs (a piece of the
-   model several plans share is one program), each tiled stage's schedule
-   (``partc.tiling.schedule``);
-5. each program's predicted seconds and each plan's ``Prediction``
-   (``partc.partition.price``): the only prices the report, the manifest and the runtime's
-   plan selector show.
+   fallbacks that stop before a tier), and a fallback that runs the primary plan's cut on
+   one node per tier (for a dead or slow node of a parallel tier);
+4. the plan passes on each plan, once its tiers are assigned; a plan keeps them only when
+   they make it faster than its own one-node self;
+5. each plan's stages (``partc.plan.build_plan``), its distinct programs (a piece of the
+   model several plans share is one program), each parallel stage's schedule
+   (``partc.tiling.schedule``), each program's predicted seconds and each plan's
+   ``Prediction`` (``partc.partition.price``): the only prices the report, the manifest
+   and the runtime's plan selector show. The primary plan is the build's fastest at the
+   cluster file's bandwidths.
+
+Guarantee: the primary plan is never worse, by the objective, than the plan partc builds by
+separate steps (the cut for one machine per tier, then the plan passes), nor than any other
+plan of the build at the cluster file's bandwidths; the cut is exact for the scaled costs
+(``partc.partition.solve``), the branch assignment exact per region
+(``partc.tiling.branches``), the tile grids exact per run (``partc.tiling.split``); the
+joint choice across them is a fixed-point search, not a proof of the global optimum.
 
 ``partc plan`` is this road and a report; ``partc compile`` goes on to emit every program
 and write the manifest. The primary plan's programs are named after their stage (``edge.0``),
@@ -30,9 +43,10 @@ from pathlib import Path
 import numpy as np
 from torch import fx, nn
 
-from partc.codec import NO_CODEC
+from partc.codec import NO_CODEC, LinkCodec
+from partc.compression import cut_codecs
 from partc.context import CompileContext
-from partc.ir import META_LINK_CODECS, META_TIER, clone, link_name
+from partc.ir import META_CODEC_MEASUREMENTS, META_LINK_CODECS, META_TIER, clone, link_name
 from partc.partition.cost import Cost, CostGraph, evaluate, predict
 from partc.partition.family import deployment_plans
 from partc.partition.model import assigned_cost, link_price, priced, program_seconds
@@ -169,9 +183,9 @@ def compile_plans(
     timings: dict[str, float] = {}
     gm = run_passes(gm, pipeline.model, ctx, dump_after=dump_after, dump_dir=dump_dir, progress=progress,
                     timings=timings)
-    graph, first_cut, _ = assigned_cost(gm, ctx)
+    raw, first_cut, _ = assigned_cost(gm, ctx)
     codecs = gm.meta.get(META_LINK_CODECS, {})
-    graph = priced(graph, codecs)
+    graph = priced(raw, codecs)
     names = ctx.tier_names
     links = tuple(link_price(ctx.link(a, b), codecs.get(link_name(a, b), NO_CODEC))
                   for a, b in zip(names, names[1:], strict=False))
@@ -182,10 +196,11 @@ def compile_plans(
     )
     for note in notes:
         progress(f"note: {note}")
-    planner = _Planner(gm, graph, links, ctx, pipeline, set(dump_after), progress, timings)
+    planner = _Planner(gm, raw, graph, links, ctx, pipeline, set(dump_after), timings)
     progress("choosing the cut with each tier's parallel speed-ups")
     cut, parallel = planner.joint_cut(first_cut)
-    progress("planning for other bandwidths and for failed tiers")
+    progress("planning for other bandwidths and for failed tiers and nodes")
+    parallel_tiers = {t.name for t in ctx.tiers if t.nodes > 1 and ctx.link(t.name, t.name) is not None}
     choices = deployment_plans(parallel, cut, ctx.objective)
     candidates = [(kind, planner.realise(tiers)) for kind, tiers in choices]
     # the primary plan is the build's fastest at the cluster file's bandwidths, its parallel steps priced
@@ -193,6 +208,11 @@ def compile_plans(
     if fastest:
         candidates = [("primary", candidates[fastest][1]), ("adaptive", candidates[0][1]),
                       *(c for i, c in enumerate(candidates) if i not in (0, fastest))]
+    if any(s.tier in parallel_tiers for s in candidates[0][1].plan.stages):  # a node may die: plan without them
+        alone = planner.unparallel(candidates[0][1].tiers)
+        known = {tuple(map(_program_key, c.plan.stages)) for _, c in candidates}
+        if tuple(map(_program_key, alone.plan.stages)) not in known:
+            candidates.append(("fallback", alone))
     programs, uses = _programs([c.plan for _, c in candidates], planner.scheduled)
     compiled = tuple(
         CompiledPlan(f"p{i}", kind, c.tiers, c.gm, c.plan, use, c.prediction, c.cost)
@@ -220,9 +240,9 @@ class _Candidate:
 class _Planner:
     """Realises and prices assignments for one compile, each once (``realise`` caches by assignment)."""
 
-    def __init__(self, gm, graph, links, ctx, pipeline, dump_after, progress, timings):
-        self.gm, self.graph, self.links, self.ctx, self.pipeline = gm, graph, links, ctx, pipeline
-        self.dump_after, self.progress, self.timings = dump_after, progress, timings
+    def __init__(self, gm, raw, graph, links, ctx, pipeline, dump_after, timings):
+        self.gm, self.raw, self.graph, self.links, self.ctx, self.pipeline = gm, raw, graph, links, ctx, pipeline
+        self.dump_after, self.timings = dump_after, timings
         self.realised: dict[bytes, _Candidate] = {}
         self.scheduled: dict[tuple, tuple[Schedule | None, float]] = {}  # program key -> (schedule, seconds)
 
@@ -239,6 +259,10 @@ class _Planner:
             self.realised[key] = min(variants, key=lambda c: c.cost.value(self.ctx.objective))
         return self.realised[key]
 
+    def unparallel(self, tiers: np.ndarray) -> _Candidate:
+        """The plan of ``tiers`` on one node per tier: the plan passes not run."""
+        return self._variant(np.asarray(tiers, dtype=np.int64), ())
+
     def _variant(self, tiers: np.ndarray, passes: Sequence[Pass]) -> _Candidate:
         g = _assign(self.gm, self.ctx.tier_names, tiers)
         snapshots = []
@@ -247,9 +271,23 @@ class _Planner:
             if p.name in self.dump_after:
                 snapshots.append((offset, p.name, g))
         plan = build_plan(g, self.ctx)
-        prediction = predict(self.graph, tiers, {s.tier: self.seconds(s) for s in plan.stages})
-        cost = Cost.of(prediction, self.links, evaluate(self.graph, tiers).memory)
+        own = self.own_codecs(tiers)
+        paying = priced(self.raw, {link.name: own.get(link.name, link.codec) for link in self.links})
+        prediction = replace(predict(paying, tiers, {s.tier: self.seconds(s) for s in plan.stages}), codecs=own)
+        cost = Cost.of(prediction, self.links, evaluate(paying, tiers).memory)
         return _Candidate(tiers, g, plan, prediction, cost, tuple(snapshots))
+
+    def own_codecs(self, tiers: np.ndarray) -> dict[str, LinkCodec]:
+        """Each link's codec as measured on the tensors ``tiers`` sends over it, where that differs
+        from the codec measured on the cut it was chosen for (``compress-cut-tensors``)."""
+        measured = self.gm.meta.get(META_CODEC_MEASUREMENTS)
+        if measured is None:
+            return {}
+        chosen = [link.codec for link in self.links]
+        own = cut_codecs(measured, self.raw, [c.codec for c in chosen], tiers)
+        return {link.name: replace(mine, agreement=theirs.agreement) for link, mine, theirs in zip(
+            self.links, own, chosen, strict=True) if (mine.ratio, mine.encode_bytes_per_s, mine.decode_bytes_per_s)
+                != (theirs.ratio, theirs.encode_bytes_per_s, theirs.decode_bytes_per_s)}
 
     def seconds(self, stage: Stage) -> float:
         """Predicted seconds of a stage program: its schedule's when it runs on several nodes."""

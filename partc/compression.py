@@ -35,6 +35,7 @@ from partc.codec import Codec, LinkCodec, decode, encode, parse_codec
 from partc.context import Compression
 from partc.errors import ClusterError, PartcError
 from partc.ir import META_BYTES
+from partc.partition.cost import CostGraph
 
 MEASURE_SAMPLES = 8  # most calibration inputs that ratios and speeds are measured on
 
@@ -77,6 +78,15 @@ class Measurements:
             decode_bytes_per_s=raw / max(float(self.decode_s[codec][mask].sum()), 1e-9),
             samples=self.samples,
         )
+
+
+def cut_codecs(
+    measured: Measurements, graph: CostGraph, codecs: Sequence[str], tiers: np.ndarray
+) -> tuple[LinkCodec, ...]:
+    """Each link's codec (``codecs[b]`` on link b) measured on the tensors ``tiers`` sends over it
+    (``none`` where it sends none); ``measured`` holds the nodes of ``graph``."""
+    reach = graph.last_consumer(tiers)
+    return tuple(measured.entry(codec, (tiers <= b) & (reach > b)) for b, codec in enumerate(codecs))
 
 
 def calibration_inputs(

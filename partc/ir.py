@@ -29,6 +29,8 @@ META_TILE = "partc.tile"  # (run index, node index) of a tiled or distributed no
 # Written by passes on the graph (gm.meta), not on nodes.
 # compress-cut-tensors: {link_name(src, dst): partc.codec.LinkCodec}, for every link between consecutive tiers.
 META_LINK_CODECS = "partc.link_codecs"
+# compress-cut-tensors, when it measured codecs: partc.compression.Measurements (every allowed codec on every node)
+META_CODEC_MEASUREMENTS = "partc.codec_measurements"
 # distribute-branches and tile-conv-stages: one dict per group of nodes run in parallel on a tier's nodes:
 #   {"kind": "branches" | "tiles", "run": META_TILE run index, "tier", "nodes": nodes used, "sequential_s",
 #    "parallel_s", and per kind "join", "branches" {first node of a branch: node} | "grid", "layers", "halo"}.

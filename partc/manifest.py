@@ -18,7 +18,8 @@ Schema (``schema_version`` 2; keys sorted; sizes in bytes, times in seconds)::
     plans            [{name, kind, stages: [stage], programs: {stage: program id},
                        assignment: {node: tier},                   every IR node
                        predicted: {compute: {tier: s}, link_bytes: {link: bytes},
-                                   reached: [link], latency, bottleneck, transfer: {link: s}},
+                                   reached: [link], codecs: {link: CODEC}, latency, bottleneck,
+                                   transfer: {link: s}},
                        transfers: [{tensor: TENSOR, from: stage | null, to: stage, bytes}],
                        max_abs_diff}]
     verification     {max_abs_diff, output_scale, inputs: "seeded example"}

@@ -40,13 +40,14 @@ from partc.codec import NO_CODEC, LinkCodec
 from partc.compression import (
     Measurements,
     calibration_inputs,
+    cut_codecs,
     measure_codecs,
     run_pipeline,
     top1_agreement,
 )
 from partc.context import CompileContext
 from partc.errors import ClusterError, PartcError
-from partc.ir import META_LINK_CODECS, META_TIER, clone, link_name
+from partc.ir import META_CODEC_MEASUREMENTS, META_LINK_CODECS, META_TIER, clone, link_name
 from partc.partition.cost import Cost, CostGraph, evaluate
 from partc.partition.model import cost_graph, priced
 from partc.partition.solve import solve
@@ -72,7 +73,8 @@ def compress_cut_tensors(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Choose the cut and one codec per link together, minimising ``ctx.objective``.
 
     Reads meta[META_TIER] (run select-cuts first), meta[META_BYTES] and what ``cost_graph``
-    reads; writes gm.meta[META_LINK_CODECS] (link ``"src->dst"`` -> entry, see
+    reads; writes gm.meta[META_CODEC_MEASUREMENTS] (what it measured, when it measured) and
+    gm.meta[META_LINK_CODECS] (link ``"src->dst"`` -> entry, see
     ``partc.compression.Measurements.entry``) for every link between consecutive tiers and,
     when the chosen cut differs, meta[META_TIER] on every node (the output node on the last
     tier that computes one of its inputs, as select-cuts does). When every link allows only
@@ -126,6 +128,7 @@ def compress_cut_tensors(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             f"({'; '.join(refused)}); allow a lossless codec such as none on every link"
         )
     samples = sum(len(call[0]) for call in inputs) if agreement is not None else measured.samples
+    gm.meta[META_CODEC_MEASUREMENTS] = measured
     gm.meta[META_LINK_CODECS] = {
         name: replace(entry, agreement=agreement, samples=samples)
         for name, entry in zip(link_names, chosen.entries, strict=True)
@@ -157,7 +160,7 @@ def _candidates(
             plans += [solve(g, objective).tiers for g in _per_tensor_graphs(graph, measured, combo)]
         for tiers in plans:
             tiers = np.asarray(tiers, dtype=np.int64)
-            entries = _entries(graph, measured, combo, tiers)
+            entries = cut_codecs(measured, graph, combo, tiers)
             key = (tiers.tobytes(), tuple(e.codec for e in entries))
             if key not in found:
                 paying = priced(graph, dict(zip(graph.links, entries, strict=True)))
@@ -188,14 +191,6 @@ def _per_tensor_graphs(graph: CostGraph, measured: Measurements, combo: tuple[st
         bandwidth = np.where(totals > 0, 1e9 * totals[b] / np.where(totals > 0, totals, 1), graph.bandwidth)
         graphs.append(replace(graph, nbytes=nbytes, bandwidth=bandwidth))
     return graphs
-
-
-def _entries(
-    graph: CostGraph, measured: Measurements, combo: tuple[str, ...], tiers: np.ndarray
-) -> tuple[LinkCodec, ...]:
-    """Each link's entry, measured on the tensors ``tiers`` sends over it (``none`` where it sends none)."""
-    reach = graph.last_consumer(tiers)
-    return tuple(measured.entry(codec, (tiers <= b) & (reach > b)) for b, codec in enumerate(combo))
 
 
 def _tier_map(gm: fx.GraphModule, tiers: np.ndarray) -> dict[str, int]:

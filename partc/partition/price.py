@@ -51,9 +51,11 @@ class LinkPrice:
     latency: float
     codec: LinkCodec = NO_CODEC
 
-    def stream_seconds(self, nbytes: float, bandwidth: float | None = None) -> float:
-        """Seconds to move ``nbytes`` raw bytes at ``bandwidth`` (default: the link's), codec included."""
-        return nbytes / self.codec.effective_bandwidth(self.bandwidth if bandwidth is None else bandwidth)
+    def stream_seconds(self, nbytes: float, bandwidth: float | None = None, codec: LinkCodec | None = None) -> float:
+        """Seconds to move ``nbytes`` raw bytes at ``bandwidth`` (default: the link's) with ``codec``
+        (default: the link's; a plan's own cut tensors may compress otherwise)."""
+        codec = self.codec if codec is None else codec
+        return nbytes / codec.effective_bandwidth(self.bandwidth if bandwidth is None else bandwidth)
 
     def transfer_seconds(self, nbytes: float, bandwidth: float | None = None) -> float:
         """One transfer of ``nbytes`` raw bytes: the link's latency plus its streaming time."""
@@ -93,18 +95,25 @@ class Prediction:
         compute: tier -> seconds of its stage (tiled steps priced), every tier in order.
         link_bytes: link -> raw tensor bytes per inference, every link in order.
         reached: the links the plan reaches past (their latency is paid).
+        codecs: link -> its codec as measured on this plan's own cut tensors, where that
+            differs from the link's (``LinkPrice.codec``).
     """
 
     compute: Mapping[str, float]
     link_bytes: Mapping[str, int]
     reached: tuple[str, ...] = field(default=())
+    codecs: Mapping[str, LinkCodec] = field(default_factory=dict)
+
+    def stream(self, link: LinkPrice, bandwidth: Mapping[str, float]) -> float:
+        """Seconds to stream this plan's bytes over ``link``, with its codec on this plan's tensors."""
+        return link.stream_seconds(self.link_bytes.get(link.name, 0), bandwidth.get(link.name),
+                                   self.codecs.get(link.name))
 
     def transfer(self, links: Sequence[LinkPrice], bandwidth: Mapping[str, float] | None = None) -> dict[str, float]:
         """Seconds on each link, at ``bandwidth`` (link -> bytes/s; a link not in it: its own)."""
         bandwidth = bandwidth or {}
         return {
-            link.name: (link.latency if link.name in self.reached else 0.0)
-            + link.stream_seconds(self.link_bytes.get(link.name, 0), bandwidth.get(link.name))
+            link.name: (link.latency if link.name in self.reached else 0.0) + self.stream(link, bandwidth)
             for link in links
         }
 
@@ -115,8 +124,7 @@ class Prediction:
     def bottleneck(self, links: Sequence[LinkPrice], bandwidth: Mapping[str, float] | None = None) -> float:
         """Seconds of the slowest pipeline stage: a tier's compute or a link's streaming time."""
         bandwidth = bandwidth or {}
-        streams = [link.stream_seconds(self.link_bytes.get(link.name, 0), bandwidth.get(link.name)) for link in links]
-        return max([*self.compute.values(), *streams])
+        return max([*self.compute.values(), *(self.stream(link, bandwidth) for link in links)])
 
     def value(self, objective: str, links: Sequence[LinkPrice], bandwidth: Mapping[str, float] | None = None) -> float:
         """The figure ``objective`` minimises: latency or bottleneck."""
@@ -126,6 +134,7 @@ class Prediction:
         """The manifest's ``plans[].predicted``: what it holds, and its figures at the links' bandwidths."""
         return {
             "compute": dict(self.compute), "link_bytes": dict(self.link_bytes), "reached": list(self.reached),
+            "codecs": {name: codec.to_json() for name, codec in self.codecs.items()},
             "latency": self.latency(links), "bottleneck": self.bottleneck(links), "transfer": self.transfer(links),
         }
 
@@ -136,4 +145,5 @@ class Prediction:
         Raises:
             KeyError: for a missing key (the manifest reader names it).
         """
-        return cls(dict(entry["compute"]), dict(entry["link_bytes"]), tuple(entry["reached"]))
+        return cls(dict(entry["compute"]), dict(entry["link_bytes"]), tuple(entry["reached"]),
+                   {name: LinkCodec.from_json(codec) for name, codec in entry["codecs"].items()})

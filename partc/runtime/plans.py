@@ -80,6 +80,7 @@ class RuntimePlan:
         programs: stage -> the program it runs in this plan (a key of the stage
             functions); stages that only relay are absent.
         predicted: the compiler's price of the plan (manifest ``plans[].predicted``).
+        peers: the other nodes of a tier (``edge.1``) that run its tiles or branches.
     """
 
     name: str
@@ -87,6 +88,7 @@ class RuntimePlan:
     stages: tuple[StageSpec, ...]
     programs: Mapping[str, str]
     predicted: Prediction
+    peers: frozenset[str] = frozenset()
 
     @classmethod
     def single(cls, stages: Sequence[StageSpec]) -> RuntimePlan:
@@ -151,8 +153,9 @@ class PlanSelector:
         return {i: p.predicted.latency(self.prices, bandwidth) for i, p in enumerate(self.plans) if self.usable(i)}
 
     def usable(self, index: int) -> bool:
-        """Whether plan ``index`` reaches no dead stage."""
-        return not any(s.name in self.down for s in self.plans[index].stages)
+        """Whether plan ``index`` reaches no dead stage, and no dead node runs its tiles or branches."""
+        plan = self.plans[index]
+        return not any(s.name in self.down for s in plan.stages) and not plan.peers & self.down
 
     def select(self, request: int, estimates: Mapping[str, BandwidthEstimator]) -> int:
         """Return the plan for ``request``, switching (and logging why) when another is clearly faster.
@@ -215,6 +218,7 @@ def from_manifest(
         links = links_between(manifest, src.tier, dst.tier)
         hops.append(Hop(src.name, dst.name, tuple(lk.name for lk in links), min(lk.bandwidth for lk in links),
                         sum(lk.latency for lk in links), links[0].codec))
+    owner = {p.id: s.name for s in manifest.stages for p in s.programs}
     plans = []
     for entry in manifest.plans:
         stages = []
@@ -223,5 +227,8 @@ def from_manifest(
             reads, writes = (program.inputs, program.outputs) if program else ((), ())
             stages.append(StageSpec(name, addresses.get(name, ""), tuple(t.name for t in reads),
                                     tuple(t.name for t in writes)))
-        plans.append(RuntimePlan(entry.name, entry.kind, tuple(stages), dict(entry.programs), entry.predicted))
+        steps = [step for name, pid in entry.programs.items() for schedule in manifest.stage(name).schedules
+                 if schedule.id == pid for step in schedule.steps]
+        peers = frozenset(owner[pid] for step in steps for pid in step[1:])
+        plans.append(RuntimePlan(entry.name, entry.kind, tuple(stages), dict(entry.programs), entry.predicted, peers))
     return plans, hops

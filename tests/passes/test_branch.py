@@ -80,7 +80,7 @@ def test_inception_blocks_and_downsampling_blocks_are_regions_identity_blocks_ar
 def _cluster(nodes: int, edge_link: bool = True) -> dict:
     links = [{"from": "device", "to": "edge", "bandwidth": "1Gbit/s", "latency": "1ms"}]
     if edge_link:
-        links.append({"from": "edge", "to": "edge", "bandwidth": "10Gbit/s", "latency": "0.1ms"})
+        links.append({"from": "edge", "to": "edge", "bandwidth": "1Gbit/s", "latency": "0.2ms"})
     return {"tiers": [{"name": "device", "target": "rpi4", "backend": "torchscript"},
                       {"name": "edge", "target": "rpi4", "backend": "onnx", "nodes": nodes}],
             "links": links, "constraints": {"forbid": ["device"]}}
