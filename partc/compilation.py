@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +47,13 @@ from partc.codec import NO_CODEC, LinkCodec
 from partc.compression import cut_codecs
 from partc.context import CompileContext
 from partc.ir import META_CODEC_MEASUREMENTS, META_LINK_CODECS, META_TIER, clone, link_name
-from partc.partition.cost import Cost, CostGraph, evaluate, predict
+from partc.partition.baselines import baselines
+from partc.partition.cost import Cost, CostGraph, evaluate, predict, violations
 from partc.partition.family import deployment_plans
 from partc.partition.model import assigned_cost, link_price, priced, program_seconds
 from partc.partition.price import LinkPrice, Prediction
 from partc.partition.solve import solve
-from partc.passes import DEFAULT_PIPELINE
+from partc.passes import DEFAULT_PIPELINE, PASSES
 from partc.pipeline import Pass, Pipeline, dump_ir, run_passes
 from partc.plan import Plan, Stage, build_plan
 from partc.report import trace_model
@@ -118,6 +119,7 @@ class Compilation:
         pass_seconds: seconds each pass took (plan passes summed over the plans).
         source: the file that defines the model's class (None: not from a file).
         notes: what the user should know about the cluster (a tier's nodes left unused).
+        baselines: strategy -> its cost (``_Planner.baselines``; None: infeasible), when asked for.
     """
 
     ctx: CompileContext
@@ -129,6 +131,7 @@ class Compilation:
     pass_seconds: Mapping[str, float]
     source: Path | None
     notes: tuple[str, ...] = ()
+    baselines: Mapping[str, Cost | None] = field(default_factory=dict)
 
     @property
     def primary(self) -> CompiledPlan:
@@ -158,6 +161,7 @@ def compile_plans(
     dump_after: Iterable[str] = (),
     dump_dir: Path = Path("partc-dump"),
     progress: Callable[[str], None] = lambda _: None,
+    compare: bool = False,
 ) -> Compilation:
     """Trace ``model`` and run ``pipeline`` on it, up to every plan's priced programs (module docstring).
 
@@ -170,6 +174,7 @@ def compile_plans(
             pass dumps once per plan, suffixed ``-p<i>``.
         dump_dir: where to dump it.
         progress: called with a line of text as each step starts.
+        compare: also price every baseline strategy (``Compilation.baselines``).
 
     Raises:
         PartcError: for a bad model, shapes, constraints, an unsupported layer or a pass
@@ -209,7 +214,7 @@ def compile_plans(
         candidates = [("primary", candidates[fastest][1]), ("adaptive", candidates[0][1]),
                       *(c for i, c in enumerate(candidates) if i not in (0, fastest))]
     if any(s.tier in parallel_tiers for s in candidates[0][1].plan.stages):  # a node may die: plan without them
-        alone = planner.unparallel(candidates[0][1].tiers)
+        alone = planner.realise_with(candidates[0][1].tiers, ())
         known = {tuple(map(_program_key, c.plan.stages)) for _, c in candidates}
         if tuple(map(_program_key, alone.plan.stages)) not in known:
             candidates.append(("fallback", alone))
@@ -221,8 +226,12 @@ def compile_plans(
     for i, (_, c) in enumerate(candidates):
         for index, name, snapshot in c.snapshots:
             dump_ir(snapshot, dump_dir / f"{index:02d}-{name}-p{i}")
+    found = {}
+    if compare:
+        progress("pricing the baseline strategies")
+        found = planner.baselines(first_cut)
     return Compilation(ctx, gm, graph, links, compiled, programs, timings, Path(source) if source else None,
-                       notes)
+                       notes, found)
 
 
 @dataclass(frozen=True)
@@ -253,17 +262,15 @@ class _Planner:
         tiers = np.asarray(tiers, dtype=np.int64)
         key = tiers.tobytes()
         if key not in self.realised:
-            variants = [self._variant(tiers, self.pipeline.plan)]
+            variants = [self.realise_with(tiers, self.pipeline.plan)]
             if self.pipeline.plan:
-                variants.append(self._variant(tiers, ()))
+                variants.append(self.realise_with(tiers, ()))
             self.realised[key] = min(variants, key=lambda c: c.cost.value(self.ctx.objective))
         return self.realised[key]
 
-    def unparallel(self, tiers: np.ndarray) -> _Candidate:
-        """The plan of ``tiers`` on one node per tier: the plan passes not run."""
-        return self._variant(np.asarray(tiers, dtype=np.int64), ())
-
-    def _variant(self, tiers: np.ndarray, passes: Sequence[Pass]) -> _Candidate:
+    def realise_with(self, tiers: np.ndarray, passes: Sequence[Pass]) -> _Candidate:
+        """The plan of ``tiers`` with ``passes`` run on it (none: one node per tier), priced."""
+        tiers = np.asarray(tiers, dtype=np.int64)
         g = _assign(self.gm, self.ctx.tier_names, tiers)
         snapshots = []
         for offset, p in enumerate(passes, start=len(self.pipeline.model) + 1):
@@ -276,6 +283,37 @@ class _Planner:
         prediction = replace(predict(paying, tiers, {s.tier: self.seconds(s) for s in plan.stages}), codecs=own)
         cost = Cost.of(prediction, self.links, evaluate(paying, tiers).memory)
         return _Candidate(tiers, g, plan, prediction, cost, tuple(snapshots))
+
+    def price(self, tiers: np.ndarray) -> Cost:
+        """The cost of ``tiers`` on one node per tier, each link paying its codec on its own cut tensors."""
+        own = self.own_codecs(tiers)
+        paying = priced(self.raw, {link.name: own.get(link.name, link.codec) for link in self.links})
+        return Cost.of(replace(predict(paying, tiers), codecs=own), self.links, evaluate(paying, tiers).memory)
+
+    def baselines(self, first: np.ndarray) -> dict[str, Cost | None]:
+        """Every baseline strategy priced by the rules partc's plans are priced by.
+
+        The classic strategies (``partc.partition.baselines``) choose their cut on the cost
+        graph as partc does and pay, link by link, the codec measured on their own cut
+        tensors. Where a tier runs in parallel, the seeds' multi-node strategies too:
+        ``d3+tiles`` (the D3-style greedy cut, its parallel tiers tiled), ``deepthings``
+        (everything on the first parallel tier, tiled over its nodes) and ``branch-lb``
+        (``first``, the cut for one machine per tier, with branches load-balanced over the
+        nodes). None: the strategy has no feasible plan.
+        """
+        ctx = self.ctx
+        classic = baselines(self.graph, ctx.objective)
+        found = {name: None if p is None else self.price(p.tiers) for name, p in classic.items()}
+        parallel = [k for k, t in enumerate(ctx.tiers) if t.nodes > 1 and ctx.link(t.name, t.name) is not None]
+        if not parallel:
+            return found
+        tiles, branches = (PASSES["tile-conv-stages"],), (PASSES["distribute-branches"],)
+        d3 = classic["d3-greedy"]
+        found["d3+tiles"] = None if d3 is None else self.realise_with(d3.tiers, tiles).cost
+        alone = np.where(self.graph.inputs, 0, parallel[0])
+        found["deepthings"] = None if violations(self.graph, alone) else self.realise_with(alone, tiles).cost
+        found["branch-lb"] = self.realise_with(first, branches).cost
+        return found
 
     def own_codecs(self, tiers: np.ndarray) -> dict[str, LinkCodec]:
         """Each link's codec as measured on the tensors ``tiers`` sends over it, where that differs

@@ -21,7 +21,6 @@ from partc.cluster import load_cluster, parse_bandwidth
 from partc.compilation import compile_plans
 from partc.errors import ClusterError
 from partc.ir import META_PARALLEL, META_TIER
-from partc.partition.baselines import baselines
 from partc.partition.cost import Cost, predict
 from partc.partition.family import bandwidth_sweep, plan_family, plot_bandwidth_sweep
 from partc.partition.model import assigned_cost
@@ -203,6 +202,7 @@ def plan_model(
     dump_after: Sequence[str] = (),
     dump_dir: Path = Path("partc-dump"),
     progress: Callable[[str], None] = lambda _: None,
+    compare: bool = True,
 ) -> PlanReport:
     """Python twin of ``partc plan``: ``partc compile`` stopped before emission.
 
@@ -217,12 +217,15 @@ def plan_model(
         dump_after: passes after which to dump the IR (``partc.compilation.compile_plans``).
         dump_dir: where to dump it.
         progress: called with a line of text as each step starts.
+        compare: price every baseline strategy (``partc.compilation._Planner.baselines``);
+            without it ``baselines`` is empty.
 
     Raises:
         PartcError: for a bad model, cluster, constraint, sweep link or range.
     """
     ctx = load_cluster(cluster, profiles)
-    compiled = compile_plans(model, input_shapes, ctx, dump_after=dump_after, dump_dir=dump_dir, progress=progress)
+    compiled = compile_plans(model, input_shapes, ctx, dump_after=dump_after, dump_dir=dump_dir, progress=progress,
+                             compare=compare)
     graph, primary = compiled.graph, compiled.primary
     nodes = [n for n in compiled.gm.graph.nodes if n.op != "output"]
     report = PlanReport(
@@ -231,7 +234,7 @@ def plan_model(
         layers=_layers(graph.names, primary.tiers, graph.tiers), cost=primary.cost,
         codecs={link.name: link.codec.codec for link in compiled.links},
         solve_seconds=sum(compiled.pass_seconds.get(name, 0.0) for name in CUT_PASSES),
-        baselines={name: p.cost if p else None for name, p in baselines(graph, ctx.objective).items()},
+        baselines=dict(compiled.baselines),
         plans=tuple(BuildPlan(p.name, p.kind, tuple(s.name for s in p.plan.stages), p.cost.latency,
                               p.cost.bottleneck) for p in compiled.plans),
         one_node=tuple(predict(graph, primary.tiers).compute.values()),

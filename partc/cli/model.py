@@ -156,7 +156,8 @@ def _run_plan(args) -> int:
     plot = (args.plot or Path("plan-sweep.png")) if args.sweep else None
     report = plan_model(args.model, args.input_shape, args.cluster, profiles=parse_profile_args(args.profile),
                         sweep=args.sweep, sweep_range=(low, high), plot=plot, dump_after=args.dump_after,
-                        dump_dir=args.dump_dir, progress=lambda line: print(f"partc: {line}", file=sys.stderr))
+                        dump_dir=args.dump_dir, progress=lambda line: print(f"partc: {line}", file=sys.stderr),
+                        compare=args.compare or args.json)
     print(json.dumps(report.to_json(), indent=1) if args.json else report.table(compare=args.compare))
     return 0
 
