@@ -58,6 +58,9 @@ def test_plan_and_compile_predict_the_same_plans(planned_and_built):
     assert [(p["name"], p["kind"]) for p in shown["plans"]] == [(p["name"], p["kind"]) for p in written]
     for mine, theirs in zip(shown["plans"], written, strict=True):
         assert mine["latency"] == pytest.approx(theirs["predicted"]["latency"], rel=1e-3)
+    # the primary plan is the build's fastest, and no baseline priced by the same rules beats it
+    assert shown["cost"]["latency"] <= min(p["latency"] for p in shown["plans"]) * (1 + 1e-9)
+    assert all(shown["cost"]["latency"] <= b["latency"] * (1 + 1e-9) for b in shown["baselines"].values() if b)
     if name == "resnet18-tiled":
         assert any(stage["schedules"] for stage in json.loads((build.path / MANIFEST).read_text())["stages"])
 
