@@ -27,6 +27,7 @@ from pathlib import Path
 from partc.planning import plan_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MULTI_NODE = ("d3+tiles", "deepthings", "branch-lb")  # the seeds' strategies that use a tier's nodes
 MODELS = ("vgg16", "resnet50", "googlenet", "inception_v3", "mobilenet_v2", "alexnet", "densenet121")
 CLUSTER = """\
 tiers:
@@ -47,12 +48,15 @@ def run_cell(model: str, uplink: float, nodes: int, folder: Path) -> dict:
     report = plan_model(f"torchvision:{model}", [shape], cluster, compare=True)
     seconds = time.perf_counter() - started
     feasible = {name: cost.latency for name, cost in report.baselines.items() if cost is not None}
-    best = min(feasible, key=feasible.get)
+    classic = {name: v for name, v in feasible.items() if name not in MULTI_NODE}
+    best, best_multi = min(classic, key=classic.get), min(MULTI_NODE, key=lambda n: feasible.get(n, float("inf")))
     kinds = sorted({g["kind"] for g in report.parallel})
     return {
         "model": model, "uplink_mbit": uplink, "nodes": nodes, "partc_ms": report.cost.latency * 1e3,
         "best_baseline": best, "best_baseline_ms": feasible[best] * 1e3,
         "speedup": feasible[best] / report.cost.latency,
+        "best_multi_node": best_multi, "best_multi_node_ms": feasible.get(best_multi, float("inf")) * 1e3,
+        "speedup_multi_node": feasible.get(best_multi, float("inf")) / report.cost.latency,
         "primary_fastest": all(report.cost.latency <= p.latency * (1 + 1e-9) for p in report.plans),
         "no_worse_than_baselines": all(report.cost.latency <= v * (1 + 1e-9) for v in feasible.values()),
         "parallel": ", ".join(kinds) or "-", "stages": " ".join(report.plans[0].stages), "plan_s": seconds,
@@ -68,19 +72,24 @@ def markdown(rows: list[dict], command: str) -> str:
         "cloud: cloud-cpu over the uplink (20 ms). Every baseline is priced by partc's own rules; the multi-node "
         "ones (d3+tiles, deepthings, branch-lb) use the tier's nodes.",
         "",
-        "| model | uplink Mbit/s | edge nodes | partc ms | best baseline | its ms | speed-up | primary fastest "
-        "| never worse | parallel | stages |",
-        "|---|---:|---:|---:|---|---:|---:|---|---|---|---|",
+        "| model | uplink Mbit/s | edge nodes | partc ms | best one-node baseline | its ms | speed-up "
+        "| best multi-node baseline | its ms | speed-up | primary fastest | never worse | parallel | stages |",
+        "|---|---:|---:|---:|---|---:|---:|---|---:|---:|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['uplink_mbit']:g} | {r['nodes']} | {r['partc_ms']:.1f} | {r['best_baseline']} "
-            f"| {r['best_baseline_ms']:.1f} | {r['speedup']:.2f}x | {'yes' if r['primary_fastest'] else 'NO'} "
-            f"| {'yes' if r['no_worse_than_baselines'] else 'NO'} | {r['parallel']} | {r['stages']} |"
+            f"| {r['best_baseline_ms']:.1f} | {r['speedup']:.2f}x | {r['best_multi_node']} "
+            f"| {r['best_multi_node_ms']:.1f} | {r['speedup_multi_node']:.2f}x "
+            f"| {'yes' if r['primary_fastest'] else 'NO'} | {'yes' if r['no_worse_than_baselines'] else 'NO'} "
+            f"| {r['parallel']} | {r['stages']} |"
         )
     better = sum(r["speedup"] > 1 + 1e-6 for r in rows)
-    lines += ["", f"partc strictly faster than the best baseline in {better} of {len(rows)} cells; "
-              f"never slower in {sum(r['no_worse_than_baselines'] for r in rows)} of {len(rows)}."]
+    multi = sum(r["speedup_multi_node"] > 1 + 1e-6 for r in rows)
+    lines += ["", f"partc strictly faster than the best one-node baseline in {better} of {len(rows)} cells, than the "
+              f"best multi-node baseline in {multi}; never slower than any baseline in "
+              f"{sum(r['no_worse_than_baselines'] for r in rows)} of {len(rows)}; the primary plan the fastest of "
+              f"its build in {sum(r['primary_fastest'] for r in rows)} of {len(rows)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -100,6 +109,7 @@ def main() -> None:
                     rows.append(row)
                     print(f"{model:13s} {uplink:6g} Mbit/s {nodes} nodes: partc {row['partc_ms']:8.1f} ms, "
                           f"{row['best_baseline']} {row['best_baseline_ms']:8.1f} ms ({row['speedup']:.2f}x), "
+                          f"{row['best_multi_node']} ({row['speedup_multi_node']:.2f}x), "
                           f"{row['parallel']}, planned in {row['plan_s']:.0f} s", flush=True)
     command = "python benchmarks/joint_planner.py " + " ".join(
         f"--{k} {v}" for k, v in (("models", args.models), ("uplinks", args.uplinks), ("nodes", args.nodes)))

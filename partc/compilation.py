@@ -12,8 +12,9 @@
    bandwidth (``partc.partition.family.deployment_plans``: the rest of the plan family,
    fallbacks that stop before a tier), and a fallback that runs the primary plan's cut on
    one node per tier (for a dead or slow node of a parallel tier);
-4. the plan passes on each plan, once its tiers are assigned; a plan keeps them only when
-   they make it faster than its own one-node self;
+4. the plan passes on each plan, once its tiers are assigned: every order-preserving subset
+   of them, the fastest kept (so a plan never loses to its one-node self, nor to branches
+   alone or tiles alone);
 5. each plan's stages (``partc.plan.build_plan``), its distinct programs (a piece of the
    model several plans share is one program), each parallel stage's schedule
    (``partc.tiling.schedule``), each program's predicted seconds and each plan's
@@ -35,6 +36,7 @@ the others after the plan that first needs them (``edge.0-p2``).
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,7 +50,7 @@ from partc.compression import cut_codecs
 from partc.context import CompileContext
 from partc.ir import META_CODEC_MEASUREMENTS, META_LINK_CODECS, META_TIER, clone, link_name
 from partc.partition.baselines import baselines
-from partc.partition.cost import Cost, CostGraph, evaluate, predict, violations
+from partc.partition.cost import Cost, CostGraph, Partition, evaluate, predict, violations
 from partc.partition.family import deployment_plans
 from partc.partition.model import assigned_cost, link_price, priced, program_seconds
 from partc.partition.price import LinkPrice, Prediction
@@ -256,33 +258,45 @@ class _Planner:
         self.scheduled: dict[tuple, tuple[Schedule | None, float]] = {}  # program key -> (schedule, seconds)
 
     def realise(self, tiers: np.ndarray) -> _Candidate:
-        """The plan of ``tiers``, priced: with the plan passes run, or without them where that is
-        predicted faster (the passes decide on estimates without the glue between steps; the
-        price counts it), so a plan never loses to its own untiled self."""
+        """The plan of ``tiers`` with the combination of plan passes that prices fastest.
+
+        Every order-preserving subset of the plan passes is run (each pass once per distinct
+        input: the subsets share their prefixes) and priced; the passes decide on estimates
+        without the glue between steps, the price counts it, so a plan never loses to its
+        one-node self nor to any of its passes alone.
+        """
         tiers = np.asarray(tiers, dtype=np.int64)
         key = tiers.tobytes()
         if key not in self.realised:
-            variants = [self.realise_with(tiers, self.pipeline.plan)]
-            if self.pipeline.plan:
-                variants.append(self.realise_with(tiers, ()))
+            states: dict[tuple[str, ...], tuple[fx.GraphModule, tuple]] = {(): (self._assigned(tiers), ())}
+            for offset, p in enumerate(self.pipeline.plan, start=len(self.pipeline.model) + 1):
+                for applied, (g, snapshots) in list(states.items()):
+                    g = run_passes(g, (p,), self.ctx, timings=self.timings)
+                    shot = ((offset, p.name, g),) if p.name in self.dump_after else ()
+                    states[(*applied, p.name)] = (g, snapshots + shot)
+            distinct = {id(g): (g, snapshots) for g, snapshots in states.values()}  # a pass that did nothing
+            variants = [self._priced(tiers, g, snapshots) for g, snapshots in distinct.values()]
             self.realised[key] = min(variants, key=lambda c: c.cost.value(self.ctx.objective))
         return self.realised[key]
 
     def realise_with(self, tiers: np.ndarray, passes: Sequence[Pass]) -> _Candidate:
-        """The plan of ``tiers`` with ``passes`` run on it (none: one node per tier), priced."""
+        """The plan of ``tiers`` with exactly ``passes`` run on it (none: one node per tier), priced."""
         tiers = np.asarray(tiers, dtype=np.int64)
-        g = _assign(self.gm, self.ctx.tier_names, tiers)
-        snapshots = []
-        for offset, p in enumerate(passes, start=len(self.pipeline.model) + 1):
+        g = self._assigned(tiers)
+        for p in passes:
             g = run_passes(g, (p,), self.ctx, timings=self.timings)
-            if p.name in self.dump_after:
-                snapshots.append((offset, p.name, g))
+        return self._priced(tiers, g, ())
+
+    def _assigned(self, tiers: np.ndarray) -> fx.GraphModule:
+        return _assign(self.gm, self.ctx.tier_names, tiers)
+
+    def _priced(self, tiers: np.ndarray, g: fx.GraphModule, snapshots: tuple) -> _Candidate:
         plan = build_plan(g, self.ctx)
         own = self.own_codecs(tiers)
         paying = priced(self.raw, {link.name: own.get(link.name, link.codec) for link in self.links})
         prediction = replace(predict(paying, tiers, {s.tier: self.seconds(s) for s in plan.stages}), codecs=own)
         cost = Cost.of(prediction, self.links, evaluate(paying, tiers).memory)
-        return _Candidate(tiers, g, plan, prediction, cost, tuple(snapshots))
+        return _Candidate(tiers, g, plan, prediction, cost, snapshots)
 
     def price(self, tiers: np.ndarray) -> Cost:
         """The cost of ``tiers`` on one node per tier, each link paying its codec on its own cut tensors."""
@@ -302,7 +316,7 @@ class _Planner:
         nodes). None: the strategy has no feasible plan.
         """
         ctx = self.ctx
-        classic = baselines(self.graph, ctx.objective)
+        classic = self.classic
         found = {name: None if p is None else self.price(p.tiers) for name, p in classic.items()}
         parallel = [k for k, t in enumerate(ctx.tiers) if t.nodes > 1 and ctx.link(t.name, t.name) is not None]
         if not parallel:
@@ -346,9 +360,11 @@ class _Planner:
         re-solves the cut with each parallel tier's node seconds scaled by its speed-up
         (first assumed perfect, ``1 / nodes``, then as measured on the last plan realised:
         its stage's priced seconds over its nodes' summed seconds) until an assignment
-        repeats or ``JOINT_ROUNDS`` rounds have run. Every assignment found is realised and
-        priced exactly; the best one is returned, so the result is never worse than the
-        separate-steps plan ``first``.
+        repeats or ``JOINT_ROUNDS`` rounds have run. The assignments of the baseline strategies
+        (``seeds``: every classic cut, and everything on each parallel tier) are candidates too.
+        Every assignment found is realised and priced exactly; the best one is returned, so the
+        result is never worse than the separate-steps plan ``first`` nor than any baseline,
+        multi-node ones included.
         """
         ctx, graph = self.ctx, self.graph
         parallel = [k for k, t in enumerate(ctx.tiers) if t.nodes > 1 and ctx.link(t.name, t.name) is not None]
@@ -373,7 +389,25 @@ class _Planner:
                 priced_seconds = found.prediction.compute[ctx.tiers[k].name]
                 if sums[k] > 0:
                     speedup[k] = min(1.0, priced_seconds / sums[k])
+        for tiers in self.seeds(parallel):
+            found = self.realise(tiers)
+            if found.cost.value(ctx.objective) < best.cost.value(ctx.objective):
+                best, best_graph = found, replace(graph, compute=graph.compute * speedup)
         return best.tiers, best_graph
+
+    def seeds(self, parallel: Sequence[int]) -> list[np.ndarray]:
+        """The baseline strategies' assignments: every classic cut, everything on each parallel tier."""
+        found = [p.tiers for p in self.classic.values() if p is not None]
+        for k in parallel:
+            alone = np.where(self.graph.inputs, 0, k)
+            if not violations(self.graph, alone):
+                found.append(alone)
+        return found
+
+    @functools.cached_property
+    def classic(self) -> dict[str, Partition | None]:
+        """The classic strategies' plans on the cost graph (``partc.partition.baselines``)."""
+        return baselines(self.graph, self.ctx.objective)
 
 
 def _program_key(stage: Stage) -> tuple:
