@@ -4,6 +4,7 @@ The Python API mirrors the command line, one function per command:
 
 - ``partc.inspect(model, input_shapes)`` is ``partc inspect``;
 - ``partc.profile(gm, ...)`` is ``partc profile`` (trace first with ``partc.trace_model``);
+- ``partc.plan(model, input_shapes, cluster)`` is ``partc plan``;
 - ``partc.compile(model, input_shapes, cluster, output)`` is ``partc compile``;
 - ``partc.load(build)`` loads a build that ``partc run`` runs.
 
@@ -20,6 +21,7 @@ _API = {
     "trace_model": ("partc.report", "trace_model"),
     "load_model": ("partc.trace", "load_model"),
     "profile": ("partc.profile", "profile_model"),
+    "plan": ("partc.planning", "plan_model"),
     "compile": ("partc.build", "compile_model"),
     "load": ("partc.runtime.local", "load"),
 }

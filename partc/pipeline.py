@@ -21,7 +21,7 @@ from torch import fx
 
 from partc.context import CompileContext
 from partc.errors import PartcError
-from partc.ir import META_SHAPE, META_TIER, lint
+from partc.ir import META_SHAPE, META_TIER, META_TILE, lint
 
 log = logging.getLogger(__name__)
 
@@ -150,17 +150,25 @@ def ir_to_json(gm: fx.GraphModule) -> dict:
     return {"tracer": gm.meta.get("partc.tracer"), "nodes": nodes}
 
 
+DOT_COLOURS = ("lightblue", "palegreen", "lightsalmon", "plum", "khaki", "lightgrey")  # tiers, in the order seen
+
+
 def ir_to_dot(gm: fx.GraphModule) -> str:
-    """Return the IR as a Graphviz digraph; nodes show op and shape, and tier when assigned."""
-    lines = ["digraph partc {", "  node [shape=box, fontname=monospace, fontsize=10];"]
+    """Return the IR as a Graphviz digraph; nodes show op and shape, and their tier (filled in
+    one colour per tier) and node of the tier (``META_TILE``) when assigned."""
+    lines = ["digraph partc {", "  node [shape=box, fontname=monospace, fontsize=10, style=filled, fillcolor=white];"]
+    tiers: dict[str, str] = {}
     for n in gm.graph.nodes:
         shape = n.meta.get(META_SHAPE)
-        label = "\\n".join(
+        tier = n.meta.get(META_TIER)
+        tile = n.meta.get(META_TILE)
+        label = "\n".join(
             [n.name, n.meta.get("partc.op", n.op)]
             + ([str(list(shape))] if shape else [])
-            + ([n.meta[META_TIER]] if META_TIER in n.meta else [])
+            + ([tier + (f" / node {tile[1]}" if tile and tile[1] is not None else "")] if tier else [])
         )
-        lines.append(f"  {json.dumps(n.name)} [label={json.dumps(label)}];")
+        colour = tiers.setdefault(tier, DOT_COLOURS[len(tiers) % len(DOT_COLOURS)]) if tier else "white"
+        lines.append(f"  {json.dumps(n.name)} [label={json.dumps(label)}, fillcolor={colour}];")
         lines += [f"  {json.dumps(a.name)} -> {json.dumps(n.name)};" for a in n.all_input_nodes]
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -141,9 +141,13 @@ def _allowed(nodes: list[fx.Node], inputs: np.ndarray, edges: list[tuple[int, in
 
 
 def _matches(node: fx.Node, pattern: str) -> bool:
+    """Whether ``pattern`` names ``node``: its name, its module's path, or a module that holds it
+    (``conv1`` matches ``conv1.conv`` and ``conv1.bn`` of a block called ``conv1``)."""
     if fnmatch.fnmatchcase(node.name, pattern):
         return True
-    return node.op == "call_module" and fnmatch.fnmatchcase(str(node.target), pattern)
+    target = str(node.target)
+    return node.op == "call_module" and (fnmatch.fnmatchcase(target, pattern)
+                                         or fnmatch.fnmatchcase(target, f"{pattern}.*"))
 
 
 def _check_pin_order(nodes, edges, pinned: dict[int, str], tiers: tuple[str, ...], source: str) -> None:
