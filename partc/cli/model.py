@@ -197,11 +197,18 @@ def _run_compile(args) -> int:
     )
     manifest = build.manifest
     rows = [("stage", "program", "backend", "target", "artifact", "MB", "predicted ms", "measured ms")]
-    for s in manifest.stages:
+    size = {p.id: p.bytes for s in manifest.stages for p in s.programs}
+    steps = {pid for s in manifest.stages for sch in s.schedules for step in sch.steps for pid in step}
+    for s in manifest.stages:  # a parallel program is one row, its steps' artifacts summed
         for p in s.programs:
-            measured = f"{p.measured_s * 1e3:.2f}" if p.measured_s is not None else "-"
-            rows.append((s.name, p.id, s.backend, s.target, p.artifact, f"{p.bytes / 1e6:.2f}",
-                         f"{p.predicted_s * 1e3:.2f}", measured))
+            if p.id not in steps:
+                rows.append((s.name, p.id, s.backend, s.target, p.artifact, f"{p.bytes / 1e6:.2f}",
+                             f"{p.predicted_s * 1e3:.2f}", _ms(p.measured_s)))
+        for p in s.schedules:
+            ids = {pid for step in p.steps for pid in step}
+            what = f"{len(p.steps)} steps on {max(map(len, p.steps))} nodes"
+            rows.append((s.name, p.id, s.backend, s.target, what, f"{sum(size[i] for i in ids) / 1e6:.2f}",
+                         f"{p.predicted_s * 1e3:.2f}", _ms(p.measured_s)))
     print(format_table(rows, right=(5, 6, 7)))
     links = manifest.prices
     rows = [("plan", "kind", "stages", "predicted ms", *(f"{link.name} MB" for link in links))]
@@ -213,6 +220,10 @@ def _run_compile(args) -> int:
           f"(output scale {manifest.output_scale:.3g})")
     print(f"wrote {build.path}/manifest.json")
     return 0
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
