@@ -128,7 +128,7 @@ def compile_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if depfile is not None:
-        _write_depfile(Path(depfile), output / MANIFEST, _dependencies(compiled.source, cluster, profiles or {}))
+        _write_depfile(Path(depfile), output / MANIFEST, _dependencies(model, compiled, Path(cluster)))
     return Build(output, manifest)
 
 
@@ -248,18 +248,50 @@ def _timed(fn: StageFn, measured: dict, name: str) -> StageFn:
     return run
 
 
-def _dependencies(source: Path | None, cluster: Path | str, profiles: Mapping[str, Path]) -> list[Path]:
-    """The files a build depends on: the model's source, the cluster file, the profiles."""
-    return [*([source] if source else []), Path(cluster), *map(Path, profiles.values())]
+def _dependencies(model: str, compiled: Compilation, cluster: Path) -> list[Path]:
+    """Every file a build is made from, for the depfile, each once.
+
+    The model's source files (the file or module its spec names, the file that defines its
+    class), the cluster file, the profiles, the description of each tier's target, the cost
+    model's calibration, the calibration inputs a ``.npy`` cluster file names, and
+    ``partc/version.py``, the stamp of partc's version (reinstalling partc rewrites it).
+    """
+    import sys
+    from importlib.resources import files
+
+    import partc.version
+
+    ctx = compiled.ctx
+    spec = model.rpartition(":")[0]
+    factory = spec if spec.endswith(".py") else getattr(sys.modules.get(spec), "__file__", None)
+    shipped = files("partc.targets")
+    calibration = ctx.compression.calibration if ctx.compression else None
+    found = [
+        factory, compiled.source, cluster, *ctx.profiles.values(),
+        *(shipped.joinpath("descriptions", f"{name}.yaml") for name in sorted({t.target for t in ctx.tiers})),
+        shipped.joinpath("calibration.json"), calibration if calibration and calibration.endswith(".npy") else None,
+        partc.version.__file__,
+    ]
+    return list(dict.fromkeys(Path(str(f)).resolve() for f in found if f))
 
 
 def _write_depfile(path: Path, output: Path, deps: Sequence[Path]) -> None:
-    """Write ``output: deps...`` in Makefile syntax, atomically."""
+    """Write ``output: deps...`` in Makefile syntax, atomically, as the build system names the files.
 
-    def escape(p: Path) -> str:
-        return str(p.resolve()).replace("\\", "\\\\").replace(" ", "\\ ").replace("#", "\\#").replace("$", "$$")
+    The target is written as given (the ``-o`` folder as on the command line, then
+    ``manifest.json``): make and ninja match it against their own rule's output by name. A
+    dependency inside the current folder (where the build runs) is written relative to it,
+    any other absolute; both only have to exist for make, ninja and CMake.
+    """
+    here = Path.cwd()
+
+    def name(p: Path) -> str:
+        return str(p.relative_to(here) if p.is_relative_to(here) else p)
+
+    def escape(text: str) -> str:
+        return text.replace("\\", "\\\\").replace(" ", "\\ ").replace("#", "\\#").replace("$", "$$")
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{escape(output)}: " + " \\\n  ".join(escape(d) for d in deps) + "\n")
+    tmp.write_text(f"{escape(str(output))}: " + " \\\n  ".join(escape(name(d)) for d in deps) + "\n")
     tmp.replace(path)

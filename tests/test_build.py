@@ -2,12 +2,15 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from clusters import three_tier
 
+import partc.targets
+import partc.version
 from partc.build import compile_model
 from partc.cli import main
 from partc.errors import ManifestError, PartcError
@@ -96,11 +99,21 @@ def test_manifest_records_plan_and_links(build):
     assert json.loads(text) == manifest and text == json.dumps(manifest, indent=1, sort_keys=True) + "\n"
 
 
-def test_depfile_names_model_source_and_cluster(build, cluster):
-    text = (build.path.parent / "resnet18.d").read_text()
-    target, deps = text.split(":", 1)
-    assert target == str((build.path / "manifest.json").resolve())
-    assert "torchvision/models/resnet.py" in deps and str(cluster.resolve()) in deps
+def test_depfile_names_every_input_as_the_build_system_does(build, cluster, tmp_path, monkeypatch):
+    from partc.build import _write_depfile
+
+    target, deps = (build.path.parent / "resnet18.d").read_text().split(": ", 1)
+    assert target == str(build.path / "manifest.json")  # as given to compile, so make and ninja match it by name
+    deps = [Path(d).resolve() for d in deps.replace("\\\n", " ").split()]  # relative ones: to this folder
+    assert [d.parts[-2:] for d in deps[:2]] == [("torchvision", "__init__.py"), ("models", "resnet.py")]
+    shipped = Path(partc.targets.__file__).resolve().parent
+    assert deps[2:] == [cluster.resolve(), *(shipped / "descriptions" / f"{name}.yaml"
+                                             for name in ("cloud-cpu", "jetson-nano", "rpi4")),
+                        shipped / "calibration.json", Path(partc.version.__file__).resolve()]
+    monkeypatch.chdir(tmp_path)  # inside the folder a build runs in: relative; outside: absolute; escaped
+    (tmp_path / "my model.py").touch()
+    _write_depfile(Path("out/b.d"), Path("out/b #1/manifest.json"), [tmp_path / "my model.py", Path("/x/$y.yaml")])
+    assert (tmp_path / "out/b.d").read_text() == "out/b\\ \\#1/manifest.json: my\\ model.py \\\n  /x/$$y.yaml\n"
 
 
 def test_tampered_and_missing_artifacts_are_refused(build, tmp_path):
@@ -183,14 +196,21 @@ def test_deployment_files_are_rendered_from_the_manifest(build):
 
     manifest = build.manifest.to_json()
     for i, stage in enumerate(manifest["stages"]):
-        script = build.path / f"serve-{stage['name']}.sh"
+        name = stage["name"]
+        script = build.path / f"serve-{name}.sh"
         assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
         text = script.read_text()
-        assert f'--stage "{stage["name"]}"' in text and text.startswith("#!/bin/sh\n")
+        assert f'stage="{name}"' in text and text.startswith("#!/bin/sh\n")
         assert ("PARTC_NEXT" in text) == (i + 1 < len(manifest["stages"]))
-        unit = configparser.ConfigParser(interpolation=None, strict=False)  # systemd repeats Environment=
-        unit.read_string((build.path / f"partc-{stage['name']}.service").read_text())
-        assert unit["Service"]["ExecStart"] == f"/opt/partc/resnet18/serve-{stage['name']}.sh"
+        settings = subprocess.run(["sh", "-c", '. "$0" && echo "$PARTC_LISTEN $PARTC_THREADS ${PARTC_NEXT-unset}"',
+                                   str(build.path / f"{name}.env")], capture_output=True, text=True, check=True)
+        cores = partc.targets.target(stage["target"]).cores
+        assert settings.stdout.split() == ["0.0.0.0:50051", str(cores), *(["unset"] if i == 2 else [])]
+        unit = configparser.ConfigParser(interpolation=None, strict=False)
+        unit.read_string((build.path / f"partc-{name}.service").read_text())
+        service = unit["Service"]
+        assert service["ExecStart"] == f'"/opt/partc/resnet18/serve-{name}.sh" "/etc/partc/{name}.env"'
+        assert (service["User"], service["Restart"], service["ProtectSystem"]) == ("partc", "always", "strict")
     readme = (build.path / "README.md").read_text()
     for stage in manifest["stages"]:
         assert f'- "{stage["name"]}": tier "{stage["tier"]}", target "{stage["target"]}"' in readme

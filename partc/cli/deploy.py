@@ -1,4 +1,4 @@
-"""The runtime side of the ``partc`` command line: ``run``, ``serve``, ``bundle`` and ``testbed``.
+"""The runtime side of the ``partc`` command line: ``run``, ``serve``, ``bundle``, ``unpack``, ``ping``, ``testbed``.
 
 Each command is a ``_add_<command>(subparsers)`` function that declares its flags and sets
 ``func`` to the ``_run_<command>(args) -> int`` that does the work.
@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from partc.errors import PartcError
+from partc.errors import PartcError, RunError
 
 log = logging.getLogger("partc")
 
@@ -141,15 +141,18 @@ def _add_serve(sub) -> None:
         description="Serve STAGE of BUILD over gRPC until SIGTERM or Ctrl-C. The worker checks its artifacts "
         "(one per program: the stage's share of each of the build's plans) against the manifest's sha256, "
         "loads them, runs the one of each request's plan and forwards what later stages read to the next "
-        "stage's worker (--next). Only the manifest and this stage's artifacts are needed on the machine "
-        "('partc bundle').",
+        "stage's worker (--next). Only the manifest and this stage's artifacts are needed on the machine: "
+        "BUILD may be the tier's bundle ('partc bundle'), checked and unpacked beside it first ('partc unpack'). "
+        "Listening beyond 127.0.0.1 without --token-file logs a warning.",
         epilog="example (three machines, last stage first):\n"
-        "  partc serve build/resnet50 --stage cloud.0 --listen 0.0.0.0:50051\n"
-        "  partc serve build/resnet50 --stage edge.0 --listen 0.0.0.0:50051 --next 10.0.0.4:50051\n"
-        "  partc serve build/resnet50 --stage device.0 --listen 0.0.0.0:50051 --next 10.0.0.3:50051\n",
+        "  partc serve cloud.tar.gz --stage cloud.0 --listen 0.0.0.0:50051 --token-file token\n"
+        "  partc serve edge.tar.gz --stage edge.0 --listen 0.0.0.0:50051 --next 10.0.0.4:50051 --token-file token\n"
+        "  partc serve device.tar.gz --stage device.0 --listen 0.0.0.0:50051 --next 10.0.0.3:50051 "
+        "--token-file token\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("build", type=Path, metavar="BUILD", help="folder written by 'partc compile'")
+    p.add_argument("build", type=Path, metavar="BUILD",
+                   help="folder written by 'partc compile', or a bundle (.tar.gz) written by 'partc bundle'")
     p.add_argument("--stage", required=True, metavar="STAGE", help="stage to serve, e.g. edge.0")
     p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="address to listen on (default 127.0.0.1:0, any free port)")
@@ -192,8 +195,10 @@ def _run_serve(args) -> int:
 def _add_bundle(sub) -> None:
     p = sub.add_parser(
         "bundle", help="pack what one tier's machines need from a build",
-        description="Write a .tar.gz with the manifest, the build README, and for every stage of TIER its "
-        "artifacts (checked against the manifest's sha256), its serve script and its systemd unit.",
+        description="Write a .tar.gz with SHA256SUMS (every file's sha256), the manifest, a README for the tier, "
+        "and for every stage of TIER its artifacts (checked against the manifest's sha256), start script, "
+        "settings file and systemd unit. The same build gives the same bytes. 'partc unpack' (or 'partc serve "
+        "FILE.tar.gz') checks it on the machine.",
         epilog="example:\n  partc bundle build/resnet50 --tier edge -o edge.tar.gz\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -204,10 +209,72 @@ def _add_bundle(sub) -> None:
 
 
 def _run_bundle(args) -> int:
-    from partc.runtime.deploy import bundle
+    from partc.runtime.bundle import bundle
 
     members = bundle(args.build, args.tier, args.output)
     print(f"wrote {args.output}: {', '.join(members)}")
+    return 0
+
+
+def _add_unpack(sub) -> None:
+    p = sub.add_parser(
+        "unpack", help="check a bundle and unpack it into a folder of its own",
+        description="Check ARCHIVE, a bundle written by 'partc bundle' (regular files only, each matching "
+        "SHA256SUMS, each artifact matching the manifest), and unpack it into DIR. A truncated, tampered or "
+        "hostile archive is refused and nothing is written. An older bundle in DIR is replaced, keeping its "
+        "*.env settings files; each settings file's PARTC is set to this partc.",
+        epilog="example:\n  partc unpack edge.tar.gz -o /opt/partc/resnet50\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("archive", type=Path, metavar="ARCHIVE", help="bundle written by 'partc bundle' (.tar.gz)")
+    p.add_argument("-o", "--output", type=Path, metavar="DIR",
+                   help="folder to unpack into (default: ARCHIVE without .tar.gz)")
+    p.set_defaults(func=_run_unpack)
+
+
+def _run_unpack(args) -> int:
+    from partc.runtime.bundle import unpack
+
+    print(f"unpacked {args.archive} into {unpack(args.archive, args.output)}")
+    return 0
+
+
+def _add_ping(sub) -> None:
+    p = sub.add_parser(
+        "ping", help="check that the workers of a deployment are up, accept us and serve this build",
+        description="Call the worker of each --connect STAGE=HOST:PORT: is it reachable, does it accept the token "
+        "(and TLS), does it serve STAGE of this very build (the sha256 of BUILD's manifest.json)? Without "
+        "--stage, every stage of the chain must be given (what the driver calls); with --stage S, the stages "
+        "S's worker calls (its next stage, the nodes running its tiles). Prints one line per stage; exits 1 "
+        "if any fails.",
+        epilog="example:\n  partc ping build/resnet50 --connect device.0=10.0.0.2:50051 "
+        "--connect edge.0=10.0.0.3:50051 --connect cloud.0=10.0.0.4:50051 --token-file token --root ca.pem\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("build", type=Path, metavar="BUILD", help="folder written by 'partc compile' or 'partc unpack'")
+    p.add_argument("--connect", action="append", default=[], metavar="STAGE=HOST:PORT",
+                   help="a worker to check; repeat for every stage")
+    p.add_argument("--stage", metavar="STAGE", help="check what this stage's worker calls, not what the driver calls")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per stage (default 5)")
+    _add_security_args(p)
+    p.set_defaults(func=_run_ping)
+
+
+def _run_ping(args) -> int:
+    from partc.manifest import read_manifest
+    from partc.runtime.ping import needed_stages, ping
+    from partc.runtime.worker import parse_pair
+
+    addresses = dict(parse_pair(text, "--connect", "STAGE=HOST:PORT") for text in args.connect)
+    missing = [s for s in needed_stages(read_manifest(args.build), args.stage) if s not in addresses]
+    if missing:
+        raise PartcError(f"no address for stage {missing[0]!r}; give --connect {missing[0]}=HOST:PORT")
+    answers = ping(args.build, addresses, _security(args), args.timeout)
+    for a in answers:
+        print(f"{a.stage} at {a.address}: {'ok' if a.ok else 'FAILED'} in {a.seconds * 1e3:.1f} ms: {a.detail}")
+    failed = [a.stage for a in answers if not a.ok]
+    if failed:
+        raise RunError(f"{len(failed)} of {len(answers)} stages failed the check: {', '.join(failed)}")
     return 0
 
 
@@ -259,8 +326,10 @@ def _read_npy(path: Path):
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``run``, ``serve``, ``bundle`` and ``testbed`` to the subparsers ``sub``, in that order."""
+    """Add ``run``, ``serve``, ``bundle``, ``unpack``, ``ping`` and ``testbed`` to the subparsers ``sub``."""
     _add_run(sub)
     _add_serve(sub)
     _add_bundle(sub)
+    _add_unpack(sub)
+    _add_ping(sub)
     _add_testbed(sub)

@@ -9,8 +9,10 @@ sha256 before loading them, and holds nothing but those artifacts and the manife
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import math
 import subprocess
 import sys
 import tempfile
@@ -20,14 +22,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from partc.errors import PartcError, RunError
-from partc.manifest import ManifestStage, manifest_stages, read_manifest
+from partc.manifest import Manifest, ManifestStage, manifest_stages, read_manifest
+from partc.runtime.bundle import bundle, is_bundle, unpack  # noqa: F401  (bundle: the API twin of partc bundle)
 from partc.runtime.driver import Driver, connect, stage_routes
 from partc.runtime.local import load_programs
+from partc.runtime.ping import IDENTITY_PLAN, identity_route
 from partc.runtime.plans import from_manifest
 from partc.runtime.routes import Route
 from partc.runtime.transport import DEFAULT_RETRY, NO_SECURITY, GrpcChannel, Security, StageServer, call_stage
-from partc.runtime.wire import Frame, decode, encode
+from partc.runtime.wire import Frame, decode, encode, frame_limit
 from partc.runtime.worker import serve_stage
 from partc.tiling.schedule import TileCall
 
@@ -54,8 +60,13 @@ def serve(
 ) -> StageServer:
     """Python twin of ``partc serve``: serve ``stage`` of ``build`` over gRPC.
 
+    Besides the build's plans the worker serves the identity route that ``partc ping``
+    calls (``partc.runtime.ping``). Listening beyond loopback without a token (or without
+    TLS) is logged as a warning.
+
     Args:
-        build: the build folder (only the manifest and this stage's artifacts are needed).
+        build: the build folder (only the manifest and this stage's artifacts are needed), or
+            a bundle (``partc bundle``), checked and unpacked first (``partc.runtime.bundle.unpack``).
         stage: stage name (``edge.0``).
         listen: host:port to listen on (port 0: any free port; see ``StageServer.address``).
         next_address: host:port of the next stage's worker; required unless ``stage`` is last.
@@ -66,21 +77,26 @@ def serve(
 
     Raises:
         ManifestError: for a bad manifest or a missing or tampered artifact.
-        PartcError: for an unknown stage or a missing address.
+        PartcError: for an unknown stage, a missing address, or a bad bundle.
     """
+    build = unpack(build) if is_bundle(build) else Path(build)
     manifest = read_manifest(build)
     names = [s.name for s in manifest.stages]
     if stage not in names:
         raise PartcError(f"no stage {stage!r} in this build; stages are: {', '.join(names)}")
     stages = manifest_stages(manifest, _folder(build), verify=[stage])
     (mine,) = [s for s in stages if s.name == stage]
+    _warn_if_open(stage, listen, security)
+    identity, answer = identity_route(stage, build)
     pool = ThreadPoolExecutor(8, thread_name_prefix="partc-tiles")
     if mine.index > 0:  # a further node of its tier: one route per tile program, keyed by its position
         fns = load_programs(stages, [stage], None, pool, threads)
         routes = {k: Route(stage, tuple(t.name for t in a.inputs), tuple(t.name for t in a.outputs),
                            results=tuple(t.name for t in a.outputs))
                   for k, (pid, a) in enumerate(mine.programs.items())}
-        return serve_stage(routes, {k: fns[pid] for k, pid in enumerate(mine.programs)}, listen, security)
+        return serve_stage(routes | {IDENTITY_PLAN: identity},
+                           {k: fns[pid] for k, pid in enumerate(mine.programs)} | {IDENTITY_PLAN: answer},
+                           listen, security)
     plans, hops = from_manifest(manifest)
     routes = stage_routes(plans, [t.name for t in manifest.inputs], [t.name for t in manifest.outputs],
                           [h.codec for h in hops])[stage]
@@ -91,8 +107,26 @@ def serve(
         routes = {i: replace(r, next_address=next_address) if r.next_stage else r for i, r in routes.items()}
     call = _tile_call(stages, mine, dict(peers or {}), security) if mine.schedules else None
     fns = load_programs(stages, [stage], call, pool, threads)
-    return serve_stage(routes, {i: fns[plan.programs[stage]] for i, plan in enumerate(plans)
-                                if stage in plan.programs}, listen, security)
+    return serve_stage(routes | {IDENTITY_PLAN: identity},
+                       {i: fns[plan.programs[stage]] for i, plan in enumerate(plans) if stage in plan.programs}
+                       | {IDENTITY_PLAN: answer}, listen, security)
+
+
+def _warn_if_open(stage: str, listen: str, security: Security) -> None:
+    """Warn when ``listen`` reaches beyond loopback without a token, or with a token but no TLS."""
+    host = listen.rpartition(":")[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return
+    if security.token is None:
+        log.warning("stage %s listens on %s without a token: anyone who reaches that port can run it; give every "
+                    "stage and the driver the same --token-file (README: Deploying to real machines)", stage, listen)
+    elif security.cert is None:
+        log.warning("stage %s listens on %s without TLS: its token crosses the network in clear; give --cert and "
+                    "--key (README: Deploying to real machines)", stage, listen)
 
 
 def _tile_call(stages: Sequence[ManifestStage], coordinator: ManifestStage, peers: Mapping[str, str],
@@ -114,12 +148,28 @@ def _tile_call(stages: Sequence[ManifestStage], coordinator: ManifestStage, peer
     return call
 
 
+def message_limit(manifest: Manifest) -> int:
+    """Return the most bytes a frame of this build can take (``wire.frame_limit``): every tensor the
+    manifest names (model inputs and outputs, programs' inputs and outputs), all in one frame.
+
+    A worker refuses larger requests before reading them, and a caller larger replies.
+    """
+    sizes: dict[str, int] = {}
+    specs = [*manifest.inputs, *manifest.outputs]
+    specs += [t for s in manifest.stages for p in (*s.programs, *s.schedules) for t in (*p.inputs, *p.outputs)]
+    for t in specs:
+        sizes[t.name] = max(sizes.get(t.name, 0), math.prod(t.shape) * np.dtype(t.dtype).itemsize)
+    return frame_limit(sizes.items())
+
+
 def connect_build(
     build: Path | str, addresses: Mapping[str, str], security: Security = NO_SECURITY, **options: object
 ) -> Driver:
     """Return a driver for the workers serving every stage of ``build`` at ``addresses``.
 
     ``options`` go to ``partc.runtime.driver.Driver`` (window, timeout, retry, alpha, margin).
+    The driver checks inputs against the model's input shapes and dtypes, and refuses
+    replies larger than ``message_limit``.
 
     Raises:
         PartcError: if a stage has no address, or an address names no stage.
@@ -134,43 +184,8 @@ def connect_build(
         raise PartcError(f"no address for stage {missing[0]!r}; give every stage as --connect STAGE=HOST:PORT")
     plans, hops = from_manifest(manifest, addresses)
     return connect(plans, [t.name for t in manifest.inputs], [t.name for t in manifest.outputs], security,
-                   hops=hops, prices=manifest.prices, **options)
-
-
-def bundle(build: Path | str, tier: str, output: Path | str) -> list[str]:
-    """Python twin of ``partc bundle``: write what ``tier``'s machines need as a .tar.gz.
-
-    The archive holds ``manifest.json``, ``README.md`` and, for each stage of the tier, its
-    artifact (verified first), ``serve-<stage>.sh`` and ``partc-<stage>.service``; it is
-    written to a temporary file and renamed into place. Returns the archived names.
-
-    Raises:
-        ManifestError: for a bad manifest or a missing or tampered artifact.
-        PartcError: if no stage of the build runs on ``tier``.
-    """
-    import tarfile
-
-    folder = _folder(build)
-    manifest = read_manifest(build)
-    tiers = list(dict.fromkeys(s.tier for s in manifest.stages))
-    names = [s.name for s in manifest.stages if s.tier == tier]
-    if not names:
-        raise PartcError(f"no stage of this build runs on tier {tier!r}; tiers with stages: {', '.join(tiers)}")
-    stages = [s for s in manifest_stages(manifest, folder, verify=names) if s.name in names]
-    members = ["manifest.json", "README.md"]
-    for stage in stages:
-        members += [a.path.name for a in stage.programs.values()]
-        members += [f"serve-{stage.name}.sh", f"partc-{stage.name}.service"]
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
-        with tarfile.open(tmp, "w:gz") as archive:
-            for name in members:
-                archive.add(folder / name, arcname=f"{folder.name}/{name}")
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return members
+                   hops=hops, prices=manifest.prices, specs=manifest.inputs, max_message=message_limit(manifest),
+                   **options)
 
 
 @dataclass

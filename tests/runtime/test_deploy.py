@@ -117,8 +117,8 @@ def test_a_bundle_holds_one_tier_and_serves_from_where_it_is_unpacked(build, tmp
     with tarfile.open(tmp_path / "cloud.tar.gz") as archive:
         names = sorted(m.name for m in archive.getmembers())
         archive.extractall(tmp_path / "node", filter="data")
-    assert names == sorted(f"b/{n}" for n in ("manifest.json", "README.md", "cloud.0.onnx", "serve-cloud.0.sh",
-                                              "partc-cloud.0.service"))
+    assert names == sorted(f"b/{n}" for n in ("SHA256SUMS", "manifest.json", "README.md", "cloud.0.onnx",
+                                              "serve-cloud.0.sh", "cloud.0.env", "partc-cloud.0.service"))
     server = serve(tmp_path / "node" / "b", "cloud.0")
     server.stop()
     assert main(["bundle", str(build), "--tier", "fog", "-o", str(tmp_path / "x.tar.gz")]) == 2
@@ -171,7 +171,9 @@ def test_a_tiled_stage_runs_its_tiles_on_the_tiers_other_node(tmp_path, capsys):
         names = {m.name.split("/", 1)[1] for m in archive.getmembers()}
     assert {"serve-edge.1.sh", "partc-edge.1.service"} <= names
     assert {p.artifact for p in peer.programs} <= names
-    assert 'PARTC_PEERS="edge.1=HOST:PORT" ./serve-edge.0.sh' in (build / "README.md").read_text()
+    assert 'runs tiles on ["edge.1"] (`PARTC_PEERS`)' in (build / "README.md").read_text()
+    assert 'PARTC_PEERS=""' in (build / "edge.0.env").read_text()
+    assert "PARTC_PEERS" not in (build / "edge.1.env").read_text()
 
 
 COMPRESSED = """\
