@@ -121,15 +121,20 @@ def _run_profile(args) -> int:
 def _add_plan(sub) -> None:
     p = sub.add_parser(
         "plan", help="choose where every layer runs; compare with the baseline strategies",
-        description="Trace MODEL, predict every layer's time on every tier of the cluster (measured profiles "
-        "where given, the cost model elsewhere) and find the exact optimal device -> edge -> cloud assignment "
-        "for the cluster's objective and constraints. Prints the layers per tier, compute per tier, bytes and "
-        "time per link. --compare adds every baseline (single-tier, Neurosurgeon, Scission, DADS, a D3-style "
-        "greedy) priced by the same cost model; --sweep LINK lists the plans that are optimal over a "
-        "bandwidth range of that link and where the optimum changes, and plots latency against bandwidth.",
+        description="Run the compile pipeline up to emission ('partc compile' stopped before it writes anything: "
+        "the same passes, plans and predicted times). Predicts every layer's time on every tier of the cluster "
+        "(measured profiles where given, the cost model elsewhere), chooses the device -> edge -> cloud "
+        "assignment for the cluster's objective and constraints together with what a tier of several nodes "
+        "runs in parallel (fork/join branches, spatial tiles), and prints the layers per tier, compute per tier, "
+        "bytes and time per link, what runs on which node, and every plan a build would carry. --compare adds "
+        "every baseline (single-tier, Neurosurgeon, Scission, DADS, a D3-style greedy, and with several nodes "
+        "D3 with tiles, DeepThings-like and branch load balancing) priced by partc's own rules; --sweep LINK "
+        "lists the plans that are optimal over a bandwidth range of that link and where the optimum changes, "
+        "and plots latency against bandwidth.",
         epilog=EPILOG_MODEL + "\nexamples:\n  partc plan torchvision:resnet50 --input-shape 1,3,224,224 "
         "--cluster examples/cluster.yaml --compare\n  partc plan torchvision:googlenet --input-shape 1,3,224,224 "
-        "--cluster examples/cluster.yaml --sweep 'device->edge' --plot sweep.png\n",
+        "--cluster examples/cluster.yaml --sweep 'device->edge' --plot sweep.png\n  partc plan "
+        "torchvision:googlenet --input-shape 1,3,224,224 --cluster examples/edge4.yaml\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(p)
