@@ -108,13 +108,13 @@ def test_without_a_link_within_the_tier_nothing_moves_and_the_build_says_why():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nodes", [2, 3])
-def test_googlenet_branches_run_exactly_through_artifacts_and_across_workers(nodes, tmp_path):
+@pytest.mark.parametrize(("model", "nodes"), [("googlenet", 2), ("googlenet", 3), ("inception_v3", 3)])
+def test_branches_run_exactly_through_artifacts_and_across_workers(model, nodes, tmp_path):
     import yaml
 
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text(yaml.safe_dump(_cluster(nodes)))
-    build = compile_model("torchvision:googlenet", ["1,3,96,96"], cluster, tmp_path / "b").path
+    build = compile_model(f"torchvision:{model}", ["1,3,96,96"], cluster, tmp_path / "b").path
     manifest = read_manifest(build)
     primary = manifest.plans[0]
     edge = manifest.stage("edge.0").program(primary.programs["edge.0"])
@@ -122,7 +122,7 @@ def test_googlenet_branches_run_exactly_through_artifacts_and_across_workers(nod
     assert {s.name for s in manifest.stages} >= {f"edge.{t}" for t in range(1, nodes)}
     x = np.random.default_rng(0).standard_normal((1, 3, 96, 96), dtype=np.float32)
     with torch.no_grad():
-        want = load_model("torchvision:googlenet")(torch.from_numpy(x)).numpy()
+        want = load_model(f"torchvision:{model}")(torch.from_numpy(x)).numpy()
     local = load(build)({"x": x})["output"]
     assert np.abs(local - want).max() <= 1e-5 * np.abs(want).max()
     with LocalWorkers(build) as workers, connect_build(build, workers.addresses, margin=math.inf) as driver:
