@@ -133,20 +133,32 @@ def compile_model(
 
 
 def _staging_folder(output: Path) -> Path:
+    if output.exists() and not output.is_dir():
+        raise PartcError(f"{output}: exists and is not a folder; remove it or choose another -o")
     if output.exists() and not (output / MANIFEST).is_file() and any(output.iterdir()):
         raise PartcError(f"{output}: exists and is not a partc build; remove it or choose another -o")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    except OSError as err:
+        raise PartcError(f"{output}: cannot write the build beside it ({err.strerror}); choose another -o") from err
 
 
 def _replace(staging: Path, output: Path) -> None:
-    """Move the finished build into place; an older build is removed only afterwards."""
+    """Move the finished build into place; an older build is removed only afterwards, and put back
+    if the new one cannot take its place (also when a signal interrupts)."""
     old = None
     if output.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
         output.rename(old / output.name)
-    staging.chmod(0o755)
-    staging.rename(output)
+    try:
+        staging.chmod(0o755)
+        staging.rename(output)
+    except BaseException:
+        if old is not None:
+            (old / output.name).rename(output)
+            old.rmdir()
+        raise
     if old is not None:
         shutil.rmtree(old)
 
@@ -211,14 +223,15 @@ def _verify(
     examples = [spec.example() for spec in gm.meta["partc.inputs"]]
     measured: dict[str, list[float]] = {}
     fns: dict[str, StageFn] = {}
+    warmup = 3  # untimed first calls of every program: TorchScript optimises on its second call, ORT lazily
     for pid, artifact in artifacts.items():
         if runs_here(artifact):
-            fns[pid] = _timed(backend(artifact.backend).load(artifact), measured, pid)
+            fns[pid] = _timed(backend(artifact.backend).load(artifact), measured, pid, warmup)
         else:
             fns[pid] = eager_stage_fn(emitted[pid])
     with ThreadPoolExecutor(4, thread_name_prefix="partc-tiles") as pool:
         for pid, sch in schedules.items():
-            fns[pid] = _timed(local_schedule_fn(sch, pid, fns, pool), measured, pid)
+            fns[pid] = _timed(local_schedule_fn(sch, pid, fns, pool), measured, pid, warmup)
         with torch.no_grad():
             expected = gm(*examples)
         expected = [t.numpy() for t in (expected if isinstance(expected, (tuple, list)) else [expected])]
@@ -228,21 +241,26 @@ def _verify(
             plan = compiled_plan.plan
             inputs = {t.name: x.numpy() for t, x in zip(plan.model_inputs, examples, strict=True)}
             plan_fns = {stage: fns[pid] for stage, pid in compiled_plan.programs.items()}
-            for _ in range(TIMING_RUNS + 1):
+            for _ in range(TIMING_RUNS + warmup):
                 outputs = run_plan(plan, plan_fns, inputs)
             diffs.append(max(float(np.abs(outputs[spec.name] - want).max())
                              for spec, want in zip(plan.model_outputs, expected, strict=True)))
-    times = {pid: statistics.median(ts[1:]) if len(ts) > 1 else None for pid, ts in measured.items()}
+    times = {pid: statistics.median(ts) if ts else None for pid, ts in measured.items()}
     return {pid: times.get(pid) for pid in [*emitted, *schedules]}, diffs, scale
 
 
-def _timed(fn: StageFn, measured: dict, name: str) -> StageFn:
+def _timed(fn: StageFn, measured: dict, name: str, warmup: int) -> StageFn:
+    """Wrap ``fn`` to append its wall time to ``measured[name]``, except for its first ``warmup`` calls."""
     measured[name] = []
+    calls = 0
 
     def run(tensors):
+        nonlocal calls
+        calls += 1
         start = time.perf_counter()
         result = fn(tensors)
-        measured[name].append(time.perf_counter() - start)
+        if calls > warmup:
+            measured[name].append(time.perf_counter() - start)
         return result
 
     return run

@@ -3,8 +3,8 @@
 A roofline per cost class (``partc.kind``), calibrated against measurements on a
 reference host and scaled to the target's description::
 
-    t(node, T) = max(flops / (P_T * e_k), bytes / (B_T * m_k)) + c_k * (f_ref / f_T) + L_T     (CPU)
-    t(node, T) = max(flops / (P_T * e_k), bytes / (B_T * m_k)) + L_T                           (GPU)
+    t(node, T) = max(flops / (P_T * e_k), bytes / (B_T * m_k)) + c_k * d_T / d_ref          (CPU)
+    t(node, T) = max(flops / (P_T * e_k * u_T), bytes / (B_T * m_k)) + L_T                   (GPU)
 
 - ``flops`` is ``partc.flops``; ``bytes`` is what the node moves: the bytes of its inputs
   (``partc.bytes`` of the nodes it reads) + its output (``partc.bytes``) + its
@@ -18,9 +18,21 @@ reference host and scaled to the target's description::
   cost class ``k`` (``cost_class``: the op, with convolutions split into depthwise,
   grouped, 1x1 and the rest). A class with too few measured nodes falls back to its
   kind's fit, then to one fit over all nodes.
-- ``f_ref`` is the reference host's clock: dispatch is single-threaded, so it scales with
-  the clock, not the core count. On a GPU target the host CPU dispatches, and the
-  target's ``launch_overhead_us`` stands for dispatch and kernel launch together.
+- The compute and the memory term are each fitted where they bind: a class's nodes whose
+  compute term is the larger fit ``e_k``, the others ``m_k`` (the split starts at the
+  reference's ridge point ``P_ref / B_ref`` and is redone with the fitted efficiencies
+  until it settles). A single fit of max() over all nodes let the memory term explain
+  3x3 convolutions (memory efficiency 0.036), so their times scaled with bandwidth, not
+  with compute. A class without nodes on one side takes that term from its kind's fit,
+  then the default; efficiencies stay within ``EFFICIENCY_BOUNDS``.
+- ``d_T / d_ref`` scales the per-node overhead: ``d`` is a machine's per-node dispatch
+  time (``TargetDesc.dispatch_us``, e.g. fitted by ``fit_target`` from a profile measured
+  on it); when a target gives none, ``f_ref / f_T`` (dispatch is single-threaded, so it
+  follows the clock, not the core count). It dominates small-kernel models (MobileNets,
+  ShuffleNet).
+- GPU targets: the host CPU dispatches, and ``launch_overhead_us`` stands for dispatch
+  and kernel launch together; ``u_T = min(1, items / saturation_items)`` (items: output
+  elements) is the low-utilisation regime of a layer too small to fill the device.
 
 The fitted numbers ship as ``targets/calibration.json`` (written by
 ``benchmarks/cost_model.py``), together with the reference host's own description, so
@@ -37,12 +49,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import yaml
 from scipy.optimize import least_squares
 from torch import fx
 
@@ -57,6 +70,8 @@ SCHEMA_VERSION = 1
 DEFAULT = "default"  # the fit used for nodes whose cost class and kind have no fit of their own
 FREE_KINDS = ("input", "output")  # never cost anything
 MIN_NODES = 8  # a cost class (or kind) needs this many measured nodes for its own fit
+MAX_ROUNDS = 6  # fit, rebin nodes by the term that binds, refit: at most this many rounds
+EFFICIENCY_BOUNDS = (0.02, 2.0)  # fraction of sgemm rate / copy bandwidth (above 1: caches, better kernels)
 
 
 @dataclass(frozen=True)
@@ -113,14 +128,29 @@ def cost_class(node: fx.Node, gm: fx.GraphModule) -> str:
     return f"{op}/1x1" if all(k == 1 for k in conv.kernel_size) else op
 
 
-def predict_seconds(cal: Calibration, cls: str, kind: str, flops: int, nbytes: int, target: TargetDesc) -> float:
-    """Predicted seconds on ``target`` of one node of cost class ``cls`` and kind ``kind``."""
+def dispatch_scale(reference: TargetDesc, target: TargetDesc) -> float:
+    """How much longer per-node dispatch takes on ``target`` than on ``reference`` (``d_T / d_ref``)."""
+    if target.dispatch_us > 0 and reference.dispatch_us > 0:
+        return target.dispatch_us / reference.dispatch_us
+    return reference.clock_ghz / target.clock_ghz
+
+
+def predict_seconds(
+    cal: Calibration, cls: str, kind: str, flops: int, nbytes: int, target: TargetDesc, out_bytes: int = 0
+) -> float:
+    """Predicted seconds on ``target`` of one node of cost class ``cls`` and kind ``kind``.
+
+    ``out_bytes`` (the node's output) sizes the layer for a GPU's low-utilisation regime.
+    """
     if kind in FREE_KINDS:
         return 0.0
     fit = cal.fit_of(cls, kind)
-    compute = flops / (target.peak_gflops * 1e9 * fit.compute_efficiency)
+    utilisation = 1.0
+    if target.kind == "gpu" and target.saturation_items > 0:
+        utilisation = min(1.0, max(out_bytes // 4, 1) / target.saturation_items)
+    compute = flops / (target.peak_gflops * 1e9 * fit.compute_efficiency * utilisation)
     memory = nbytes / (target.memory_bandwidth_gbs * 1e9 * fit.memory_efficiency)
-    dispatch = fit.overhead_us * 1e-6 * cal.reference.clock_ghz / target.clock_ghz if target.kind == "cpu" else 0.0
+    dispatch = fit.overhead_us * 1e-6 * dispatch_scale(cal.reference, target) if target.kind == "cpu" else 0.0
     return max(compute, memory) + dispatch + target.launch_overhead_us * 1e-6
 
 
@@ -130,7 +160,9 @@ def predict_graph(cal: Calibration, gm: fx.GraphModule, target: TargetDesc) -> d
     Reads ``META_OP``, ``META_KIND``, ``META_FLOPS``, ``META_BYTES`` and ``META_PARAM_BYTES``.
     """
     return {
-        n.name: predict_seconds(cal, cost_class(n, gm), n.meta[META_KIND], n.meta[META_FLOPS], node_bytes(n), target)
+        n.name: predict_seconds(
+            cal, cost_class(n, gm), n.meta[META_KIND], n.meta[META_FLOPS], node_bytes(n), target, n.meta[META_BYTES]
+        )
         for n in gm.graph.nodes
     }
 
@@ -142,7 +174,9 @@ def _timing_bytes(t: NodeTiming) -> int:
 def predict_profile_total(cal: Calibration, profile: Profile, target: TargetDesc | None = None) -> float:
     """Predicted whole-model seconds of the model in ``profile`` on ``target`` (default: the reference)."""
     target = target or cal.reference
-    return sum(predict_seconds(cal, t.cost_class, t.kind, t.flops, _timing_bytes(t), target) for t in profile.nodes)
+    return sum(
+        predict_seconds(cal, t.cost_class, t.kind, t.flops, _timing_bytes(t), target, t.bytes) for t in profile.nodes
+    )
 
 
 def fit_calibration(
@@ -151,7 +185,10 @@ def fit_calibration(
     """Fit per-class roofline parameters to measured node times on ``reference``.
 
     Each cost class and each kind (key ``kind:KIND``) with at least ``MIN_NODES``
-    measured nodes gets its own fit; ``default`` is fitted on all nodes together. The fit
+    measured nodes gets its own fit; ``default`` is fitted on all nodes together. The
+    compute efficiency is fitted on the compute-bound nodes, the memory efficiency on the
+    memory-bound ones (see the module docstring); a side without nodes inherits the
+    kind's fit, then the default. The fit
     minimises the squared error of predicted node times relative to
     sqrt(measured x 1 ms): large nodes weigh more than small ones
     (they make up the total), small ones still pin the per-node overhead. It is
@@ -167,30 +204,58 @@ def fit_calibration(
     for t in timings:
         groups.setdefault(t.cost_class, []).append(t)
         groups.setdefault(f"kind:{t.kind}", []).append(t)
-    classes = {DEFAULT: _fit_class(timings, reference)}
+    default = _fit_class(timings, reference, None)
+    classes = {DEFAULT: default}
+    kinds = sorted(key for key, group in groups.items() if key.startswith("kind:") and len(group) >= MIN_NODES)
+    for key in kinds:
+        classes[key] = _fit_class(groups[key], reference, default)
     for key, group in sorted(groups.items()):
-        if len(group) >= MIN_NODES:
-            classes[key] = _fit_class(group, reference)
+        if len(group) >= MIN_NODES and not key.startswith("kind:"):
+            classes[key] = _fit_class(group, reference, classes.get(f"kind:{group[0].kind}", default))
     return Calibration(reference, classes, tuple(p.model for p in profiles), host)
 
 
-def _fit_class(timings: Iterable[NodeTiming], reference: TargetDesc) -> ClassFit:
+def _fit_class(timings: Iterable[NodeTiming], reference: TargetDesc, fallback: ClassFit | None) -> ClassFit:
+    """Fit one class: ``e`` on its compute-bound nodes, ``m`` on its memory-bound ones, one overhead."""
     timings = list(timings)
     flops = np.array([t.flops for t in timings], dtype=float) / (reference.peak_gflops * 1e9)
-    bandwidth = reference.memory_bandwidth_gbs * 1e9
-    nbytes = np.array([_timing_bytes(t) for t in timings], dtype=float) / bandwidth
+    nbytes = np.array([_timing_bytes(t) for t in timings], dtype=float) / (reference.memory_bandwidth_gbs * 1e9)
     measured = np.array([t.median_s for t in timings])
+    e = fallback.compute_efficiency if fallback else 0.5
+    m = fallback.memory_efficiency if fallback else 0.5
+    overhead = max(float(np.min(measured)), 1e-6)
+    bound = flops > nbytes  # compute-bound at the reference's ridge point, to start with
+    for _ in range(MAX_ROUNDS):  # fit each term on the nodes where it binds; rebin with the fitted rates
+        e, m, overhead = _fit_round(flops, nbytes, measured, bound, (e, m, overhead))
+        rebinned = flops / e > nbytes / m
+        if (rebinned == bound).all():
+            break
+        bound = rebinned
+    return ClassFit(e, m, overhead * 1e6)
+
+
+def _fit_round(
+    flops: np.ndarray, nbytes: np.ndarray, measured: np.ndarray, bound: np.ndarray, start: tuple[float, float, float]
+) -> tuple[float, float, float]:
+    """Fit (e, m, overhead s): ``e`` on the ``bound`` (compute-bound) nodes, ``m`` on the others.
+
+    A term without nodes keeps its value from ``start``.
+    """
+    has_compute, has_memory = bool(bound.any()), bool((~bound).any())
     scale = np.sqrt(measured * 1e-3) + 1e-6
+    low, high = EFFICIENCY_BOUNDS
+
+    def unpack(x: np.ndarray) -> tuple[float, float, float]:
+        return (float(np.exp(x[0])) if has_compute else start[0],
+                float(np.exp(x[1])) if has_memory else start[1], float(np.exp(x[2])))
 
     def residuals(x: np.ndarray) -> np.ndarray:
-        inv_e, inv_m, overhead = np.exp(x)
-        return (np.maximum(flops * inv_e, nbytes * inv_m) + overhead - measured) / scale
+        e, m, overhead = unpack(x)
+        return (np.where(bound, flops / e, nbytes / m) + overhead - measured) / scale
 
-    start = np.log([2.0, 2.0, max(float(np.min(measured)), 1e-6)])
-    bounds = (np.log([1e-3, 1e-3, 1e-8]), np.log([1e3, 1e3, 1e-1]))
-    fit = least_squares(residuals, start, method="trf", bounds=bounds)
-    inv_e, inv_m, overhead = np.exp(fit.x)
-    return ClassFit(float(1 / inv_e), float(1 / inv_m), float(overhead * 1e6))
+    bounds = (np.log([low, low, 1e-8]), np.log([high, high, 1e-1]))
+    x0 = np.clip(np.log(start), bounds[0] + 1e-9, bounds[1] - 1e-9)
+    return unpack(least_squares(residuals, x0, method="trf", bounds=bounds).x)
 
 
 def load_calibration(path: Path | None = None) -> Calibration:
@@ -223,3 +288,55 @@ def write_calibration(cal: Calibration, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(cal.to_json(), indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def fit_target(cal: Calibration, profiles: Sequence[Profile], base: TargetDesc) -> TargetDesc:
+    """Fit a target description to profiles measured on that machine (the Scission workflow).
+
+    Keeps the calibration's per-class efficiencies and fits the machine's three rates so
+    that predicted node times match the measured ones (same weighting as
+    ``fit_calibration``): ``peak_gflops``, ``memory_bandwidth_gbs`` and, on a CPU,
+    ``dispatch_us`` (on a GPU, ``launch_overhead_us``). Every other field comes from
+    ``base``; ``source`` says what it was fitted on.
+
+    Raises:
+        PartcError: if ``profiles`` holds no measured node.
+    """
+    timings = [t for p in profiles for t in p.nodes if t.kind not in FREE_KINDS]
+    if not timings:
+        raise PartcError("fit target: no measured nodes to fit on")
+    measured = np.array([t.median_s for t in timings])
+    scale = np.sqrt(measured * 1e-3) + 1e-6
+    gpu = base.kind == "gpu"
+    base_dispatch = base.launch_overhead_us if gpu else (base.dispatch_us or cal.reference.dispatch_us or 10.0)
+
+    def candidate(x: np.ndarray) -> TargetDesc:
+        peak, bandwidth, dispatch = np.exp(x)
+        fields = {"peak_gflops": float(peak), "memory_bandwidth_gbs": float(bandwidth)}
+        fields["launch_overhead_us" if gpu else "dispatch_us"] = float(dispatch)
+        return replace(base, **fields)
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        desc = candidate(x)
+        predicted = [predict_seconds(cal, t.cost_class, t.kind, t.flops, _timing_bytes(t), desc, t.bytes)
+                     for t in timings]
+        return (np.array(predicted) - measured) / scale
+
+    start = np.log([base.peak_gflops, base.memory_bandwidth_gbs, max(base_dispatch, 0.01)])
+    fit = least_squares(residuals, start, method="trf", bounds=(np.log([1e-2, 1e-2, 1e-3]), np.log([1e6, 1e5, 1e5])))
+    desc = candidate(fit.x)
+    rounded = {"peak_gflops": round(desc.peak_gflops, 2), "memory_bandwidth_gbs": round(desc.memory_bandwidth_gbs, 2),
+               "dispatch_us": round(desc.dispatch_us, 2), "launch_overhead_us": round(desc.launch_overhead_us, 2)}
+    models = ", ".join(sorted({p.model for p in profiles}))
+    first = profiles[0]
+    return replace(
+        desc, **rounded,
+        source=f"fitted by partc.costmodel.fit_target to measured profiles of {models} on "
+        f"{first.host.get('cpu', 'unknown')} at {first.threads} threads ({first.created}): rates that make "
+        f"the shipped calibration's per-node predictions match the measured medians. {base.source}".strip(),
+    )
+
+
+def target_yaml(desc: TargetDesc) -> str:
+    """``desc`` as a target description file (``partc.targets.parse_description`` reads it back)."""
+    return f"# {desc.summary}\n" + yaml.safe_dump(asdict(desc), sort_keys=False, width=100)

@@ -8,6 +8,12 @@ timed separately, by calling the GraphModule directly, with the same warm-up and
 the two kinds of run alternate, so that both see the same load on a shared host.
 Times depend on the thread count, so it is fixed for the measurement and recorded.
 
+A measurement on a busy host is not one: ``reliability_warnings`` checks the host's load
+average before profiling (with the profile's own threads it must fit in the cores) and
+the spread of every node's samples (``p90_s / p10_s`` above ``SPREAD_BOUND`` for nodes of
+at least ``SPREAD_MIN_S``), and says what to do. ``profile_model`` logs the warnings and
+keeps them in the profile (``warnings``); ``partc profile`` prints them.
+
 A profile file is JSON, ``schema_version`` 1. Every field:
 
 - ``schema_version`` (int): 1. Readers reject any other value.
@@ -20,7 +26,11 @@ A profile file is JSON, ``schema_version`` 1. Every field:
   (``x86_64``, ``aarch64``, ...), ``system`` (``Linux``), ``cores`` (``os.cpu_count()``),
   ``python`` and ``torch`` (versions).
 - ``settings`` (object): ``threads`` (torch intra-op threads), ``warmup`` and
-  ``repeats`` (runs of the whole graph before and during timing).
+  ``repeats`` (runs of the whole graph before and during timing; ``warmup`` >= 1).
+- ``load_average`` (float or null): the host's 1-minute load average just before
+  profiling (optional; null when unknown).
+- ``warnings`` (list of str): why the figures may be unreliable (optional; empty when
+  none), see ``reliability_warnings``.
 - ``whole_model`` (object): the GraphModule called directly: ``median_s``, ``p10_s``,
   ``p90_s`` (seconds per inference).
 - ``sum_node_median_s`` (float): the sum of the nodes' ``median_s``.
@@ -36,8 +46,10 @@ Files written by this module are written atomically (temporary file, then rename
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
+import logging
 import os
 import platform
 import statistics
@@ -55,6 +67,11 @@ from partc.ir import META_BYTES, META_FLOPS, META_KIND, META_OP, META_PARAM_BYTE
 from partc.trace import InputSpec
 
 SCHEMA_VERSION = 1
+SPREAD_BOUND = 2.0  # p90 / p10 of a node's samples above this: the host interfered with the measurement
+SPREAD_MIN_S = 100e-6  # nodes shorter than this are left out of the spread check (timer and cache noise)
+SPREAD_SHARE = 0.10  # warn when nodes holding this share of the summed median are spread beyond the bound
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (runs done, runs in all)
 
@@ -93,6 +110,8 @@ class Profile:
     whole_p10_s: float
     whole_p90_s: float
     nodes: tuple[NodeTiming, ...]
+    load_average: float | None = None
+    warnings: tuple[str, ...] = ()
 
     @property
     def sum_node_median_s(self) -> float:
@@ -119,6 +138,8 @@ class Profile:
                 "p90_s": self.whole_p90_s,
             },
             "sum_node_median_s": self.sum_node_median_s,
+            "load_average": self.load_average,
+            "warnings": list(self.warnings),
             "nodes": [
                 {
                     "name": n.name,
@@ -176,19 +197,23 @@ def profile_model(
     rebuilt from ``gm.meta["partc.inputs"]``. Reads ``META_OP``, ``META_KIND``,
     ``META_SHAPE``, ``META_FLOPS``, ``META_BYTES``, ``META_PARAM_BYTES``; writes no
     metadata. ``threads`` (default: torch's current setting) is set for the measurement
-    and restored afterwards. ``progress(done, total)`` is called after every run.
+    and restored afterwards. ``progress(done, total)`` is called after every run. The
+    first ``warmup`` runs (at least one: first calls allocate, pick kernels and fill
+    caches) are not timed. The profile's ``warnings`` (also logged) say when the host's
+    load or the samples' spread makes the figures unreliable.
 
     Raises:
-        PartcError: if ``warmup`` < 0, ``repeats`` < 1 or ``threads`` < 1.
+        PartcError: if ``warmup`` < 1, ``repeats`` < 1 or ``threads`` < 1.
     """
-    if warmup < 0 or repeats < 1:
-        raise PartcError(f"profile: need --warmup >= 0 and --repeats >= 1, got {warmup} and {repeats}")
+    if warmup < 1 or repeats < 1:
+        raise PartcError(f"profile: need --warmup >= 1 and --repeats >= 1, got {warmup} and {repeats}")
     if threads is not None and threads < 1:
         raise PartcError(f"profile: --threads must be at least 1, got {threads}")
     specs: tuple[InputSpec, ...] = gm.meta["partc.inputs"]
     examples = [spec.example() for spec in specs]
     total = 2 * (warmup + repeats)
     report = progress or (lambda done, total: None)
+    load = _load_average()
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -223,7 +248,7 @@ def profile_model(
         )
         for n in compute_nodes(gm)
     )
-    return Profile(
+    profile = Profile(
         model=model or type(gm).__name__,
         inputs=tuple(map(str, specs)),
         tracer=gm.meta.get("partc.tracer", "torch.fx"),
@@ -236,7 +261,56 @@ def profile_model(
         whole_p10_s=_stats(whole)[1],
         whole_p90_s=_stats(whole)[2],
         nodes=nodes,
+        load_average=load,
     )
+    warnings = reliability_warnings(profile, os.cpu_count() or 1)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return dataclasses.replace(profile, warnings=warnings)
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def reliability_warnings(profile: Profile, cores: int) -> tuple[str, ...]:
+    """Say why ``profile``'s figures may not describe this host, and what to do about it.
+
+    Two checks, both on recorded numbers (no clock is read): the load average before
+    profiling plus the profile's own threads must fit in ``cores``; and nodes of at least
+    ``SPREAD_MIN_S`` whose samples spread beyond ``SPREAD_BOUND`` (p90 / p10) must hold
+    less than ``SPREAD_SHARE`` of the summed median, and so must the whole-model runs.
+    """
+    out = []
+    if profile.load_average is not None and profile.load_average + profile.threads > cores:
+        out.append(
+            f"host busy: load average {profile.load_average:.2f} before profiling, plus {profile.threads} "
+            f"profiling threads, on {cores} cores; other processes took CPU time from the measurement. "
+            f"Profile on a quiet host, or with fewer threads (--threads "
+            f"{max(1, min(profile.threads, int(cores - profile.load_average)))})"
+        )
+    big = [n for n in profile.nodes if n.median_s >= SPREAD_MIN_S]
+    spread = [n for n in big if n.p90_s > SPREAD_BOUND * max(n.p10_s, 1e-9)]
+    total = sum(n.median_s for n in big)
+    share = sum(n.median_s for n in spread) / total if total else 0.0
+    if spread and share >= SPREAD_SHARE:
+        worst = max(spread, key=lambda n: n.p90_s / max(n.p10_s, 1e-9))
+        out.append(
+            f"samples spread: {len(spread)} of {len(big)} nodes of {SPREAD_MIN_S * 1e3:g} ms or more "
+            f"({share:.0%} of their summed median) have p90/p10 above {SPREAD_BOUND:g} (worst {worst.name}: "
+            f"p10 {worst.p10_s * 1e3:.3g} ms, median {worst.median_s * 1e3:.3g} ms, p90 {worst.p90_s * 1e3:.3g} ms). "
+            f"Profile on a quiet host, with fewer --threads, or with more --repeats (now {profile.repeats})"
+        )
+    if profile.whole_p90_s > SPREAD_BOUND * max(profile.whole_p10_s, 1e-9):
+        out.append(
+            f"whole-model runs spread: p10 {profile.whole_p10_s * 1e3:.3g} ms, median "
+            f"{profile.whole_median_s * 1e3:.3g} ms, p90 {profile.whole_p90_s * 1e3:.3g} ms (p90/p10 above "
+            f"{SPREAD_BOUND:g}). Profile on a quiet host, with fewer --threads, or with more --repeats"
+        )
+    return tuple(out)
 
 
 class _NodeTimer(fx.Interpreter):
@@ -345,6 +419,8 @@ def read_profile(path: Path) -> Profile:
             whole_p10_s=float(whole["p10_s"]),
             whole_p90_s=float(whole["p90_s"]),
             nodes=nodes,
+            load_average=float(data["load_average"]) if data.get("load_average") is not None else None,
+            warnings=tuple(map(str, data.get("warnings", ()))),
         )
     except KeyError as err:
         raise PartcError(f"{path}: missing field {err.args[0]!r} (profile schema_version {SCHEMA_VERSION})") from None

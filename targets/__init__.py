@@ -4,6 +4,12 @@ A *target* is a hardware description (what a tier runs on); a *backend* is an ar
 format. Each ``descriptions/NAME.yaml`` holds the fields of ``TargetDesc`` and a ``source``
 text that says where its numbers come from (vendor data sheets, measurements).
 
+A user's own target is a YAML file of the same fields, named by its path wherever a target
+name goes (a tier's ``target: boards/my-board.yaml`` in a cluster file, relative to the
+working directory): ``target(name)`` reads any name that ends in ``.yaml`` or ``.yml`` as
+a file. ``partc profile MODEL ... --fit-target boards/my-board.yaml`` writes one fitted to
+a profile measured on that board (``partc.costmodel.fit_target``).
+
 Backends (``torchscript``, ``onnx``, ``tvm``) are one module each; ``BACKENDS`` maps their
 names to their instances, and ``backend(name)`` looks one up. A backend takes its compile
 settings from the ``BackendOptions`` that ``emit`` receives. ``runs_here(artifact)`` says
@@ -12,7 +18,7 @@ whether this machine can load an artifact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from importlib.resources import files
 from pathlib import Path
 from typing import Protocol
@@ -47,6 +53,12 @@ class TargetDesc:
         mcpu: LLVM ``-mcpu`` ("cortex-a72"), or "" when there is none to give.
         mattr: LLVM ``-mattr`` ("+neon"), or "".
         source: where the numbers come from.
+        dispatch_us: per-node framework dispatch time on this machine (a tiny op called
+            eagerly: Python, ATen dispatch, allocator); 0 when unknown, and then the
+            reference host's is scaled by clock. Optional in a description file.
+        saturation_items: GPU only: output elements a kernel needs to fill the device
+            (SMs x resident threads); a smaller layer runs at the fraction it fills.
+            0 for CPUs. Optional in a description file.
     """
 
     name: str
@@ -62,18 +74,53 @@ class TargetDesc:
     mcpu: str
     mattr: str
     source: str
+    dispatch_us: float = 0.0
+    saturation_items: int = 0
+
+
+OPTIONAL = {f.name: f.default for f in fields(TargetDesc) if f.default is not MISSING}
+
+
+def parse_description(text: str, where: str) -> TargetDesc:
+    """Read one target description (YAML) from ``text``; ``where`` names it in errors.
+
+    Raises:
+        ClusterError: naming ``where`` and the missing or malformed field.
+    """
+    types = {f.name: f.type for f in fields(TargetDesc)}
+    casts = {"int": int, "float": float, "str": str}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ClusterError(f"{where}: not a YAML target description: {err}") from None
+    if not isinstance(data, dict):
+        raise ClusterError(f"{where}: a target description is a mapping of TargetDesc fields")
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise ClusterError(f"{where}: unknown field {unknown[0]!r}; the fields are: {', '.join(types)}")
+    values = {}
+    for key, kind in types.items():
+        if key not in data and key in OPTIONAL:
+            values[key] = OPTIONAL[key]
+            continue
+        if key not in data:
+            raise ClusterError(f"{where}: missing field {key!r}")
+        try:
+            values[key] = casts[kind](data[key])
+        except (TypeError, ValueError):
+            raise ClusterError(f"{where}: {key}: expected {kind}, found {data[key]!r}") from None
+    if values["kind"] not in ("cpu", "gpu"):
+        raise ClusterError(f"{where}: kind: expected 'cpu' or 'gpu', found {values['kind']!r}")
+    return TargetDesc(**values)
 
 
 def _load_descriptions() -> dict[str, TargetDesc]:
     """Read every ``descriptions/*.yaml`` shipped with partc."""
-    types = {f.name: f.type for f in fields(TargetDesc)}
-    casts = {"int": int, "float": float, "str": str}
     out = {}
     for entry in sorted(files("partc.targets").joinpath("descriptions").iterdir(), key=lambda e: e.name):
         if not entry.name.endswith(".yaml"):
             continue
-        data = yaml.safe_load(entry.read_text())
-        desc = TargetDesc(**{k: casts[types[k]](data[k]) for k in types})
+        desc = parse_description(entry.read_text(), str(entry))
         out[desc.name] = desc
     return out
 
@@ -82,11 +129,17 @@ TARGETS: dict[str, TargetDesc] = _load_descriptions()
 
 
 def target(name: str) -> TargetDesc:
-    """Return the target description called ``name``.
+    """Return the target description called ``name``, or read it from the file ``name`` (``*.yaml``).
 
     Raises:
-        ClusterError: if there is none; the message lists the known targets.
+        ClusterError: if there is none, or the file is missing or malformed; the message
+            lists the known targets or names the file and field.
     """
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if not path.is_file():
+            raise ClusterError(f"{name}: target description file not found")
+        return parse_description(path.read_text(), name)
     if name not in TARGETS:
         raise ClusterError(f"unknown target {name!r}; known targets are: {', '.join(sorted(TARGETS))}")
     return TARGETS[name]

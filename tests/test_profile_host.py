@@ -47,6 +47,8 @@ def test_file_round_trip_and_schema(residual_profile, tmp_path):
         "settings",
         "whole_model",
         "sum_node_median_s",
+        "load_average",
+        "warnings",
         "nodes",
     }
     assert set(data["host"]) == {"cpu", "machine", "system", "cores", "python", "torch"}
@@ -103,13 +105,13 @@ def test_profile_of_another_model_is_rejected(residual_profile, tmp_path):
 
 def test_bad_settings():
     gm = trace_model("tests/models.py:mlp", ["1,16"])
-    with pytest.raises(PartcError, match="need --warmup >= 0 and --repeats >= 1, got 0 and 0"):
+    with pytest.raises(PartcError, match="need --warmup >= 1 and --repeats >= 1, got 0 and 0"):
         profile_model(gm, warmup=0, repeats=0)
     with pytest.raises(PartcError, match="--threads must be at least 1, got 0"):
         profile_model(gm, threads=0)
 
 
-def test_cli_profile(capsys, tmp_path):
+def test_cli_profile(capsys, caplog, tmp_path):
     out_file = tmp_path / "mlp.profile.json"
     code = main(
         [
@@ -129,7 +131,10 @@ def test_cli_profile(capsys, tmp_path):
     )
     out, err = capsys.readouterr()
     assert code == 0
-    assert err.startswith("\rprofiling [") and err.endswith("] 8/8\n")
+    progress = err.split("\n")[0]
+    assert progress.startswith("\rprofiling [") and progress.endswith("] 8/8")
+    logged = [r.getMessage() for r in caplog.records if r.name == "partc.profile"]
+    assert logged == list(read_profile(out_file).warnings)  # a busy host's warnings reach the log the CLI prints
     lines = out.splitlines()
     assert lines[0] == f"wrote {out_file}: 5 nodes, 1 threads, 3 runs after 1 warm-up"
     assert lines[1].startswith("whole model (median)") and lines[2].startswith("sum of node medians")
@@ -143,7 +148,7 @@ def test_cli_profile_bad_input(capsys, tmp_path):
     )
     _, err = capsys.readouterr()
     assert code == 2
-    assert err == "partc: error: profile: need --warmup >= 0 and --repeats >= 1, got 3 and 0\n"
+    assert err == "partc: error: profile: need --warmup >= 1 and --repeats >= 1, got 3 and 0\n"
     assert not (tmp_path / "p.json").exists()
 
 

@@ -75,17 +75,44 @@ def _add_profile(sub) -> None:
     _add_model_args(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="profile file to write")
     p.add_argument("--repeats", type=int, default=15, metavar="N", help="timed runs (default 15)")
-    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs first (default 3)")
+    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs first, at least 1 (default 3)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch intra-op threads (default: torch's default, all cores)")
+    p.add_argument("--fit-target", type=Path, default=None, metavar="FILE.yaml",
+                   help="also write a target description of this host fitted to the profile (the cost model's "
+                   "rates); name it as a tier's target in a cluster file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_run_profile)
+
+
+def _write_fitted_target(profile, path: Path) -> None:
+    import dataclasses
+    import os
+    import platform
+
+    from partc.costmodel import fit_target, load_calibration, target_yaml
+
+    cal = load_calibration()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    base = dataclasses.replace(
+        cal.reference, name=path.stem, summary=f"{profile.host.get('cpu', 'this host')}, {profile.threads} threads "
+        "(fitted by partc profile --fit-target)", cores=profile.threads, memory_bytes=memory,
+        triple=f"{platform.machine()}-linux-gnu", source="",
+    )
+    desc = fit_target(cal, [profile], base)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(target_yaml(desc))
+    os.replace(tmp, path)
 
 
 def _run_profile(args) -> int:
     from partc.profile import profile_model, write_profile
     from partc.report import trace_model
 
+    if args.fit_target is not None and args.fit_target.suffix not in (".yaml", ".yml"):
+        raise PartcError(f"{args.fit_target}: --fit-target: the file name must end in .yaml (a cluster file's tier "
+                         "names a target file by that suffix)")
     gm = trace_model(args.model, args.input_shape)
 
     def bar(done: int, total: int) -> None:
@@ -98,12 +125,16 @@ def _run_profile(args) -> int:
         gm, model=args.model, warmup=args.warmup, repeats=args.repeats, threads=args.threads, progress=bar
     )
     write_profile(profile, args.output)
+    if args.fit_target is not None:
+        _write_fitted_target(profile, args.fit_target)
     top = sorted(profile.nodes, key=lambda n: n.median_s, reverse=True)[:5]
     summary = {
         "file": str(args.output),
         "threads": profile.threads,
         "whole_model_median_ms": profile.whole_median_s * 1e3,
         "sum_node_median_ms": profile.sum_node_median_s * 1e3,
+        "load_average": profile.load_average,
+        "warnings": list(profile.warnings),
         "top_nodes": [{"name": n.name, "op": n.op, "median_ms": n.median_s * 1e3} for n in top],
     }
     if args.json:

@@ -70,7 +70,7 @@ def test_measured_profile_overrides_the_model(tmp_path):
 def test_profile_of_another_input_shape_is_an_error(tmp_path):
     gm = trace_model("tests/models.py:residual", ["1,8,16,16"])
     path = tmp_path / "rpi4.profile.json"
-    write_profile(profile_model(gm, model="residual", warmup=0, repeats=1, threads=1), path)
+    write_profile(profile_model(gm, model="residual", warmup=1, repeats=1, threads=1), path)
     other = trace_model("tests/models.py:residual", ["1,8,8,8"])
     ctx = CompileContext((Tier("device", "rpi4", "torchscript"),), profiles={"rpi4": path})
     with pytest.raises(PartcError) as info:
