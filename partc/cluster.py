@@ -80,6 +80,8 @@ _SIZE_UNITS = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB
 _DECIMAL = r"[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?"
 _QUANTITY = re.compile(rf"\s*({_DECIMAL})\s*([A-Za-z/]+)\s*")
 _BARE_NUMBER = re.compile(rf"\s*{_DECIMAL}\s*")
+_SMALLEST, _LARGEST = 1e-12, 1e18  # bytes, bytes/s or s: every price stays finite, with room to scale
+MAX_NODES = 16  # nodes of one tier: spatial tiles beyond that are slivers, and the tile pass grows with each
 
 
 def parse_bandwidth(text: str) -> float:
@@ -123,6 +125,8 @@ def _parse_quantity(text, units: Mapping[str, float], example: str) -> float:
     value = float(number) * units[unit]
     if value <= 0:
         raise ValueError(f"{text!r} must be positive")
+    if not _SMALLEST <= value <= _LARGEST:
+        raise ValueError(f"{text!r} is out of range; use {example}")
     return value
 
 
@@ -146,6 +150,10 @@ def load_cluster(
         raise ClusterError(f"{path}: cluster file not found") from None
     except (OSError, yaml.YAMLError) as err:
         raise ClusterError(f"{path}: not a readable YAML file: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ClusterError(f"{path}: not a text file (byte {err.start} is not UTF-8); a cluster file is YAML") from None
+    except RecursionError:
+        raise ClusterError(f"{path}: nested too deeply to be a cluster file; see partc.cluster for its keys") from None
     return cluster_from_dict(data, source=str(path), profiles=profiles, base=path.parent, options=options)
 
 
@@ -229,6 +237,9 @@ def _tiers(value, source: str) -> tuple[Tier, ...]:
         nodes = entry.get("nodes", 1)
         if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
             raise ClusterError(f"{source}: {where}.nodes: {nodes!r} is not a positive integer")
+        if nodes > MAX_NODES:
+            raise ClusterError(f"{source}: {where}.nodes: {nodes} nodes; a tier has at most {MAX_NODES} (its tiles "
+                               "would be slivers); give fewer")
         tiers.append(Tier(name, str(entry["target"]), str(entry["backend"]), nodes))
     return tuple(tiers)
 
@@ -371,7 +382,7 @@ def parse_profile_args(specs: Iterable[str]) -> dict[str, Path]:
 
     Raises:
         ClusterError: for a value without ``=``, an unknown target, a target given twice,
-            or a file that does not exist.
+            or a file that does not exist or is not text.
     """
     out: dict[str, Path] = {}
     for spec in specs:
@@ -386,5 +397,10 @@ def parse_profile_args(specs: Iterable[str]) -> dict[str, Path]:
             raise ClusterError(f"--profile {spec!r}: target {name!r} already has profile {out[name]}")
         if not Path(file).is_file():
             raise ClusterError(f"--profile {spec!r}: file {file!r} not found; write it with 'partc profile'")
+        try:
+            Path(file).read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ClusterError(f"--profile {spec!r}: {file!r} is not a readable text file ({err}); give the JSON "
+                               "profile that 'partc profile' wrote") from None
         out[name] = Path(file)
     return out

@@ -23,6 +23,7 @@ for the others ``Codec.max_error(x)`` bounds the absolute error of every element
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -169,16 +170,22 @@ def encode(array: np.ndarray, codec: Codec) -> bytes:
 def decode(data: bytes | memoryview, codec: Codec, shape: tuple[int, ...], dtype: str | np.dtype) -> np.ndarray:
     """Decode what ``encode`` produced for a tensor of ``shape`` and ``dtype``.
 
+    The size the tensor needs is known before anything is decoded: a packed payload is
+    decompressed into at most that many bytes, so a small payload that inflates to
+    gigabytes (a decompression bomb) costs no more memory than an honest one.
+
     Raises:
-        PartcError: if the payload does not have the size the shape implies.
+        PartcError: if the payload does not have the size the shape implies, or does not
+            decompress to exactly that size.
     """
     dtype = np.dtype(dtype)
-    payload = _unpack(data, codec)
     quant = codec.quant if dtype.kind == "f" else "none"
-    count = int(np.prod(shape))
+    size = payload_size(codec, shape, dtype)
+    count = math.prod(shape)
+    payload = _unpack(data, codec, size)
+    _expect(payload, size, codec)
     if quant in ("int8", "int8c"):
         channels = shape[1] if quant == "int8c" else 1
-        _expect(payload, 8 * channels + count, codec)
         scale = np.frombuffer(payload, np.float32, channels)
         low = np.frombuffer(payload, np.float32, channels, offset=4 * channels)
         q = np.frombuffer(payload, np.uint8, count, offset=8 * channels).reshape(shape)
@@ -187,8 +194,26 @@ def decode(data: bytes | memoryview, codec: Codec, shape: tuple[int, ...], dtype
         view = (1, channels) + (1,) * (len(shape) - 2)
         return (q * scale.reshape(view) + low.reshape(view)).astype(dtype)
     stored = np.dtype(np.float16) if quant == "fp16" else dtype
-    _expect(payload, count * stored.itemsize, codec)
     return np.frombuffer(payload, stored, count).reshape(shape).astype(dtype, copy=quant == "fp16")
+
+
+def payload_size(codec: Codec, shape: tuple[int, ...], dtype: str | np.dtype) -> int:
+    """Return the bytes ``encode`` writes for a tensor of ``shape`` and ``dtype`` before any PACK step.
+
+    Raises:
+        PartcError: if the shape has a negative dimension, or ``int8c`` meets a tensor
+            without a channel axis.
+    """
+    dtype = np.dtype(dtype)
+    if any(d < 0 for d in shape):
+        raise PartcError(f"codec {codec.name}: shape {list(shape)} has a negative dimension")
+    quant = codec.quant if dtype.kind == "f" else "none"
+    count = math.prod(shape)
+    if quant == "int8c" and len(shape) < 2:
+        raise PartcError(f"codec int8c needs a tensor with a channel axis, got shape {list(shape)}")
+    if quant in ("int8", "int8c"):
+        return 8 * (shape[1] if quant == "int8c" else 1) + count
+    return count * (2 if quant == "fp16" else dtype.itemsize)
 
 
 def _ranges(array: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -221,19 +246,31 @@ def _pack(payload: bytes, codec: Codec) -> bytes:
     return payload
 
 
-def _unpack(data: bytes | memoryview, codec: Codec) -> bytes | memoryview:
+def _unpack(data: bytes | memoryview, codec: Codec, size: int) -> bytes | memoryview:
+    """Undo the PACK step, decompressing ``size`` + 1 bytes at most: one more tells a payload that is too big."""
+    if not codec.pack:
+        return data
     try:
         if codec.pack == "zstd":
             import zstandard
 
-            return zstandard.ZstdDecompressor().decompress(data)
-        if codec.pack == "lz4":
+            with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+                payload = reader.read(size + 1)
+            complete = True  # a truncated zstd frame decompresses short
+        else:
             import lz4.frame
 
-            return lz4.frame.decompress(data)
+            unpacker = lz4.frame.LZ4FrameDecompressor()
+            payload = unpacker.decompress(data, max_length=size + 1)
+            complete = unpacker.eof and not unpacker.unused_data
     except Exception as err:  # zstd and lz4 raise their own error types for corrupt input
         raise PartcError(f"codec {codec.name}: corrupt payload ({err})") from err
-    return data
+    if len(payload) > size:
+        raise PartcError(f"codec {codec.name}: payload decompresses to more than the {size} bytes the tensor needs")
+    if len(payload) < size or not complete:
+        raise PartcError(f"codec {codec.name}: corrupt payload (decompresses to {len(payload)} bytes of a "
+                         f"{size}-byte tensor, or has bytes after its frame)")
+    return payload
 
 
 def _expect(payload: bytes | memoryview, size: int, codec: Codec) -> None:

@@ -54,6 +54,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from partc.codec import LinkCodec
 from partc.errors import ManifestError
 from partc.ir import link_name
@@ -305,6 +307,17 @@ def read_manifest(path: Path | str) -> Manifest:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path}: not valid JSON ({err})") from err
+    except RecursionError:
+        raise ManifestError(f"{path}: nested too deeply to be a manifest; recompile with this partc") from None
+    try:
+        _check(path, manifest)
+        return _typed(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:  # a value of the wrong kind
+        raise ManifestError(f"{path}: malformed ({type(err).__name__}: {err}); recompile with this partc") from err
+
+
+def _check(path: Path, manifest) -> None:
+    """Check a parsed manifest's keys and types, and that its plans name stages and programs it has."""
     _check_keys(path, "", manifest, _TOP_KEYS)
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise ManifestError(
@@ -323,7 +336,13 @@ def read_manifest(path: Path | str) -> Manifest:
             programs.add((stage["name"], program["id"]))
             for key in ("inputs", "outputs"):
                 for k, tensor in enumerate(program[key]):
-                    _check_keys(path, f"{where}{key}[{k}].", tensor, {"name": str, "shape": list, "dtype": str})
+                    _check_tensor(path, f"{where}{key}[{k}].", tensor)
+    for key in ("inputs", "outputs"):
+        tensors = manifest["model"].get(key)
+        if not isinstance(tensors, list):
+            raise ManifestError(f"{path}: model.{key}: expected a list of tensors")
+        for k, tensor in enumerate(tensors):
+            _check_tensor(path, f"model.{key}[{k}].", tensor)
     names = [s["name"] for s in manifest["stages"] if s["index"] == 0]
     if not manifest["plans"]:
         raise ManifestError(f"{path}: plans: empty; a build has at least its primary plan")
@@ -334,10 +353,6 @@ def read_manifest(path: Path | str) -> Manifest:
         for stage, pid in plan["programs"].items():
             if (stage, pid) not in programs:
                 raise ManifestError(f"{path}: plans[{i}].programs.{stage}: no program {pid!r} in stage {stage!r}")
-    try:
-        return _typed(manifest)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ManifestError(f"{path}: malformed ({type(err).__name__}: {err}); recompile with this partc") from err
 
 
 def _typed(data: Mapping) -> Manifest:
@@ -372,6 +387,20 @@ def _typed(data: Mapping) -> Manifest:
     )
 
 
+def _check_tensor(path: Path, prefix: str, value) -> None:
+    """Check a TENSOR: a name, a shape of sizes (non-negative integers), a numeric dtype's name."""
+    _check_keys(path, prefix, value, {"name": str, "shape": list, "dtype": str})
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in value["shape"]):
+        raise ManifestError(f"{path}: {prefix}shape: {value['shape']!r} is not a list of sizes")
+    try:
+        dtype = np.dtype(value["dtype"])
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.name != value["dtype"] or dtype.kind not in "biuf":
+        raise ManifestError(f"{path}: {prefix}dtype: {value['dtype']!r} is not the name of a numeric dtype "
+                            "(float32, int64...)")
+
+
 def _check_keys(path: Path, prefix: str, value, keys: Mapping[str, type]) -> None:
     if not isinstance(value, dict):
         raise ManifestError(f"{path}: {prefix.rstrip('.') or 'top level'}: expected an object")
@@ -386,18 +415,20 @@ def manifest_stages(manifest: Manifest, folder: Path, verify: Collection[str] | 
     """Return the manifest's stages with their programs' artifacts, verified against their sha256.
 
     Only the stages named in ``verify`` are checked (all when None): a worker holds only its
-    own stage's artifacts.
+    own stage's artifacts. Every artifact path must stay inside ``folder``: no absolute
+    path, no ``..``, no symbolic link that leads out of it.
 
     Raises:
-        ManifestError: if an artifact to verify is missing or its checksum does not match.
+        ManifestError: if an artifact path leads out of ``folder``, or an artifact to verify
+            is missing or its checksum does not match.
     """
     stages = []
     for i, entry in enumerate(manifest.stages):
         programs = {}
         for j, program in enumerate(entry.programs):
-            path = folder / program.artifact
+            where = f"{folder / MANIFEST}: stages[{i}].programs[{j}].artifact: {program.artifact!r}"
+            path = _confined(folder, program.artifact, where)
             if verify is None or entry.name in verify:
-                where = f"{folder / MANIFEST}: stages[{i}].programs[{j}].artifact: {program.artifact!r}"
                 _check_artifact(path, program.sha256, where)
             programs[program.id] = Artifact(program.id, entry.backend, path, program.sha256, program.bytes,
                                             program.inputs, program.outputs, program.info)
@@ -406,8 +437,26 @@ def manifest_stages(manifest: Manifest, folder: Path, verify: Collection[str] | 
     return stages
 
 
+def _confined(folder: Path, artifact: str, where: str) -> Path:
+    """``folder / artifact``, once sure that it names a file inside ``folder`` (links resolved)."""
+    relative = Path(artifact)
+    if not artifact or relative.is_absolute() or ".." in relative.parts:
+        raise ManifestError(f"{where} is not a path inside the build folder; an artifact is named relative to "
+                            "the manifest's folder, without '..'; recompile")
+    path = folder / relative
+    resolved = path.resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise ManifestError(f"{where}: {path}: a symbolic link to {resolved}, outside the build folder; copy the "
+                            "artifact into the build folder, or recompile")
+    return path
+
+
 def _check_artifact(path: Path, sha256: str, where: str) -> None:
     if not path.is_file():
         raise ManifestError(f"{where} not found")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
         raise ManifestError(f"{where} does not match its sha256 (tampered or rebuilt); recompile")

@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import operator
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ _TORCHVISION_KWARGS = {
 }
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
+MAX_INPUT_BYTES = 2**62  # torch counts sizes in int64: a larger input overflows before it fails to allocate
 
 
 @dataclass(frozen=True)
@@ -61,11 +63,23 @@ class InputSpec:
         return dims if self.dtype == "float32" else f"{dims}:{self.dtype}"
 
     def example(self) -> torch.Tensor:
-        """Return a seeded example tensor of this shape and dtype."""
+        """Return a seeded example tensor of this shape and dtype.
+
+        Raises:
+            ModelError: if this host cannot allocate it.
+        """
+        size = math.prod(self.shape) * _DTYPES[self.dtype].itemsize
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         gen = torch.Generator().manual_seed(SEED)
-        if self.dtype.startswith("int"):
-            return torch.randint(0, 2, self.shape, generator=gen, dtype=_DTYPES[self.dtype])
-        return torch.randn(self.shape, generator=gen).to(_DTYPES[self.dtype])
+        try:
+            if size > memory:  # filling it would bring the out-of-memory killer, not an error
+                raise MemoryError
+            if self.dtype.startswith("int"):
+                return torch.randint(0, 2, self.shape, generator=gen, dtype=_DTYPES[self.dtype])
+            return torch.randn(self.shape, generator=gen).to(_DTYPES[self.dtype])
+        except (RuntimeError, MemoryError):
+            raise ModelError(f"--input-shape {self}: an example input of {size / 2**30:.3g} GiB does not fit in this "
+                             f"host's memory ({memory / 2**30:.3g} GiB); use a smaller shape") from None
 
 
 def parse_input_spec(text: str) -> InputSpec:
@@ -87,6 +101,9 @@ def parse_input_spec(text: str) -> InputSpec:
         ) from None
     if any(d <= 0 for d in shape):
         raise ModelError(f"--input-shape {text!r}: every dimension must be positive")
+    if math.prod(shape) * _DTYPES[dtype].itemsize > MAX_INPUT_BYTES:
+        raise ModelError(f"--input-shape {text!r}: {math.prod(shape)} elements are more than a tensor can hold "
+                         f"(at most {MAX_INPUT_BYTES} bytes); use a smaller shape")
     return InputSpec(shape, dtype)
 
 
@@ -112,6 +129,9 @@ def load_model(spec: str) -> nn.Module:
         torch.manual_seed(SEED)
         try:
             model = factory()
+        except SystemExit as err:
+            raise ModelError(f"model {spec!r}: factory called sys.exit({err.code!r}) instead of returning a "
+                             "torch.nn.Module") from None
         except Exception as err:
             raise ModelError(f"model {spec!r}: factory raised {type(err).__name__}: {_first_line(err)}") from err
     if not isinstance(model, nn.Module):
@@ -140,7 +160,7 @@ def _file_factory(spec: str, path: Path, name: str):
     sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
     try:
         module_spec.loader.exec_module(module)
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         del sys.modules[module_name]
         raise ModelError(f"model {spec!r}: importing {path} raised {type(err).__name__}: {_first_line(err)}") from err
     return _factory_attr(spec, module, name)

@@ -3,19 +3,43 @@
 ``partc.cli.model`` holds the compiler's commands (inspect, profile, plan, compile) and
 ``partc.cli.deploy`` the runtime's (run, serve, bundle, testbed); each module's
 ``add_commands`` adds them to the parser that ``build_parser`` returns.
+
+Every way a command ends goes through ``main``: bad input exits with 2 and a failure at
+run time with 1, each with one line on stderr (``partc: error: ...``); a stop signal
+(SIGINT, SIGTERM, SIGHUP) is raised in the main thread as ``Interrupted``, a
+``KeyboardInterrupt``, so that every cleanup (``with``, ``finally``, ``except
+BaseException``) runs as for Ctrl-C; further signals wait for the cleanup, and the command
+exits with 128 + the signal's number. ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from partc.cli import deploy, model
 from partc.errors import PartcError
 
 log = logging.getLogger("partc")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal, raised in the main thread where it would have ended the process.
+
+    Attributes:
+        signum: the signal's number.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,14 +65,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
         format="%(levelname)s %(name)s: %(message)s",
     )
-    _quiet_torch(args.verbose)
     try:
-        return args.func(args)
+        with _stop_signals():
+            _quiet_torch(args.verbose)
+            return args.func(args)
     except PartcError as err:
         if args.debug:
             log.exception("traceback")
         print(f"partc: error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt as err:
+        if args.debug:
+            log.exception("traceback")
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"partc: error: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """Turn the first stop signal into ``Interrupted``; ignore those that arrive while it unwinds."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield
+        return
+    stopping = []
+
+    def stop(signum: int, frame: object) -> None:
+        if not stopping:
+            stopping.append(signum)
+            raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _quiet_torch(verbose: int) -> None:

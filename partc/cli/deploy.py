@@ -63,19 +63,29 @@ def _run_run(args) -> int:
     import numpy as np
 
     from partc.manifest import read_manifest
+    from partc.runtime.driver import check_inputs
     from partc.trace import parse_input_spec
 
     manifest = read_manifest(args.build)
     specs = manifest.inputs
     if args.input and len(args.input) != len(specs):
         raise PartcError(f"--input: the model takes {len(specs)} input(s), {len(args.input)} given")
+    if args.connect and not args.distributed:
+        raise PartcError("--connect needs --distributed")
+    for flag, value in (("--requests", args.requests), ("--window", args.window)):
+        if value < 1:
+            raise PartcError(f"{flag} {value}: must be at least 1")
+    if args.output is not None and (args.output.is_dir() or not args.output.parent.is_dir()):
+        problem = "is a folder" if args.output.is_dir() else f"folder {str(args.output.parent)!r} does not exist"
+        raise PartcError(f"--output {args.output}: {problem}; give a file (.npy for one output, .npz for several) "
+                         "in an existing folder")
     if args.input:
         inputs = {spec.name: _read_npy(path) for spec, path in zip(specs, args.input, strict=True)}
+        check_inputs(specs, inputs)  # before anything is read into memory or any worker started
+        inputs = {name: np.array(value) for name, value in inputs.items()}
     else:
         inputs = {s.name: parse_input_spec(",".join(map(str, s.shape)) + f":{s.dtype}").example().numpy()
                   for s in specs}
-    if args.connect and not args.distributed:
-        raise PartcError("--connect needs --distributed")
     if args.distributed:
         outputs = _run_distributed(args, inputs)
     else:
@@ -83,10 +93,13 @@ def _run_run(args) -> int:
 
         outputs = load(args.build)(inputs)
     if args.output:
-        if len(outputs) == 1 and args.output.suffix == ".npy":
-            np.save(args.output, next(iter(outputs.values())))
-        else:
-            np.savez(args.output, **outputs)
+        try:
+            if len(outputs) == 1 and args.output.suffix == ".npy":
+                np.save(args.output, next(iter(outputs.values())))
+            else:
+                np.savez(args.output, **outputs)
+        except OSError as err:
+            raise PartcError(f"--output {args.output}: cannot write: {err.strerror}") from err
     for name, value in outputs.items():
         print(f"{name}: {'x'.join(map(str, value.shape))} {value.dtype}, "
               f"min {value.min():.4g} max {value.max():.4g} mean {value.mean():.4g}")
@@ -309,6 +322,10 @@ def _run_testbed(args) -> int:
             shares[stage] = float(value)
         except ValueError:
             raise PartcError(f"--cpu-share {text!r}: {value!r} is not a number") from None
+        if not 0 < shares[stage] < 1e6:
+            raise PartcError(f"--cpu-share {text!r}: a share is a positive number of cores, e.g. 0.5")
+    if args.requests < 1:
+        raise PartcError(f"--requests {args.requests}: must be at least 1")
     check_privileges()
     with Testbed(args.build, cpu_shares=shares) as testbed:
         report = testbed.measure(args.requests)
@@ -317,12 +334,17 @@ def _run_testbed(args) -> int:
 
 
 def _read_npy(path: Path):
+    """The array in ``path``, mapped, not read: its header is checked before its data takes memory."""
     import numpy as np
 
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
         raise PartcError(f"--input {path}: cannot read a .npy array ({err})") from err
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise PartcError(f"--input {path}: holds several arrays (.npz); give one .npy file per model input")
+    return array
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

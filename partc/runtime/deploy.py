@@ -249,6 +249,7 @@ def spawn_worker(
     Returns the process, its ready file and its log file (for ``wait_ready``).
     """
     ready, log_path = scratch / f"{stage}.ready", scratch / f"{stage}.log"
+    ready.unlink(missing_ok=True)  # an earlier worker's: this one has not started yet
     argv = [*prefix, sys.executable, "-m", "partc.cli", "serve", str(build), "--stage", stage,
             "--listen", listen, "--ready-file", str(ready)]
     argv += ["--next", next_address] if next_address else []
@@ -279,13 +280,14 @@ def wait_ready(process: subprocess.Popen, ready: Path, log_path: Path, what: str
 
 
 def stop_processes(processes: Mapping[str, subprocess.Popen]) -> None:
-    """Terminate every process of ``processes`` (name -> process); kill those still running after 10 s."""
+    """Terminate every process of ``processes`` (name -> process); kill those still running 10 s later."""
     for process in processes.values():
         if process.poll() is None:
             process.terminate()
+    deadline = time.monotonic() + 10
     for name, process in processes.items():
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.warning("process %s did not stop; killing it", name)
             process.kill()

@@ -35,6 +35,16 @@ earlier tier), it switches to that plan, says so, and resubmits the failed reque
 every later one in flight, in order. Otherwise the failure ends ``Driver.run`` with a
 ``RunError`` naming the stage, its address, the request, and how many requests in flight
 were abandoned.
+
+Recovery: while some stages are down, the driver asks them again whether they are up
+before it submits a request, with back-off (``PROBE_BACKOFF`` seconds after they were found
+down, doubling up to ``PROBE_MAX_BACKOFF``). When some answer, it returns to the plan
+predicted fastest among those they make usable (the primary one, once all are back). They
+are trusted once a request through them has been answered: if one fails first while every
+stage answers the driver (a hop to them still reconnecting), they count as down again.
+
+Inputs are checked against the model's input shapes and dtypes (``specs``) before they are
+sent, as the in-process run checks them (``check_inputs``).
 """
 
 from __future__ import annotations
@@ -45,11 +55,13 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from partc.errors import PartcError, RunError
+from partc.codec import parse_codec
+from partc.errors import ManifestError, PartcError, RunError
 from partc.partition.price import LinkPrice
 from partc.runtime.bandwidth import BandwidthEstimator, Ewma
 from partc.runtime.plans import Hop, PlanSelector, RuntimePlan, Switch
@@ -57,6 +69,7 @@ from partc.runtime.routes import Route, plan_routes
 from partc.runtime.transport import (
     DEFAULT_RETRY,
     HEALTH,
+    MAX_MESSAGE,
     NO_SECURITY,
     Channel,
     GrpcChannel,
@@ -69,11 +82,40 @@ from partc.runtime.wire import Frame, Measurement, decode, encode
 from partc.runtime.worker import Worker
 
 if TYPE_CHECKING:
-    from partc.plan import StageFn
+    from partc.plan import StageFn, TensorSpec
 
 log = logging.getLogger(__name__)
 
 _SLACK = 5.0  # seconds a request may run past its deadline (encoding, decoding) before the driver gives up
+PROBE_BACKOFF = 0.5  # seconds after a stage is found down before it is asked again whether it is up
+PROBE_MAX_BACKOFF = 10.0  # the longest wait between two such questions
+_PROBE = RetryPolicy(attempts=1)  # a probe is one question, with a deadline of PROBE_BACKOFF
+
+
+def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) -> None:
+    """Check that ``inputs`` hold every model input of ``specs`` with its shape and dtype (little-endian).
+
+    Raises:
+        ManifestError: naming the first input that is missing or does not match, and what to do.
+    """
+    for spec in specs:
+        if spec.name not in inputs:
+            described = ", ".join(f"{s.name} ({_shape(s.shape)} {s.dtype})" for s in specs)
+            raise ManifestError(f"input {spec.name!r} missing; the model takes {described}")
+        value = np.asarray(inputs[spec.name])
+        if value.dtype.byteorder == ">" and value.dtype.newbyteorder("<") == np.dtype(spec.dtype):
+            raise ManifestError(f"input {spec.name!r}: big-endian {spec.dtype}; convert it to little-endian "
+                                f"(array.astype('<{value.dtype.str[1:]}'))")
+        if tuple(value.shape) != tuple(spec.shape) or value.dtype != np.dtype(spec.dtype):
+            raise ManifestError(
+                f"input {spec.name!r}: got {_shape(value.shape)} {value.dtype}, but the build was compiled "
+                f"for {_shape(spec.shape)} {spec.dtype}; recompile with --input-shape "
+                f"{','.join(map(str, value.shape))}" + (f":{value.dtype}" if value.dtype.kind in "iu" else "")
+            )
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
 
 
 class Driver:
@@ -102,6 +144,8 @@ class Driver:
         alpha: float = 0.3,
         margin: float = 0.1,
         codecs: Mapping[str, str] | None = None,
+        specs: Sequence[TensorSpec] = (),
+        max_message: int = MAX_MESSAGE,
     ) -> None:
         """Drive ``plans`` over the chain whose stages are reached through ``channels``, in order.
 
@@ -109,7 +153,9 @@ class Driver:
         as the plans are priced on them (``Manifest.prices``); both are needed to switch plans,
         and a hop's latency is taken off the round trips measured on it. ``timeout`` bounds
         each request end to end; ``window`` requests are in flight at once; ``codecs`` maps
-        model inputs to the codec they are sent to the first stage with.
+        model inputs to the codec they are sent to the first stage with. ``specs`` are the
+        model inputs' shapes and dtypes, checked before a request is sent (none: not checked);
+        a reply whose tensors take more than ``max_message`` bytes is refused.
 
         Raises:
             PartcError: if there is no channel, ``window`` < 1, or a plan's chain is not a
@@ -133,9 +179,15 @@ class Driver:
         self._alpha = alpha
         self._codecs = {n: c for n, c in (codecs or {}).items() if n in self._inputs}
         self._latency = {h.name: h.latency for h in hops}
+        self._specs = tuple(specs)
+        self._max_message = max_message
         self.selector = PlanSelector(plans, hops, prices, margin=margin)
         self.links: dict[str, BandwidthEstimator] = {}
         self.compute: dict[str, Ewma] = {}
+        self._probe_at = 0.0  # when the stages found down are next asked whether they are up
+        self._probe_delay = PROBE_BACKOFF
+        self._recovered: set[str] = set()  # stages back up, not yet through an answered request
+        self._trial = 0  # the first request that may run through them
 
     @property
     def switches(self) -> list[Switch]:
@@ -160,19 +212,21 @@ class Driver:
             RunError: listing every stage that is unreachable, refuses us, or serves
                 another stage.
         """
-        problems = []
-        for channel in self._channels:
-            try:
-                served = call_stage(channel, b"", time.monotonic() + timeout, self._retry, HEALTH).decode()
-            except RunError as err:
-                problems.append(str(err))
-                continue
-            if served != channel.stage:
-                problems.append(f"{channel.address} serves stage {served!r}, expected {channel.stage!r}")
+        problems = [p for c in self._channels if (p := self._problem(c, timeout, self._retry)) is not None]
         if problems:
             raise RunError(
                 f"{len(problems)} of {len(self._channels)} stages failed the health check: " + "; ".join(problems)
             )
+
+    def _problem(self, channel: Channel, timeout: float, retry: RetryPolicy) -> str | None:
+        """Why the stage behind ``channel`` fails its health check; None if it answers as itself."""
+        try:
+            served = call_stage(channel, b"", time.monotonic() + timeout, retry, HEALTH).decode(errors="replace")
+        except RunError as err:
+            return str(err)
+        if served != channel.stage:
+            return f"{channel.address} serves stage {served!r}, expected {channel.stage!r}"
+        return None
 
     def run_one(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one request; see ``run``."""
@@ -182,7 +236,7 @@ class Driver:
         """Stream ``inputs`` (model input name -> array) through the pipeline; yield outputs in order.
 
         Raises:
-            PartcError: if an input lacks a model input.
+            PartcError: if an input lacks a model input, or does not match its spec.
             RunError: when a request fails and no fallback plan avoids the fault (see the
                 module docstring); nothing after it is yielded.
         """
@@ -192,6 +246,7 @@ class Driver:
         submitted = delivered = 0
 
         def submit(request_id: int, tensors: dict[str, np.ndarray]) -> tuple:
+            self._probe(request_id)
             plan = self.selector.select(request_id, self.links)
             return request_id, tensors, pool.submit(self._request, request_id, tensors, plan)
 
@@ -214,6 +269,8 @@ class Driver:
                     reason = str(err)
                 else:
                     pending.popleft()
+                    if request_id >= self._trial:
+                        self._recovered.clear()
                     self._record(reply.measurements)
                     delivered += 1
                     yield {n: reply.tensors[n] for n in self._outputs}
@@ -230,20 +287,47 @@ class Driver:
 
     def _fall_back(self, request_id: int, reason: str) -> bool:
         """After a failed request: switch to a plan avoiding the stages that are down, if any."""
-        down = []
-        for channel in self._channels:
-            try:
-                call_stage(channel, b"", time.monotonic() + 2.0, self._retry, HEALTH)
-            except RunError:
-                down.append(channel.stage)
+        down = [c.stage for c in self._channels if self._problem(c, 2.0, self._retry) is not None]
+        if down:
+            self._probe_delay = PROBE_BACKOFF
+        elif self._recovered:  # they answer the driver, not yet the stage before them: ask again later
+            down = sorted(self._recovered)
+            self._probe_delay = min(2 * self._probe_delay, PROBE_MAX_BACKOFF)
+        self._recovered.clear()
         if not down:
             return False
+        self._probe_at = time.monotonic() + self._probe_delay
         return self.selector.degrade(request_id, down, f"request {request_id} failed: {reason}", self.links)
+
+    def _probe(self, request_id: int) -> None:
+        """Ask the stages found down whether they are up (with back-off); return to the best plan when some are."""
+        selector = self.selector
+        if not selector.down or time.monotonic() < self._probe_at:
+            return
+        up = {c.stage for c in self._channels
+              if c.stage in selector.down and self._problem(c, PROBE_BACKOFF, _PROBE) is None}
+        if not up:
+            self._probe_delay = min(2 * self._probe_delay, PROBE_MAX_BACKOFF)
+            self._probe_at = time.monotonic() + self._probe_delay
+            return
+        selector.down -= up
+        self._recovered |= up
+        self._trial = request_id
+        self._probe_at = time.monotonic() + self._probe_delay
+        predicted = selector.predicted(selector.measured(self.links))
+        best = min(predicted, key=predicted.get)
+        if best != selector.current:
+            old, new = selector.plans[selector.current], selector.plans[best]
+            reason = f"{', '.join(sorted(up))} answer again; returning to the plan predicted fastest"
+            selector.switches.append(Switch(request_id, old.name, new.name, reason))
+            selector.current = best
+            log.warning("request %d on: plan %s -> %s (%s): %s", request_id, old.name, new.name, new.kind, reason)
 
     def _model_inputs(self, index: int, item: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self._inputs if n not in item]
         if missing:
             raise PartcError(f"input {index} lacks model input {', '.join(map(repr, missing))}; it has {sorted(item)}")
+        check_inputs(self._specs, item)
         return {n: np.asarray(item[n]) for n in self._inputs}
 
     def _request(self, request_id: int, tensors: dict[str, np.ndarray], plan: int) -> Frame:
@@ -253,7 +337,7 @@ class Driver:
         answer = call_stage(entry, payload, sent + self.timeout, self._retry)
         seconds = time.monotonic() - sent
         try:
-            reply = decode(answer)
+            reply = decode(answer, max_bytes=self._max_message)
         except RunError as err:
             raise RunError(f"reply from stage {entry.stage!r} at {entry.address}: {err}") from None
         if reply.request_id != request_id:
@@ -293,7 +377,7 @@ def connect(
 
     The stages of the longest chain must carry their addresses; the workers must serve
     ``plan_routes`` of each plan's chain. ``options`` go to ``Driver`` (hops, prices, window,
-    timeout, retry, alpha, margin, codecs).
+    timeout, retry, alpha, margin, codecs, specs, max_message).
 
     Raises:
         PartcError: if a plan's stages do not form a valid chain.
@@ -301,7 +385,8 @@ def connect(
     for plan in plans:
         plan_routes(plan.stages, model_inputs, model_outputs)
     longest = max(plans, key=lambda p: len(p.stages)).stages
-    channels = [GrpcChannel(s.name, s.address, security) for s in longest]
+    max_message = options.get("max_message", MAX_MESSAGE)
+    channels = [GrpcChannel(s.name, s.address, security, max_message) for s in longest]
     return Driver(channels, plans, model_inputs, model_outputs, **options)
 
 
@@ -349,6 +434,9 @@ def in_process(
     routes = stage_routes(plans, model_inputs, model_outputs, hop_codecs)
     retry = options.get("retry", DEFAULT_RETRY)
     longest = max(plans, key=lambda p: len(p.stages)).stages
+    sent = tuple(parse_codec(c).name for c in dict(options.get("codecs") or {}).values())  # the driver's codecs
+    first = longest[0].name
+    routes[first] = {i: replace(r, receive_codecs=r.receive_codecs + sent) for i, r in routes[first].items()}
     channels: list[Channel] = []
     downstream = None
     for stage in reversed(longest):

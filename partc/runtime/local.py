@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from partc.codec import decode, encode, parse_codec
-from partc.errors import ManifestError
 from partc.manifest import Manifest, ManifestStage, manifest_stages, read_manifest
 from partc.plan import StageFn, TensorSpec
+from partc.runtime.driver import check_inputs
 from partc.runtime.plans import Hop, from_manifest
 from partc.tiling.schedule import TileCall, schedule_fn
 
@@ -58,16 +58,7 @@ class Pipeline:
         Raises:
             ManifestError: if an input is missing or has the wrong shape or dtype.
         """
-        for spec in self.model_inputs:
-            if spec.name not in inputs:
-                raise ManifestError(f"input {spec.name!r} missing; the model takes {_describe(self.model_inputs)}")
-            value = inputs[spec.name]
-            if tuple(value.shape) != spec.shape or value.dtype != np.dtype(spec.dtype):
-                raise ManifestError(
-                    f"input {spec.name!r}: got {_shape(value.shape)} {value.dtype}, but the build was compiled "
-                    f"for {_shape(spec.shape)} {spec.dtype}; recompile with --input-shape "
-                    f"{','.join(map(str, value.shape))}"
-                )
+        check_inputs(self.model_inputs, inputs)
         names = [s.name for s in self.manifest.chain]
         env = {t.name: inputs[t.name] for t in self.model_inputs}
         made_at = dict.fromkeys(env, 0)
@@ -88,14 +79,6 @@ def _through(codec: str, array: np.ndarray) -> np.ndarray:
         return array
     parsed = parse_codec(codec)
     return decode(encode(array, parsed), parsed, array.shape, array.dtype)
-
-
-def _shape(shape) -> str:
-    return "x".join(map(str, shape))
-
-
-def _describe(specs) -> str:
-    return ", ".join(f"{s.name} ({_shape(s.shape)} {s.dtype})" for s in specs)
 
 
 def load(path: Path | str) -> Pipeline:

@@ -48,6 +48,8 @@ class Route:
         next_stage: name of the next stage, None for the last.
         next_address: host:port of the next stage's worker, None for the last.
         codecs: codec name (``partc.codec``) per forwarded tensor; others go raw.
+        receive_codecs: the codecs (canonical names) tensors may arrive with: the hop's
+            into this stage; a tensor with any other is refused.
     """
 
     stage: str
@@ -58,6 +60,7 @@ class Route:
     next_stage: str | None = None
     next_address: str | None = None
     codecs: Mapping[str, str] = field(default_factory=dict)
+    receive_codecs: tuple[str, ...] = ("none",)
 
     @property
     def receives(self) -> tuple[str, ...]:
@@ -75,8 +78,8 @@ def plan_routes(
     """Return the route of each stage of a chain, in order.
 
     ``codecs`` gives the codec of each hop, from stage i to stage i + 1 (default ``none``):
-    every tensor crossing that hop is sent with it. A stage with no inputs and no outputs
-    only passes tensors on.
+    every tensor crossing that hop is sent with it, and stage i + 1 accepts no other. A
+    stage with no inputs and no outputs only passes tensors on.
 
     Raises:
         PartcError: if there is no stage, a stage reads a tensor that neither the model
@@ -88,8 +91,7 @@ def plan_routes(
     codecs = list(codecs or ["none"] * (len(stages) - 1))
     if len(codecs) != len(stages) - 1:
         raise PartcError(f"{len(stages)} stages have {len(stages) - 1} hops, but {len(codecs)} codecs were given")
-    for name in codecs:
-        parse_codec(name)
+    codecs = [parse_codec(name).name for name in codecs]
     available = set(model_inputs)
     problems = []
     for s in stages:
@@ -116,6 +118,7 @@ def plan_routes(
                 next_stage=nxt.name if nxt else None,
                 next_address=nxt.address if nxt else None,
                 codecs={n: codecs[i] for n in sorted(later & available) if codecs[i] != "none"} if nxt else {},
+                receive_codecs=(codecs[i - 1],) if i else ("none",),
             )
         )
     return tuple(routes)

@@ -125,6 +125,10 @@ class Testbed:
         return self
 
     def _start(self) -> None:
+        entry = self._address(0).removeprefix("unix:")
+        if len(os.fsencode(entry)) >= 108:  # sun_path: 108 bytes with the final NUL
+            raise PartcError(f"testbed: the driver's socket {entry} is longer than a Unix socket path may be; "
+                             "give the temporary folder a shorter path (TMPDIR)")
         nodes = list(self.namespaces)[: len(self.namespaces) - len(self.tile_hops)]
         for ns in self.namespaces.values():
             add_namespace(ns)

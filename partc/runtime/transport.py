@@ -9,11 +9,17 @@ the whole call, retries with exponential back-off while the stage is unreachable
 gRPC without generated code: one service ``partc.Stage`` with two unary methods whose
 requests and replies are raw bytes (no serializers), registered through a generic handler.
 ``Run`` takes a request frame and answers a reply frame; ``Health`` takes nothing and
-answers the UTF-8 name of the stage served. Message size limits are lifted on both ends
-(gRPC's own ceiling, 2 GiB per message, remains). A shared token travels as the
-``partc-token`` metadata entry and is checked on every call (without TLS it crosses the
-network in clear); a worker's own refusals carry the ``partc-error`` trailing metadata
-entry, so a caller tells "the stage said no" from "the stage could not be reached".
+answers the UTF-8 name of the stage served.
+
+What a server holds before it knows who calls is bounded. A shared token travels as the
+``partc-token`` metadata entry (without TLS it crosses the network in clear) and is checked
+by a server interceptor when a call arrives, from its metadata alone: a call without the
+token is refused before its message is read, so it costs the server no more than gRPC's
+flow-control window. The message limits are per method: ``Run`` accepts frames of up to
+``max_message`` bytes (what the build's largest frame can take, ``wire.frame_limit``;
+default gRPC's own ceiling, 2 GiB), ``Health`` never reads its request. A worker's own
+refusals carry the ``partc-error`` trailing metadata entry, so a caller tells "the stage
+said no" from "the stage could not be reached".
 
 grpc is imported only by the gRPC classes, so the in-process transport works without it.
 """
@@ -23,7 +29,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -40,13 +46,16 @@ RUN = f"/{SERVICE}/Run"
 HEALTH = f"/{SERVICE}/Health"
 TOKEN_KEY = "partc-token"
 ERROR_KEY = "partc-error"
-MAX_MESSAGE = 2**31 - 1
-_MESSAGE_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-_CHANNEL_OPTIONS = _MESSAGE_OPTIONS + [
+MAX_MESSAGE = 2**31 - 1  # gRPC's ceiling on one message
+_RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+
+
+def _message_options(max_message: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", min(max_message, MAX_MESSAGE))]
 
 
 @dataclass(frozen=True)
@@ -94,13 +103,42 @@ class Security:
             token = lines[0].strip() if lines else ""
             if not token:
                 raise PartcError(f"{token_file}: empty token file; write the shared token on its first line")
-        return cls(token=token, cert=read(cert), key=read(key), root=read(root))
+        security = cls(token=token, cert=read(cert), key=read(key), root=read(root))
+        _check_pem(cert, key, root)
+        return security
 
     def accepts(self, token: str | None) -> bool:
         """Whether a call presenting ``token`` may be served (constant-time comparison)."""
         if self.token is None:
             return True
         return token is not None and hmac.compare_digest(token.encode(), self.token.encode())
+
+    def refusal(self, stage: str, token: str | None) -> Rejected:
+        """The refusal of a call to ``stage`` that presented ``token``, which ``accepts`` refused."""
+        state = "no" if token is None else "a wrong"
+        return Rejected(
+            "unauthenticated",
+            f"stage {stage!r} refused a call with {state} token (gRPC metadata {TOKEN_KEY!r}); "
+            "give every stage and the driver the same token",
+        )
+
+
+def _check_pem(cert: Path | None, key: Path | None, root: Path | None) -> None:
+    """Raise PartcError naming the file unless ``cert`` and ``key`` are a PEM chain and its key, ``root`` a PEM
+    certificate (checked here: gRPC would only say that it cannot listen or connect)."""
+    import ssl
+
+    try:
+        if cert is not None:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as err:
+        raise PartcError(f"--cert {cert} --key {key}: not a PEM certificate chain and its unencrypted private key "
+                         f"({err.reason or err}); give the files the certificate authority issued") from None
+    try:
+        if root is not None:
+            ssl.create_default_context(cafile=root)
+    except ssl.SSLError as err:
+        raise PartcError(f"--root {root}: not a PEM certificate ({err.reason or err})") from None
 
 
 @dataclass(frozen=True)
@@ -214,16 +252,20 @@ class InProcessChannel:
 class GrpcChannel:
     """A gRPC channel to the worker serving ``stage`` at ``address`` (host:port)."""
 
-    def __init__(self, stage: str, address: str, security: Security = NO_SECURITY) -> None:
+    def __init__(
+        self, stage: str, address: str, security: Security = NO_SECURITY, max_message: int = MAX_MESSAGE
+    ) -> None:
+        """Open a channel; replies larger than ``max_message`` bytes are refused."""
         import grpc
 
         self.stage = stage
         self.address = address
+        options = _message_options(max_message) + _RECONNECT_OPTIONS
         if security.root is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=security.root)
-            self._channel = grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            self._channel = grpc.insecure_channel(address, options=options)
         self._methods = {m: self._channel.unary_unary(m) for m in (RUN, HEALTH)}
         self._metadata = ((TOKEN_KEY, security.token),) if security.token is not None else ()
         self._grpc = grpc
@@ -301,10 +343,12 @@ class StageServer:
         security: Security = NO_SECURITY,
         threads: int = 16,
         on_stop: Callable[[], None] | None = None,
+        max_message: int = MAX_MESSAGE,
     ) -> None:
         """Start serving ``handler`` on ``listen`` (host:port; port 0 picks a free port).
 
-        ``on_stop`` runs after the server stopped (e.g. to close the handler's own channels).
+        ``on_stop`` runs after the server stopped (e.g. to close the handler's own channels);
+        ``max_message`` bounds a ``Run`` request, in bytes (see the module docstring).
 
         Raises:
             RunError: if the address cannot be bound.
@@ -313,22 +357,21 @@ class StageServer:
 
         import grpc
 
-        def unary(fn: Callable[[bytes, grpc.ServicerContext], bytes]) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(fn)
-
         def run(request: bytes, context: grpc.ServicerContext) -> bytes:
             remaining = context.time_remaining()
             deadline = time.monotonic() + (remaining if remaining is not None else 3600.0)
             return _answer(context, lambda: handler.run(request, _token(context), deadline), grpc)
 
-        def health(request: bytes, context: grpc.ServicerContext) -> bytes:
+        def health(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:  # the request is never read
             return _answer(context, lambda: handler.health(_token(context)), grpc)
 
         # Without SO_REUSEPORT (gRPC's default is on), a second worker on a taken port fails instead of sharing it.
-        options = [*_MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)]
-        self._server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=options)
-        generic = grpc.method_handlers_generic_handler(SERVICE, {"Run": unary(run), "Health": unary(health)})
-        self._server.add_generic_rpc_handlers((generic,))
+        options = [*_message_options(max_message), ("grpc.so_reuseport", 0)]
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=options,
+                                   interceptors=[_Authenticator(handler.stage, security, grpc)])
+        methods = {"Run": grpc.unary_unary_rpc_method_handler(run),
+                   "Health": grpc.stream_unary_rpc_method_handler(health)}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
         host = listen.rpartition(":")[0]
         try:
             if security.cert is not None:
@@ -357,6 +400,26 @@ class StageServer:
         self._server.wait_for_termination()
 
 
+class _Authenticator:  # a grpc.ServerInterceptor
+    """Refuses a call without the token when it arrives, from its metadata: its message is never read."""
+
+    def __init__(self, stage: str, security: Security, grpc_module) -> None:
+        self._stage = stage
+        self._security = security
+        self._grpc = grpc_module
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        token = next((value for key, value in details.invocation_metadata if key == TOKEN_KEY), None)
+        if self._security.accepts(token):
+            return continuation(details)
+        refusal = self._security.refusal(self._stage, token)
+
+        def refuse(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:  # a stream: nothing read
+            _abort(context, refusal, self._grpc)
+
+        return self._grpc.stream_unary_rpc_method_handler(refuse)
+
+
 def _token(context: grpc.ServicerContext) -> str | None:
     return next((value for key, value in context.invocation_metadata() if key == TOKEN_KEY), None)
 
@@ -365,5 +428,9 @@ def _answer(context: grpc.ServicerContext, fn: Callable[[], bytes], grpc_module)
     try:
         return fn()
     except Rejected as err:
-        context.set_trailing_metadata(((ERROR_KEY, err.status),))
-        context.abort(getattr(grpc_module.StatusCode, err.status.upper()), err.message)
+        _abort(context, err, grpc_module)
+
+
+def _abort(context: grpc.ServicerContext, err: Rejected, grpc_module) -> None:
+    context.set_trailing_metadata(((ERROR_KEY, err.status),))
+    context.abort(getattr(grpc_module.StatusCode, err.status.upper()), err.message)

@@ -50,8 +50,9 @@ once, when the frame is joined into one bytes object (gRPC sends ``bytes``).
 
 from __future__ import annotations
 
+import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,7 @@ from partc.codec import Codec, parse_codec
 from partc.codec import decode as decode_payload
 from partc.codec import encode as encode_payload
 from partc.errors import PartcError, RunError
+from partc.runtime.transport import MAX_MESSAGE
 
 MAGIC = b"PCTF"
 VERSION = 2
@@ -188,6 +190,17 @@ def encode(frame: Frame, codecs: Mapping[str, str] | None = None) -> bytes:
     return b"".join(parts)
 
 
+def frame_limit(tensors: Iterable[tuple[str, int]]) -> int:
+    """Return the most bytes a frame carrying ``tensors`` (name, bytes) can take, whatever their codecs.
+
+    Each tensor gets its header, shape, name, codec name and padding, and its payload plus
+    what packing can add to incompressible bytes (zstd and lz4 add well under 1/64); the
+    frame its header and room for the measurements a reply collects along the chain.
+    """
+    tensor_room = sum(_TENSOR.size + 8 * MAX_NDIM + len(name.encode()) + 32 + n + n // 64 + 64 for name, n in tensors)
+    return min(MAX_MESSAGE, _FRAME.size + tensor_room + 2**16)
+
+
 class _Reader:
     """Bounds-checked reads from a frame; every failure names what was being read."""
 
@@ -219,13 +232,23 @@ class _Reader:
         self.take(-n % 8, what)
 
 
-def decode(data: bytes | bytearray | memoryview) -> Frame:
+def decode(
+    data: bytes | bytearray | memoryview, codecs: Collection[str] | None = None, max_bytes: int = MAX_MESSAGE
+) -> Frame:
     """Parse a frame written by ``encode``. Raw tensors are read-only views into ``data``.
+
+    Sizes are checked before anything is allocated: the tensors' sizes (shape x dtype, as
+    their headers claim them) may add up to ``max_bytes`` at most, and a packed payload is
+    decompressed into no more than its tensor's size (``partc.codec.decode``). So a frame
+    costs at most ``max_bytes`` (plus the codecs' temporaries) whatever it claims or
+    inflates to. ``codecs`` are the codec names (canonical, as ``partc.codec.parse_codec``
+    gives them) a tensor may come with; None allows every codec.
 
     Raises:
         RunError: if the frame is truncated, has a bad magic or version, an unknown dtype
-            or codec, a payload that does not match its shape, a duplicate tensor name, or
-            trailing bytes; the message names the tensor and the offset.
+            or codec, a codec outside ``codecs``, tensors larger than ``max_bytes``, a
+            payload that does not match its shape, a duplicate tensor name, or trailing
+            bytes; the message names the tensor and the offset.
     """
     reader = _Reader(memoryview(data).cast("B"))
     magic, version, _flags, n_tensors, request_id, elapsed, n_meas, plan = reader.unpack(_FRAME, "the frame header")
@@ -243,6 +266,7 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
         reader.skip_padding(src_len + dst_len, what)
         measurements.append(Measurement(_KIND_OF_CODE[kind], src, dst, seconds, sent, received))
     tensors: dict[str, np.ndarray] = {}
+    total = 0
     for i in range(n_tensors):
         what = f"tensor {i}"
         name_len, codec_len, code, ndim, nbytes = reader.unpack(_TENSOR, f"the header of {what}")
@@ -259,15 +283,22 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
             codec = parse_codec(codec_name)
         except PartcError as err:
             raise RunError(f"malformed frame: {what}: {err}") from None
+        if codecs is not None and codec.name not in codecs:
+            raise RunError(f"malformed frame: {what} comes with codec {codec.name!r}; this link carries "
+                           f"{' or '.join(map(repr, sorted(codecs)))} only")
         if name in tensors:
             raise RunError(f"malformed frame: {what} appears twice")
+        dtype = _DTYPE_OF_CODE[code]
+        total += math.prod(shape) * dtype.itemsize
+        if total > max_bytes:
+            raise RunError(f"malformed frame: {what}, {dtype.name}{list(shape)}: the frame's tensors take more "
+                           f"than {max_bytes} bytes, the most this end accepts")
         payload = reader.take(nbytes, f"the payload of {what}")
         reader.skip_padding(nbytes, f"the payload of {what}")
         try:
-            tensors[name] = decode_payload(payload, codec, shape, _DTYPE_OF_CODE[code])
+            tensors[name] = decode_payload(payload, codec, shape, dtype)
         except Exception as err:  # bytes from the network: whatever a codec trips on is a bad frame
-            dtype = _DTYPE_OF_CODE[code].name
-            raise RunError(f"malformed frame: {what}, {dtype}{list(shape)}: {err}") from None
+            raise RunError(f"malformed frame: {what}, {dtype.name}{list(shape)}: {err}") from None
     if reader.offset != len(reader.data):
         raise RunError(f"malformed frame: {len(reader.data) - reader.offset} unexpected bytes after the last tensor")
     return Frame(request_id, tensors, tuple(measurements), elapsed, plan)

@@ -42,6 +42,7 @@ from partc.errors import PartcError, RunError
 from partc.runtime.routes import Route
 from partc.runtime.transport import (
     DEFAULT_RETRY,
+    MAX_MESSAGE,
     NO_SECURITY,
     Channel,
     GrpcChannel,
@@ -70,12 +71,15 @@ class Worker:
         *,
         token: str | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
+        max_message: int = MAX_MESSAGE,
     ) -> None:
         """Serve ``routes`` (plan index -> this stage's route in that plan) with ``fns``.
 
         ``fns`` maps each plan whose route has outputs to the stage function that computes
         them (plans sharing a program share the function); ``downstream`` is the channel to
-        the next stage, needed iff some route forwards.
+        the next stage, needed iff some route forwards. A frame (request, or reply from the
+        next stage) whose tensors take more than ``max_message`` bytes is refused before
+        anything is decoded, and so is a tensor with a codec no route receives with.
 
         Raises:
             PartcError: if the routes name different stages or next stages, a function is
@@ -102,6 +106,8 @@ class Worker:
         self._downstream = downstream
         self._security = Security(token=token)
         self._retry = retry
+        self._max_message = max_message
+        self._codecs = frozenset(c for r in routes.values() for c in r.receive_codecs)
         self._lock = threading.Lock()
 
     def health(self, token: str | None) -> bytes:
@@ -114,7 +120,7 @@ class Worker:
         start = time.monotonic()
         self._authorise(token)
         try:
-            frame = decode(payload)
+            frame = decode(payload, self._codecs, self._max_message)
         except RunError as err:
             raise Rejected("invalid_argument", f"stage {self.stage!r}: {err}") from None
         where = f"stage {self.stage!r} (request {frame.request_id}, plan {frame.plan})"
@@ -147,8 +153,10 @@ class Worker:
             began = time.monotonic()
             try:
                 produced = self._fns[frame.plan]({n: frame.tensors[n] for n in route.inputs})
-            except Exception as err:  # any failure of the stage function goes to the caller
-                raise Rejected("internal", f"{where} failed: {type(err).__name__}: {err}") from None
+            except Exception as err:  # any failure of the stage function goes to the caller, on one line
+                lines = str(err).strip().splitlines() or [""]
+                more = " (...)" if len(lines) > 1 else ""
+                raise Rejected("internal", f"{where} failed: {type(err).__name__}: {lines[0]}{more}") from None
             computed = time.monotonic() - began
         if not isinstance(produced, Mapping):
             raise Rejected("internal", f"{where}: the stage function returned {type(produced).__name__}, not a dict")
@@ -179,7 +187,7 @@ class Worker:
             raise Rejected("internal", str(err)) from None
         seconds = time.monotonic() - sent
         try:
-            reply = decode(answer)
+            reply = decode(answer, max_bytes=self._max_message)
         except RunError as err:
             raise Rejected("internal", f"{where}: reply from stage {downstream.stage!r}: {err}") from None
         link = Measurement("link", self.stage, downstream.stage, seconds - reply.elapsed, len(payload), len(answer))
@@ -187,12 +195,7 @@ class Worker:
 
     def _authorise(self, token: str | None) -> None:
         if not self._security.accepts(token):
-            state = "no" if token is None else "a wrong"
-            raise Rejected(
-                "unauthenticated",
-                f"stage {self.stage!r} refused a call with {state} token (gRPC metadata 'partc-token'); "
-                "give every stage and the driver the same token",
-            )
+            raise self._security.refusal(self.stage, token)
 
     def close(self) -> None:
         """Close the channel to the next stage."""
@@ -207,21 +210,24 @@ def serve_stage(
     security: Security = NO_SECURITY,
     retry: RetryPolicy = DEFAULT_RETRY,
     threads: int = 16,
+    max_message: int = MAX_MESSAGE,
 ) -> StageServer:
     """Serve ``routes`` with ``fns`` (see ``Worker``) over gRPC on ``listen``; forward over gRPC
     to the routes' ``next_address``.
 
     ``security`` applies to both ends: the server's certificate and the token it demands,
     and the root certificate and token it presents to the next stage. ``threads`` bounds
-    the calls served at once (each request in flight holds one until its reply).
+    the calls served at once (each request in flight holds one until its reply), and
+    ``max_message`` the bytes of a frame, received or decoded (``wire.frame_limit`` of the
+    build's tensors): so a worker holds at most about ``threads`` x ``max_message``.
 
     Raises:
         RunError: if the address cannot be bound.
     """
     onward = next((r for r in routes.values() if r.next_stage is not None), None)
-    downstream = GrpcChannel(onward.next_stage, onward.next_address, security) if onward else None
-    worker = Worker(routes, fns, downstream, token=security.token, retry=retry)
-    return StageServer(worker, listen, security, threads, on_stop=worker.close)
+    downstream = GrpcChannel(onward.next_stage, onward.next_address, security, max_message) if onward else None
+    worker = Worker(routes, fns, downstream, token=security.token, retry=retry, max_message=max_message)
+    return StageServer(worker, listen, security, threads, on_stop=worker.close, max_message=max_message)
 
 
 def load_factory(spec: str) -> Callable[[str], StageFn]:
@@ -262,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", default="", help="comma-separated model outputs the function writes")
     parser.add_argument("--next", default=None, help="NAME=HOST:PORT of the next stage")
     parser.add_argument("--codec", action="append", default=[], help="TENSOR=CODEC for a forwarded tensor")
+    parser.add_argument("--receive-codec", action="append", default=[], metavar="CODEC",
+                        help="a codec tensors may arrive with (default: none); repeatable")
+    parser.add_argument("--max-message", type=int, default=MAX_MESSAGE, metavar="BYTES",
+                        help="largest frame accepted, received or decoded (default: gRPC's 2 GiB)")
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--token-file", type=Path)
@@ -282,12 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             next_stage,
             next_address,
             dict(parse_pair(text, "--codec", "TENSOR=CODEC") for text in args.codec),
+            tuple(parse_codec(codec).name for codec in args.receive_codec or ["none"]),
         )
         for codec in route.codecs.values():
             parse_codec(codec)
         security = Security.from_files(args.token_file, args.cert, args.key, args.root)
         fn = load_factory(args.fn)(args.stage)
-        server = serve_stage({0: route}, {0: fn}, args.listen, security, threads=args.threads)
+        server = serve_stage({0: route}, {0: fn}, args.listen, security, threads=args.threads,
+                             max_message=args.max_message)
     except PartcError as err:
         print(f"partc-worker: error: {err}", file=sys.stderr)
         return err.exit_code
