@@ -38,8 +38,8 @@ were abandoned.
 
 Recovery: while some stages are down, the driver asks them again whether they are up
 before it submits a request, with back-off (``PROBE_BACKOFF`` seconds after they were found
-down, doubling up to ``PROBE_MAX_BACKOFF``). When some answer, it returns to the plan
-predicted fastest among those they make usable (the primary one, once all are back). They
+down, doubling up to ``PROBE_MAX_BACKOFF``). When all answer, it returns to the plan it ran
+before the fault (when some do, to the plan predicted fastest of those usable again). They
 are trusted once a request through them has been answered: if one fails first while every
 stage answers the driver (a hop to them still reconnecting), they count as down again.
 
@@ -188,6 +188,7 @@ class Driver:
         self._probe_delay = PROBE_BACKOFF
         self._recovered: set[str] = set()  # stages back up, not yet through an answered request
         self._trial = 0  # the first request that may run through them
+        self._unfaulted = 0  # the plan run before stages were found down
 
     @property
     def switches(self) -> list[Switch]:
@@ -297,6 +298,8 @@ class Driver:
         if not down:
             return False
         self._probe_at = time.monotonic() + self._probe_delay
+        if not self.selector.down:
+            self._unfaulted = self.selector.current
         return self.selector.degrade(request_id, down, f"request {request_id} failed: {reason}", self.links)
 
     def _probe(self, request_id: int) -> None:
@@ -314,11 +317,14 @@ class Driver:
         self._recovered |= up
         self._trial = request_id
         self._probe_at = time.monotonic() + self._probe_delay
-        predicted = selector.predicted(selector.measured(self.links))
-        best = min(predicted, key=predicted.get)
+        if selector.usable(self._unfaulted):
+            best, why = self._unfaulted, "the plan run before the fault"
+        else:
+            predicted = selector.predicted(selector.measured(self.links))
+            best, why = min(predicted, key=predicted.get), "the plan predicted fastest without the others"
         if best != selector.current:
             old, new = selector.plans[selector.current], selector.plans[best]
-            reason = f"{', '.join(sorted(up))} answer again; returning to the plan predicted fastest"
+            reason = f"{', '.join(sorted(up))} answer again; returning to {why}"
             selector.switches.append(Switch(request_id, old.name, new.name, reason))
             selector.current = best
             log.warning("request %d on: plan %s -> %s (%s): %s", request_id, old.name, new.name, new.kind, reason)

@@ -55,5 +55,5 @@ def test_a_restarted_worker_brings_the_driver_back_to_the_primary_plan(tmp_path)
         np.testing.assert_allclose(result["output"], want, atol=1e-4 * np.abs(want).max())
     first, last = driver.switches[0], driver.switches[-1]
     assert first.old == "p0" and "degrading to a plan without cloud.0" in first.reason and 296 <= first.request < 304
-    assert last.new == "p0" and last.reason == "cloud.0 answer again; returning to the plan predicted fastest"
+    assert last.new == "p0" and last.reason == "cloud.0 answer again; returning to the plan run before the fault"
     assert last.request > 400 and driver.selector.current == 0 and not driver.selector.down
