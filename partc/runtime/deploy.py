@@ -96,7 +96,7 @@ def serve(
                   for k, (pid, a) in enumerate(mine.programs.items())}
         return serve_stage(routes | {IDENTITY_PLAN: identity},
                            {k: fns[pid] for k, pid in enumerate(mine.programs)} | {IDENTITY_PLAN: answer},
-                           listen, security)
+                           listen, security, max_message=message_limit(manifest))
     plans, hops = from_manifest(manifest)
     routes = stage_routes(plans, [t.name for t in manifest.inputs], [t.name for t in manifest.outputs],
                           [h.codec for h in hops])[stage]
@@ -109,7 +109,7 @@ def serve(
     fns = load_programs(stages, [stage], call, pool, threads)
     return serve_stage(routes | {IDENTITY_PLAN: identity},
                        {i: fns[plan.programs[stage]] for i, plan in enumerate(plans) if stage in plan.programs}
-                       | {IDENTITY_PLAN: answer}, listen, security)
+                       | {IDENTITY_PLAN: answer}, listen, security, max_message=message_limit(manifest))
 
 
 def _warn_if_open(stage: str, listen: str, security: Security) -> None:
