@@ -145,6 +145,16 @@ def test_compile_onto_a_file_is_one_line(build, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "out"]  # no staging folder left
 
 
+@pytest.mark.parametrize("where", ["folder", "under-a-file"])
+def test_bundle_onto_a_folder_or_under_a_file_is_one_line(build, tmp_path, capsys, where):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    output = tmp_path / "dir" if where == "folder" else tmp_path / "file" / "edge.tar.gz"
+    code, out, err = run(capsys, "bundle", build, "--tier", "device", "-o", output)
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"] and not any((tmp_path / "dir").iterdir())
+
+
 def test_a_bad_certificate_is_blamed_on_the_certificate(build, tmp_path, capsys):
     (tmp_path / "bad.pem").write_text("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
     code, out, err = run(capsys, "serve", build, "--stage", "device.0", "--cert", tmp_path / "bad.pem",

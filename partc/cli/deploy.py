@@ -183,25 +183,25 @@ def _add_serve(sub) -> None:
 
 def _run_serve(args) -> int:
     import os
-    import signal
-    import threading
 
+    from partc.cli import Interrupted
     from partc.runtime.deploy import serve
     from partc.runtime.worker import parse_pair
 
     peers = dict(parse_pair(text, "--peer", "STAGE=HOST:PORT") for text in args.peer)
     server = serve(args.build, args.stage, listen=args.listen, next_address=args.next, peers=peers,
                    security=_security(args), threads=args.threads)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     log.warning("serving stage %s on %s", args.stage, server.address)
     if args.ready_file is not None:
         tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
         tmp.write_text(json.dumps({"stage": args.stage, "address": server.address}))
         os.replace(tmp, args.ready_file)
-    stop.wait()
-    server.stop()
+    try:
+        server.wait()
+    except Interrupted as stop:  # SIGTERM or SIGINT is how a server is told to stop: a clean exit
+        log.warning("stage %s stopped by %s", args.stage, stop)
+    finally:
+        server.stop()
     return 0
 
 

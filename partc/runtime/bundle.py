@@ -73,7 +73,12 @@ def bundle(build: Path | str, tier: str, output: Path | str) -> list[str]:
                                       "README.md": tier_readme(manifest, tier, top, output.name).encode()}
     files |= {name: _inside(folder, name) for stage in names for name in stage_files(manifest, stage)}
     sums = "".join(f"{_sha256(data)}  {name}\n" for name, data in files.items()).encode()
-    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.is_dir():
+        raise PartcError(f"{output}: is a folder; give the archive's file name (e.g. {output / (tier + '.tar.gz')})")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PartcError(f"{output.parent}: cannot make the archive's folder: {err.strerror or err}") from None
     tmp = output.with_name(f".{output.name}.tmp")
     try:
         with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
@@ -84,6 +89,8 @@ def bundle(build: Path | str, tier: str, output: Path | str) -> list[str]:
                     source.seek(0)
                     archive.addfile(_member(f"{top}/{name}", size), source)
         tmp.replace(output)
+    except OSError as err:
+        raise PartcError(f"{output}: cannot write the archive: {err.strerror or err}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return [SUMS, *files]

@@ -117,6 +117,20 @@ def test_run_distributed_stopped_leaves_no_worker_and_no_folder(build, tmp_path)
     assert ours(tmp_path) == []
 
 
+def test_serve_stopped_and_continued_still_stops_on_sigterm(build, tmp_path):
+    """A worker that was paused (SIGSTOP) and resumed (SIGCONT) still ends on the next SIGTERM, cleanly."""
+    for trial in range(3):
+        ready = tmp_path / f"ready-{trial}.json"
+        process = start(tmp_path, "serve", build, "--stage", "cloud.0", "--ready-file", ready)
+        wait_for(ready.exists, process)
+        process.send_signal(signal.SIGSTOP)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGCONT)
+        code, err = stop(process, signal.SIGTERM)
+        assert code == 0, err
+        assert "Traceback" not in err and "stopped by SIGTERM" in err
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None or not (CGROUP_CPU / "cpu.cfs_quota_us").is_file(),
                     reason="the testbed needs root, iproute2 (ip, tc) and the cgroup v1 cpu controller")
 def test_testbed_stopped_leaves_no_namespace_cgroup_process_or_folder(build):
