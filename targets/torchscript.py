@@ -3,13 +3,17 @@
 The stage's GraphModule is compiled with ``torch.jit.script`` (not ``trace``): the fx code
 is already plain, static Python, scripting needs no example inputs, and ``trace`` warns
 that it is deprecated. The file embeds the weights and no Python class of the model.
+``emit`` makes ``torch.jit.save``'s archive reproducible: the same stage gives the same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import struct
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +22,8 @@ import numpy as np
 from partc.context import BackendOptions
 from partc.errors import UnsupportedLayerError
 from partc.plan import Artifact, Stage, StageFn, make_artifact
+
+ALIGNMENT = 64  # bytes; PyTorch aligns stored tensor data so that it can be mapped
 
 
 class TorchScriptBackend:
@@ -56,7 +62,7 @@ class TorchScriptBackend:
         buffer = io.BytesIO()
         torch.jit.save(scripted, buffer)
         path = Path(outdir) / f"{stage.name}{self.suffix}"
-        _write_atomic(path, buffer.getvalue())
+        _write_atomic(path, _deterministic(buffer.getvalue()))
         return make_artifact(stage, self.name, path)
 
     def load(self, artifact: Artifact) -> StageFn:
@@ -75,6 +81,50 @@ class TorchScriptBackend:
             return {t.name: r.numpy() for t, r in zip(outputs, result, strict=True)}
 
         return run
+
+
+def _deterministic(archive: bytes) -> bytes:
+    """``archive`` as the same stage always gives it, for reproducible builds.
+
+    ``torch.jit.save`` writes a random ``.data/serialization_id``, and lists a module's
+    ``Final`` constants in set order, which changes with Python's hash seed. The archive is
+    rewritten member by member, in order, with the constants sorted (TorchScript reads them by
+    name; the block keeps its length, so debug source ranges still point right), the id
+    derived from the other members, and stored members' data aligned to 64 bytes as PyTorch
+    aligns them.
+    """
+    with zipfile.ZipFile(io.BytesIO(archive)) as src:
+        members = [(i, src.read(i)) for i in src.infolist()]
+    members = [(i, _sorted_constants(c) if "/code/" in i.filename and i.filename.endswith(".py") else c)
+               for i, c in members]
+    digest = hashlib.sha256()
+    for info, content in members:
+        if not info.filename.endswith("/.data/serialization_id"):
+            digest.update(info.filename.encode() + b"\0" + content)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for info, content in members:
+            if info.filename.endswith("/.data/serialization_id"):
+                content = str(int.from_bytes(digest.digest())).encode()[: len(content)].rjust(len(content), b"0")
+            member = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            member.compress_type = info.compress_type
+            if info.compress_type == zipfile.ZIP_STORED:
+                pad = -(out.tell() + 30 + len(info.filename.encode()) + 4) % ALIGNMENT
+                member.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # PyTorch's "FB" padding field
+            dst.writestr(member, content)
+    return out.getvalue()
+
+
+def _sorted_constants(code: bytes) -> bytes:
+    """``code`` with each run of class-level ``name : Final[...] = value`` lines sorted."""
+    out, run = [], []
+    for line in code.split(b"\n"):
+        if line.startswith(b"  ") and not line.startswith(b"   ") and b" : Final[" in line:
+            run.append(line)
+            continue
+        out += sorted(run) + [line]
+        run = []
+    return b"\n".join(out + sorted(run))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

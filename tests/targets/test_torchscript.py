@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 
@@ -43,6 +44,29 @@ def test_compiling_twice_gives_identical_bytes(model_case, tmp_path):
     first = BACKEND.emit(stage, None, tmp_path / "a", BackendOptions())
     second = TorchScriptBackend().emit(stage, None, tmp_path / "b", BackendOptions())
     assert first.sha256 == second.sha256
+
+
+def test_two_processes_with_other_hash_seeds_write_identical_bytes():
+    """torch.jit.save's random serialization id and set-ordered constants do not reach the file."""
+    script = (
+        "import hashlib, io, torch\n"
+        "from partc.targets.torchscript import _deterministic\n"
+        "torch.manual_seed(0)\n"
+        "m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()\n"
+        "buffer = io.BytesIO()\n"
+        "torch.jit.save(torch.jit.script(m), buffer)\n"
+        "data = _deterministic(buffer.getvalue())\n"
+        "x = torch.randn(1, 3, 8, 8)\n"
+        "assert torch.equal(torch.jit.load(io.BytesIO(data))(x), m(x))\n"
+        "print(hashlib.sha256(data).hexdigest())\n"
+    )
+    digests = set()
+    for seed in ("1", "2"):
+        result = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
+                                text=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert result.returncode == 0, result.stderr[-3000:]
+        digests.add(result.stdout.split()[-1])
+    assert len(digests) == 1
 
 
 def test_the_file_loads_with_torch_jit_load_alone(model_case, tmp_path):
