@@ -1,17 +1,21 @@
-"""Benchmark the three backends on resnet50 split into three stages (topological thirds).
+"""Benchmark the backends on a torchvision model split into three stages (topological thirds).
 
 For every backend and stage: emit (compile) time, artifact size, load time, median
 latency; end to end: max abs diff of the chained artifacts vs the eager model. Then TVM
 tuned (a small MetaSchedule budget on the stages named by --tune-stages) vs untuned vs
-ONNX Runtime vs eager PyTorch on the same stages.
+ONNX Runtime vs eager PyTorch on the same stages. The backends: TorchScript, ONNX Runtime,
+torch.export (ExportedProgram run by PyTorch; with --aoti also compiled by AOTInductor,
+which takes minutes per stage), TVM.
 
     python benchmarks/backends.py                      # writes benchmarks/results/backends.md
+    python benchmarks/backends.py --model resnet18 --aoti
     python benchmarks/backends.py --trials 8 --tune-stages device.0,edge.0,cloud.0 --database build/tvm-db
 
 Writes ``benchmarks/results/backends.md`` (``-o``). Needs the onnx and tvm extras. With the
 defaults it takes about two minutes on 2 cores (untuned TVM stages run ~1.7 s each). Tuning
 is slow on a small machine (19 tasks per stage; 8 trials per task take ~5 min per
-stage on 2 cores), hence the defaults tune one stage with 4 trials per task.
+stage on 2 cores), hence the defaults tune one stage with 4 trials per task. --aoti adds
+about 2-3 minutes per stage.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,10 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from partc.context import CompileContext, Tier
+from partc.context import BackendOptions, CompileContext, Tier
 from partc.ir import META_TIER, compute_nodes
 from partc.plan import Plan, build_plan, eager_stage_fn, run_plan
 from partc.targets import target
+from partc.targets.export import ExportBackend
 from partc.targets.onnx import OnnxBackend
 from partc.targets.torchscript import TorchScriptBackend
 from partc.targets.tvm import TvmBackend
@@ -67,12 +73,12 @@ def stage_inputs(plan: Plan, x: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     return per_stage
 
 
-def bench_backend(label, backend, plan, feeds, x, expected, tgt, outdir, runs) -> dict:
+def bench_backend(label, backend, plan, feeds, x, expected, tgt, outdir, runs, options=None) -> dict:
     outdir.mkdir(parents=True, exist_ok=True)
     rows, fns = [], {}
     for stage in plan.stages:
         start = time.perf_counter()
-        artifact = backend.emit(stage, tgt, outdir)
+        artifact = backend.emit(stage, tgt, outdir, options or BackendOptions())
         emit_s = time.perf_counter() - start
         start = time.perf_counter()
         fn = backend.load(artifact)
@@ -103,6 +109,9 @@ def bench_backend(label, backend, plan, feeds, x, expected, tgt, outdir, runs) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50", help="torchvision model (default resnet50)")
+    parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
+    parser.add_argument("--aoti", action="store_true", help="also compile the export stages with AOTInductor")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per stage (TVM untuned: 3)")
     parser.add_argument("--trials", type=int, default=4, help="MetaSchedule trials per task")
     parser.add_argument("--tune-stages", default="device.0", help="comma-separated stages to tune")
@@ -115,8 +124,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
 
-    model = load_model("torchvision:resnet50")
-    spec = InputSpec((1, 3, 224, 224))
+    model = load_model(f"torchvision:{args.model}")
+    spec = InputSpec((1, 3, args.size, args.size))
     gm = trace(model, [spec])
     plan = split_in_thirds(gm)
     x = spec.example()
@@ -136,15 +145,21 @@ def main() -> None:
             bench_backend(
                 "onnx (ORT)", OnnxBackend(threads=args.threads), plan, feeds, x, expected, tgt, tmp / "onnx", args.runs
             ),
+            bench_backend("export", ExportBackend(threads=args.threads), plan, feeds, x, expected, tgt,
+                          tmp / "export", args.runs),
             bench_backend("tvm untuned", TvmBackend(), plan, feeds, x, expected, tgt, tmp / "tvm", 3),
         ]
+        if args.aoti:
+            results.insert(3, bench_backend("export + AOTInductor", ExportBackend(threads=args.threads), plan, feeds,
+                                            x, expected, tgt, tmp / "aoti", args.runs, BackendOptions(aoti=True)))
         tune_stages = [s for s in plan.stages if s.name in args.tune_stages.split(",")]
         tuned = []
-        tuner = TvmBackend(trials=args.trials, database=database)
+        tuner = TvmBackend()
+        tuning = BackendOptions(tvm_trials=args.trials, tuning_db=database)
         (tmp / "tvm-tuned").mkdir()
         for stage in tune_stages:
             start = time.perf_counter()
-            artifact = tuner.emit(stage, tgt, tmp / "tvm-tuned")
+            artifact = tuner.emit(stage, tgt, tmp / "tvm-tuned", tuning)
             tune_s = time.perf_counter() - start
             fn = tuner.load(artifact)
             diff = float(
@@ -168,13 +183,14 @@ def main() -> None:
 
 def write_report(args, results, tuned, eager, eager_full_ms, scale, load) -> None:
     lines = [
-        "# Backends on resnet50 (three stages by topological thirds)",
+        f"# Backends on {args.model} (three stages by topological thirds)",
         "",
         f"Host: {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads (torch and ORT); "
-        f"torch {torch.__version__}. Input 1x3x224x224, random weights (output scale {scale:.3g}). "
+        f"torch {torch.__version__}. Input 1x3x{args.size}x{args.size}, random weights (output scale {scale:.3g}). "
         f"Latency: median of {args.runs} runs (TVM untuned: 3). 1-minute load average {load[0]:.1f} at the "
         f"start and {load[1]:.1f} at the end: on a shared host, compare rows of one run, not absolute values.",
-        f"Written by `python benchmarks/backends.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"Written by `{' '.join(['python benchmarks/backends.py', *sys.argv[1:]])}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "| backend | emit s (d/e/c) | size MB (d/e/c) | load s (d/e/c) | latency ms (d/e/c) | total ms | "
         "max abs diff vs torch |",

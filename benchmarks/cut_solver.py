@@ -34,10 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from partc.context import CompileContext, Link, Tier
+from partc.draw import plot_bandwidth_sweep
 from partc.ir import META_FLOPS, META_PROFILE
 from partc.partition.baselines import baselines
 from partc.partition.cost import CostGraph
-from partc.partition.family import bandwidth_sweep, plan_family, plot_bandwidth_sweep
+from partc.partition.family import bandwidth_sweep, plan_family
 from partc.partition.model import cost_graph
 from partc.partition.solve import LayeredCut, solve
 from partc.trace import load_model, parse_input_spec, trace

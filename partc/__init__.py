@@ -9,10 +9,15 @@ The Python API mirrors the command line, one function per command:
 - ``partc.load(build)`` loads a build that ``partc run`` runs.
 
 Attributes are imported on first use, so that ``import partc`` (and a runtime worker that
-never traces a model) does not pay for importing torch.
+never traces a model) does not pay for importing torch. Every submodule is reachable the
+same way (``partc.planning``, ``partc.runtime``) except ``partc.plan`` and ``partc.profile``,
+which are the functions above: import those modules by name (``from partc.plan import Plan``).
 """
 
 import importlib
+import importlib.util
+import sys
+import types
 
 from partc.version import __version__ as __version__
 
@@ -30,7 +35,21 @@ __all__ = sorted(_API)
 
 
 def __getattr__(name: str):
-    if name not in _API:
-        raise AttributeError(f"module 'partc' has no attribute {name!r}")
-    module, attr = _API[name]
-    return getattr(importlib.import_module(module), attr)
+    if name in _API:
+        module, attr = _API[name]
+        return getattr(importlib.import_module(module), attr)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'partc' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """The ``partc`` package: importing its module ``partc.plan`` or ``partc.profile`` (which the
+    import system then sets as the package's attribute) leaves ``partc.plan`` the function."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if not (name in _API and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

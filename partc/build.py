@@ -44,6 +44,7 @@ from partc.manifest import (
     ScheduleEntry,
     StageEntry,
     TierEntry,
+    TierScaling,
     TransferEntry,
     write_manifest,
 )
@@ -62,10 +63,12 @@ TIMING_RUNS = 5
 
 @dataclass(frozen=True)
 class Build:
-    """A finished build: its folder and the manifest written there."""
+    """A finished build: its folder, the manifest written there, and each program's median time
+    on this host (program id -> seconds; None where it cannot run here)."""
 
     path: Path
     manifest: Manifest
+    measured: Mapping[str, float | None]
 
 
 def compile_model(
@@ -78,6 +81,7 @@ def compile_model(
     pipeline: Pipeline = DEFAULT_PIPELINE,
     tvm_trials: int = 0,
     tuning_db: Path | None = None,
+    aoti: bool = False,
     dump_after: Sequence[str] = (),
     dump_dir: Path = Path("partc-dump"),
     depfile: Path | None = None,
@@ -98,6 +102,7 @@ def compile_model(
         pipeline: the passes to run (``partc.passes.DEFAULT_PIPELINE``).
         tvm_trials: MetaSchedule trials per task for TVM stages (0: untuned).
         tuning_db: TVM tuning database folder, reused across builds.
+        aoti: compile ``export`` stages with AOTInductor for this machine (minutes per stage).
         dump_after: passes after which to dump the IR (``partc.compilation.compile_plans``).
         dump_dir: where to dump it.
         depfile: write a Makefile-syntax dependency file for make / ninja / CMake.
@@ -107,7 +112,7 @@ def compile_model(
         PartcError: for bad input (model, shapes, cluster, constraints, unsupported layers).
     """
     output = Path(output)
-    ctx = load_cluster(cluster, profiles, BackendOptions(tvm_trials=tvm_trials, tuning_db=tuning_db))
+    ctx = load_cluster(cluster, profiles, BackendOptions(tvm_trials=tvm_trials, tuning_db=tuning_db, aoti=aoti))
     compiled = compile_plans(model, input_shapes, ctx, pipeline=pipeline, dump_after=dump_after,
                              dump_dir=dump_dir, progress=progress)
     staging = _staging_folder(output)
@@ -118,9 +123,8 @@ def compile_model(
             progress(f"emitting {pid} with {tier.backend} for {tier.target}")
             artifacts[pid] = backend(tier.backend).emit(replace(stage, name=pid), target(tier.target), staging,
                                                         ctx.options)
-        progress(f"verifying {len(compiled.plans)} plan(s) and timing the artifacts on this machine")
-        measured, diffs, scale = _verify(compiled, artifacts)
-        manifest = _manifest(model, compiled, artifacts, measured, diffs, scale)
+        measured, diffs, scale = _verify(compiled, artifacts, progress)
+        manifest = _manifest(model, compiled, artifacts, diffs, scale)
         render_deployment(manifest, staging, output.name)
         write_manifest(manifest, staging)  # last: a folder without it is not a build
         _replace(staging, output)
@@ -129,7 +133,7 @@ def compile_model(
         raise
     if depfile is not None:
         _write_depfile(Path(depfile), output / MANIFEST, _dependencies(model, compiled, Path(cluster)))
-    return Build(output, manifest)
+    return Build(output, manifest, measured)
 
 
 def _staging_folder(output: Path) -> Path:
@@ -164,10 +168,9 @@ def _replace(staging: Path, output: Path) -> None:
 
 
 def _manifest(
-    model: str, compiled: Compilation, artifacts: Mapping[str, Artifact], measured: Mapping[str, float | None],
-    diffs: Sequence[float], scale: float,
+    model: str, compiled: Compilation, artifacts: Mapping[str, Artifact], diffs: Sequence[float], scale: float,
 ) -> Manifest:
-    """The manifest of a build: ``compiled`` as it is, with the artifacts, their times here and the check."""
+    """The manifest of a build: ``compiled`` as it is, with the artifacts and the check."""
     ctx = compiled.ctx
     order = {name: i for i, name in enumerate(ctx.tier_names)}
     emitted = compiled.artifacts
@@ -182,13 +185,13 @@ def _manifest(
         programs = tuple(
             ProgramEntry(pid, a.path.name, a.sha256, a.bytes, a.inputs, a.outputs,
                          compiled.programs[pid].seconds if pid in compiled.programs
-                         else program_seconds(emitted[pid].gm, worker.tier), measured[pid], dict(a.info))
+                         else program_seconds(emitted[pid].gm, worker.tier), dict(a.info))
             for pid, a in artifacts.items() if emitted[pid].name == worker.name)
         tiled = tuple(
             ScheduleEntry(pid, sch.inputs, sch.outputs,
                           tuple(tuple(step_id(pid, i, t) for t in range(len(step.programs)))
                                 for i, step in enumerate(sch.steps)),
-                          sch.results, compiled.programs[pid].seconds, measured[pid])
+                          sch.results, compiled.programs[pid].seconds)
             for pid, sch in schedules.items() if sch.stage == worker.name)
         stages.append(StageEntry(worker.name, worker.tier, worker.index, tier.backend, tier.target, programs, tiled))
     names = [w.name for w in chain]
@@ -199,10 +202,13 @@ def _manifest(
     ) for i, p in enumerate(plans))
     codecs = {link.name: link.codec for link in compiled.links}
     first = plans[0].plan
+    load = plans[0].cost.load
+    uses = {u.name: u for u in load.tiers} if load else {}  # each tier under the fleet's load
     return Manifest(
         __version__, model, compiled.gm.meta["partc.tracer"], first.model_inputs, first.model_outputs,
         ctx.source, ctx.objective,
-        tuple(TierEntry(t.name, t.target, t.backend, t.nodes) for t in ctx.tiers),
+        tuple(TierEntry(t.name, t.target, t.backend, t.nodes, TierScaling.of(t.scaling, uses.get(t.name)))
+              for t in ctx.tiers),
         tuple(LinkEntry(lk.src, lk.dst, lk.bandwidth, lk.latency, codecs.get(link_name(lk.src, lk.dst), NO_CODEC))
               for lk in ctx.links),
         tuple(stages), entries, max(diffs), scale,
@@ -210,7 +216,7 @@ def _manifest(
 
 
 def _verify(
-    compiled: Compilation, artifacts: Mapping[str, Artifact]
+    compiled: Compilation, artifacts: Mapping[str, Artifact], progress: Callable[[str], None]
 ) -> tuple[dict[str, float | None], list[float], float]:
     """Run every plan through the artifacts; time each program; compare with the model.
 
@@ -224,6 +230,7 @@ def _verify(
     measured: dict[str, list[float]] = {}
     fns: dict[str, StageFn] = {}
     warmup = 3  # untimed first calls of every program: TorchScript optimises on its second call, ORT lazily
+    progress(f"loading {len(artifacts)} artifact(s)")
     for pid, artifact in artifacts.items():
         if runs_here(artifact):
             fns[pid] = _timed(backend(artifact.backend).load(artifact), measured, pid, warmup)
@@ -237,7 +244,9 @@ def _verify(
         expected = [t.numpy() for t in (expected if isinstance(expected, (tuple, list)) else [expected])]
         scale = max(float(np.abs(want).max()) for want in expected)
         diffs = []
-        for compiled_plan in compiled.plans:
+        for i, compiled_plan in enumerate(compiled.plans):
+            progress(f"verifying plan {i + 1} of {len(compiled.plans)} ({compiled_plan.name}, {compiled_plan.kind}) "
+                     "and timing its artifacts on this machine")
             plan = compiled_plan.plan
             inputs = {t.name: x.numpy() for t, x in zip(plan.model_inputs, examples, strict=True)}
             plan_fns = {stage: fns[pid] for stage, pid in compiled_plan.programs.items()}
@@ -269,8 +278,8 @@ def _timed(fn: StageFn, measured: dict, name: str, warmup: int) -> StageFn:
 def _dependencies(model: str, compiled: Compilation, cluster: Path) -> list[Path]:
     """Every file a build is made from, for the depfile, each once.
 
-    The model's source files (the file or module its spec names, the file that defines its
-    class), the cluster file, the profiles, the description of each tier's target, the cost
+    The model's source files (the file or module its spec names, or its ONNX file; the file
+    that defines its class), the cluster file, the profiles, the description of each tier's target, the cost
     model's calibration, the calibration inputs a ``.npy`` cluster file names, and
     ``partc/version.py``, the stamp of partc's version (reinstalling partc rewrites it).
     """
@@ -280,8 +289,8 @@ def _dependencies(model: str, compiled: Compilation, cluster: Path) -> list[Path
     import partc.version
 
     ctx = compiled.ctx
-    spec = model.rpartition(":")[0]
-    factory = spec if spec.endswith(".py") else getattr(sys.modules.get(spec), "__file__", None)
+    spec = model if model.endswith(".onnx") else model.rpartition(":")[0]
+    factory = spec if spec.endswith((".py", ".onnx")) else getattr(sys.modules.get(spec), "__file__", None)
     shipped = files("partc.targets")
     calibration = ctx.compression.calibration if ctx.compression else None
     found = [

@@ -7,6 +7,10 @@ tier's ``target`` and ``backend`` against ``partc.targets``. The cluster file is
       - {name: device, target: rpi4,        backend: torchscript}
       - {name: edge,   target: jetson-nano, backend: onnx, nodes: 2}
       - {name: cloud,  target: cloud-cpu,   backend: tvm}
+    # or, for a fleet: many devices feeding shared tiers (priced by partc.partition.load)
+    #   - {name: device, target: rpi4,      backend: torchscript, instances: 50, rate: 5/s}
+    #   - {name: edge,   target: edge-x86,  backend: onnx, replicas: 2, max_batch: 8}
+    #   - {name: cloud,  target: cloud-cpu, backend: onnx, replicas: {min: 1, max: 8}, max_batch: 8}
     links:                       # from an earlier tier to a later one, or within a tier
       - {from: device, to: edge,  bandwidth: 20Mbit/s, latency: 5ms}
       - {from: edge,   to: cloud, bandwidth: 5Mbit/s,  latency: 30ms,
@@ -24,7 +28,15 @@ tier's ``target`` and ``backend`` against ``partc.targets``. The cluster file is
 
 - ``tiers`` (required, at least one): ``name`` (unique), ``target`` (a key of
   ``partc.targets.TARGETS``), ``backend`` (a key of ``partc.targets.BACKENDS``:
-  ``torchscript``, ``onnx``, ``tvm``), ``nodes`` (optional, a positive integer, default 1).
+  ``torchscript``, ``onnx``, ``tvm``, ``export``), ``nodes`` (optional, a positive integer, default 1:
+  machines that serve one request together, through tiles and branches). The load
+  (optional, ``partc.context.Scaling``): ``instances`` (a positive integer, default 1; not on
+  the last tier, never more than the tier before has): independent copies of the tier, each
+  feeding the next; ``rate`` (first tier only; needed with ``instances``): each instance's
+  requests per second, ``5/s``, ``30/min`` or ``100/h``; ``replicas`` (not on the first
+  tier): copies of each instance serving its requests, a positive integer or autoscaling
+  bounds ``{min: 1, max: 8}``; ``max_batch`` (not on the first tier, default 1): most
+  requests a replica runs as one batch.
 - ``links`` (required when there are two tiers or more): ``from`` and ``to`` name tiers,
   ``from`` before ``to``; at most one link per pair; every tier after the first must be
   reachable from the first through links (a multi-hop path is fine). A link from a tier
@@ -61,7 +73,16 @@ from pathlib import Path
 import yaml
 
 from partc.codec import parse_codec
-from partc.context import OBJECTIVES, BackendOptions, CompileContext, Compression, Constraints, Link, Tier
+from partc.context import (
+    OBJECTIVES,
+    BackendOptions,
+    CompileContext,
+    Compression,
+    Constraints,
+    Link,
+    Scaling,
+    Tier,
+)
 from partc.errors import ClusterError, PartcError
 from partc.targets import backend, target
 
@@ -76,11 +97,14 @@ _BANDWIDTH_UNITS = {
     "GB/s": 1e9,
 }
 _DURATION_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+_RATE_UNITS = {"/s": 1.0, "/min": 1 / 60, "/h": 1 / 3600}
 _SIZE_UNITS = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 _DECIMAL = r"[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?"
 _QUANTITY = re.compile(rf"\s*({_DECIMAL})\s*([A-Za-z/]+)\s*")
 _BARE_NUMBER = re.compile(rf"\s*{_DECIMAL}\s*")
 _SMALLEST, _LARGEST = 1e-12, 1e18  # bytes, bytes/s or s: every price stays finite, with room to scale
+MAX_INSTANCES = 10**6  # instances of one tier
+MAX_REPLICAS = 1024  # replicas or batch size: partc.partition.load sums over each, so keep them bounded
 MAX_NODES = 16  # nodes of one tier: spatial tiles beyond that are slivers, and the tile pass grows with each
 
 
@@ -100,6 +124,15 @@ def parse_duration(text: str) -> float:
         ValueError: with a message saying what is wrong and which units are accepted.
     """
     return _parse_quantity(text, _DURATION_UNITS, "e.g. 5ms, 0.2s, 150us")
+
+
+def parse_rate(text: str) -> float:
+    """Parse ``5/s``, ``30/min`` or ``100/h`` into requests per second.
+
+    Raises:
+        ValueError: with a message saying what is wrong and which units are accepted.
+    """
+    return _parse_quantity(text, _RATE_UNITS, "e.g. 5/s, 30/min, 100/h")
 
 
 def parse_size(text: str) -> int:
@@ -223,7 +256,8 @@ def _tiers(value, source: str) -> tuple[Tier, ...]:
     tiers = []
     for i, item in enumerate(value):
         where = f"tiers[{i}]"
-        entry = _mapping(item, source, where, required=("name", "target", "backend"), optional=("nodes",))
+        entry = _mapping(item, source, where, required=("name", "target", "backend"),
+                         optional=("nodes", "instances", "rate", "replicas", "max_batch"))
         name = entry["name"]
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
             raise ClusterError(f"{source}: {where}.name: {name!r} is not a name (letters, digits, '_', '-')")
@@ -240,8 +274,51 @@ def _tiers(value, source: str) -> tuple[Tier, ...]:
         if nodes > MAX_NODES:
             raise ClusterError(f"{source}: {where}.nodes: {nodes} nodes; a tier has at most {MAX_NODES} (its tiles "
                                "would be slivers); give fewer")
-        tiers.append(Tier(name, str(entry["target"]), str(entry["backend"]), nodes))
+        scaling = _scaling(entry, i, len(value), tiers[-1].scaling if tiers else None, source)
+        tiers.append(Tier(name, str(entry["target"]), str(entry["backend"]), nodes, scaling))
+    if tiers[0].scaling.rate is None and any(t.scaling.instances > 1 for t in tiers):
+        raise ClusterError(f"{source}: tiers[0].rate: missing; with instances, give each first-tier instance's "
+                           "request rate, e.g. rate: 5/s")
     return tuple(tiers)
+
+
+def _scaling(entry: dict, i: int, count: int, previous: Scaling | None, source: str) -> Scaling:
+    """The ``instances``, ``rate``, ``replicas`` and ``max_batch`` of tier ``i`` of ``count``."""
+    where = f"tiers[{i}]"
+    instances = _count(entry.get("instances", 1), MAX_INSTANCES, source, f"{where}.instances")
+    if instances > 1 and i == count - 1:
+        raise ClusterError(f"{source}: {where}.instances: the last tier feeds no other tier; give it replicas "
+                           "instead")
+    if previous is not None and instances > previous.instances:
+        raise ClusterError(f"{source}: {where}.instances: {instances} instances, more than the "
+                           f"{previous.instances} of the tier before; each instance is fed by those before it")
+    rate = None
+    if "rate" in entry:
+        if i:
+            raise ClusterError(f"{source}: {where}.rate: requests start on the first tier; give rate there")
+        rate = _quantity(parse_rate, entry["rate"], source, f"{where}.rate")
+    replicas = entry.get("replicas", 1)
+    if isinstance(replicas, dict):
+        bounds = _mapping(replicas, source, f"{where}.replicas", required=("min", "max"))
+        low, high = (_count(bounds[k], MAX_REPLICAS, source, f"{where}.replicas.{k}") for k in ("min", "max"))
+        if low > high:
+            raise ClusterError(f"{source}: {where}.replicas: min {low} is above max {high}")
+    else:
+        low = high = _count(replicas, MAX_REPLICAS, source, f"{where}.replicas")
+    max_batch = _count(entry.get("max_batch", 1), MAX_REPLICAS, source, f"{where}.max_batch")
+    for key in ("replicas", "max_batch"):
+        if i == 0 and key in entry:
+            raise ClusterError(f"{source}: {where}.{key}: each instance of the first tier serves its own requests; "
+                               "give instances instead")
+    return Scaling(instances, rate, low, high, max_batch)
+
+
+def _count(value, most: int, source: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ClusterError(f"{source}: {where}: {value!r} is not a positive integer")
+    if value > most:
+        raise ClusterError(f"{source}: {where}: {value} is above the most partc prices, {most}")
+    return value
 
 
 def _links(value, tiers: tuple[Tier, ...], source: str) -> tuple[Link, ...]:

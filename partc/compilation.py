@@ -4,7 +4,9 @@
 
 1. the model passes on the whole model (profile annotation, the cut, each link's codec),
    which choose the cut as if every tier were one machine;
-2. the joint cut (``_Planner.joint_cut``): the cut re-solved with each parallel tier's
+2. the joint cut (``_Planner.joint_cut``): under a fleet's load (the cluster file's
+   ``rate``), the best chain cut priced with queueing (``partc.partition.baselines.fleet_cut``)
+   where it beats the cut for one request; then the cut re-solved with each parallel tier's
    node seconds scaled by its speed-up (a tier with several nodes and a link to itself
    runs fork/join branches and spatial tiles in parallel: the plan passes), every
    assignment found realised and priced exactly, the best kept;
@@ -19,8 +21,9 @@
    model several plans share is one program), each parallel stage's schedule
    (``partc.tiling.schedule``), each program's predicted seconds and each plan's
    ``Prediction`` (``partc.partition.price``): the only prices the report, the manifest
-   and the runtime's plan selector show. The primary plan is the build's fastest at the
-   cluster file's bandwidths.
+   and the runtime's plan selector show; under load, each plan's ``Cost.load`` too
+   (``partc.partition.load``), by which plans are then ranked. The primary plan is the build's
+   fastest at the cluster file's bandwidths (and load).
 
 Guarantee: the primary plan is never worse, by the objective, than the plan partc builds by
 separate steps (the cut for one machine per tier, then the plan passes), nor than any other
@@ -49,10 +52,11 @@ from partc.codec import NO_CODEC, LinkCodec
 from partc.compression import cut_codecs
 from partc.context import CompileContext
 from partc.ir import META_CODEC_MEASUREMENTS, META_LINK_CODECS, META_TIER, clone, link_name
-from partc.partition.baselines import baselines
+from partc.partition.baselines import baselines, fleet_cut
 from partc.partition.cost import Cost, CostGraph, Partition, evaluate, predict, violations
 from partc.partition.family import deployment_plans
-from partc.partition.model import assigned_cost, link_price, priced, program_seconds
+from partc.partition.load import Load, price_load
+from partc.partition.model import assigned_cost, fleet_load, link_price, priced, program_seconds
 from partc.partition.price import LinkPrice, Prediction
 from partc.partition.solve import solve
 from partc.passes import DEFAULT_PIPELINE, PASSES
@@ -203,7 +207,7 @@ def compile_plans(
     )
     for note in notes:
         progress(f"note: {note}")
-    planner = _Planner(gm, raw, graph, links, ctx, pipeline, set(dump_after), timings)
+    planner = _Planner(gm, raw, graph, links, ctx, pipeline, set(dump_after), timings, fleet_load(graph, ctx))
     progress("choosing the cut with each tier's parallel speed-ups")
     cut, parallel = planner.joint_cut(first_cut)
     progress("planning for other bandwidths and for failed tiers and nodes")
@@ -211,7 +215,7 @@ def compile_plans(
     choices = deployment_plans(parallel, cut, ctx.objective)
     candidates = [(kind, planner.realise(tiers)) for kind, tiers in choices]
     # the primary plan is the build's fastest at the cluster file's bandwidths, its parallel steps priced
-    fastest = min(range(len(candidates)), key=lambda i: (candidates[i][1].cost.value(ctx.objective), i))
+    fastest = min(range(len(candidates)), key=lambda i: (candidates[i][1].cost.rank(ctx.objective), i))
     if fastest:
         candidates = [("primary", candidates[fastest][1]), ("adaptive", candidates[0][1]),
                       *(c for i, c in enumerate(candidates) if i not in (0, fastest))]
@@ -227,7 +231,10 @@ def compile_plans(
     )
     for i, (_, c) in enumerate(candidates):
         for index, name, snapshot in c.snapshots:
-            dump_ir(snapshot, dump_dir / f"{index:02d}-{name}-p{i}")
+            dump_ir(snapshot, dump_dir / f"{index:02d}-{name}-p{i}", ctx.tier_names)
+    for note in _overload_notes(compiled[0].cost):
+        progress(f"note: {note}")
+        notes += (note,)
     found = {}
     if compare:
         progress("pricing the baseline strategies")
@@ -251,9 +258,9 @@ class _Candidate:
 class _Planner:
     """Realises and prices assignments for one compile, each once (``realise`` caches by assignment)."""
 
-    def __init__(self, gm, raw, graph, links, ctx, pipeline, dump_after, timings):
+    def __init__(self, gm, raw, graph, links, ctx, pipeline, dump_after, timings, load: Load | None):
         self.gm, self.raw, self.graph, self.links, self.ctx, self.pipeline = gm, raw, graph, links, ctx, pipeline
-        self.dump_after, self.timings = dump_after, timings
+        self.dump_after, self.timings, self.load = dump_after, timings, load
         self.realised: dict[bytes, _Candidate] = {}
         self.scheduled: dict[tuple, tuple[Schedule | None, float]] = {}  # program key -> (schedule, seconds)
 
@@ -276,7 +283,7 @@ class _Planner:
                     states[(*applied, p.name)] = (g, snapshots + shot)
             distinct = {id(g): (g, snapshots) for g, snapshots in states.values()}  # a pass that did nothing
             variants = [self._priced(tiers, g, snapshots) for g, snapshots in distinct.values()]
-            self.realised[key] = min(variants, key=lambda c: c.cost.value(self.ctx.objective))
+            self.realised[key] = min(variants, key=lambda c: c.cost.rank(self.ctx.objective))
         return self.realised[key]
 
     def realise_with(self, tiers: np.ndarray, passes: Sequence[Pass]) -> _Candidate:
@@ -295,14 +302,18 @@ class _Planner:
         own = self.own_codecs(tiers)
         paying = priced(self.raw, {link.name: own.get(link.name, link.codec) for link in self.links})
         prediction = replace(predict(paying, tiers, {s.tier: self.seconds(s) for s in plan.stages}), codecs=own)
-        cost = Cost.of(prediction, self.links, evaluate(paying, tiers).memory)
-        return _Candidate(tiers, g, plan, prediction, cost, snapshots)
+        return _Candidate(tiers, g, plan, prediction, self.cost(tiers, prediction, paying), snapshots)
 
     def price(self, tiers: np.ndarray) -> Cost:
         """The cost of ``tiers`` on one node per tier, each link paying its codec on its own cut tensors."""
         own = self.own_codecs(tiers)
         paying = priced(self.raw, {link.name: own.get(link.name, link.codec) for link in self.links})
-        return Cost.of(replace(predict(paying, tiers), codecs=own), self.links, evaluate(paying, tiers).memory)
+        return self.cost(tiers, replace(predict(paying, tiers), codecs=own), paying)
+
+    def cost(self, tiers: np.ndarray, prediction: Prediction, paying: CostGraph) -> Cost:
+        """``prediction``'s figures (under the fleet's load, when given) and ``tiers``' memory on ``paying``."""
+        load = None if self.load is None else price_load(self.load, tiers, prediction, self.links)
+        return Cost.of(prediction, self.links, evaluate(paying, tiers).memory, load)
 
     def baselines(self, first: np.ndarray) -> dict[str, Cost | None]:
         """Every baseline strategy priced by the rules partc's plans are priced by.
@@ -356,7 +367,8 @@ class _Planner:
     def joint_cut(self, first: np.ndarray) -> tuple[np.ndarray, CostGraph]:
         """The cut chosen knowing each tier's parallel speed-up, and the cost graph priced so.
 
-        Starts from ``first`` (the cut chosen as if every tier were one machine); then
+        Starts from ``first`` (the cut chosen as if every tier were one machine), or under load
+        the best chain cut priced with queueing (``fleet_cut``) where that ranks better; then
         re-solves the cut with each parallel tier's node seconds scaled by its speed-up
         (first assumed perfect, ``1 / nodes``, then as measured on the last plan realised:
         its stage's priced seconds over its nodes' summed seconds) until an assignment
@@ -369,6 +381,9 @@ class _Planner:
         ctx, graph = self.ctx, self.graph
         parallel = [k for k, t in enumerate(ctx.tiers) if t.nodes > 1 and ctx.link(t.name, t.name) is not None]
         best = self.realise(first)
+        fleet = None if self.load is None else fleet_cut(graph, self.load, ctx.objective)
+        if fleet is not None and self.realise(fleet).cost.rank(ctx.objective) < best.cost.rank(ctx.objective):
+            best = self.realise(fleet)
         if not parallel:
             return best.tiers, graph
         speedup = np.ones(len(ctx.tiers))
@@ -378,7 +393,7 @@ class _Planner:
             scaled = replace(graph, compute=graph.compute * speedup)
             tiers = solve(scaled, ctx.objective).tiers
             found = self.realise(tiers)
-            if found.cost.value(ctx.objective) < best.cost.value(ctx.objective):
+            if found.cost.rank(ctx.objective) < best.cost.rank(ctx.objective):
                 best, best_graph = found, scaled
             if tiers.tobytes() in seen:
                 break
@@ -391,7 +406,7 @@ class _Planner:
                     speedup[k] = min(1.0, priced_seconds / sums[k])
         for tiers in self.seeds(parallel):
             found = self.realise(tiers)
-            if found.cost.value(ctx.objective) < best.cost.value(ctx.objective):
+            if found.cost.rank(ctx.objective) < best.cost.rank(ctx.objective):
                 best, best_graph = found, replace(graph, compute=graph.compute * speedup)
         return best.tiers, best_graph
 
@@ -408,6 +423,15 @@ class _Planner:
     def classic(self) -> dict[str, Partition | None]:
         """The classic strategies' plans on the cost graph (``partc.partition.baselines``)."""
         return baselines(self.graph, self.ctx.objective)
+
+
+def _overload_notes(cost: Cost) -> tuple[str, ...]:
+    """What to say when the primary plan cannot keep up with the fleet's load."""
+    return tuple(
+        f"infeasible under load: {u.name} would run at {u.peak_utilisation:.0%} of its capacity "
+        f"({u.arrival_per_s:.3g} requests/s on each of its {u.instances} instance(s)) even at its most replicas "
+        "and full batches; give the shared tiers more replicas or a larger max_batch, or lower the rate"
+        for u in (cost.load.overloaded if cost.load else ()))
 
 
 def _program_key(stage: Stage) -> tuple:

@@ -16,6 +16,30 @@ OBJECTIVES = ("latency", "throughput")  # what a plan minimises: end-to-end late
 
 
 @dataclass(frozen=True)
+class Scaling:
+    """How many requests reach a tier and how it serves them (``partc.partition.load`` prices it).
+
+    Distinct from ``Tier.nodes``: nodes are machines that serve one request together (tiles,
+    branches); instances and replicas are copies that serve different requests.
+
+    Attributes:
+        instances: independent copies of the tier, each feeding the next tier (50 cameras);
+            the requests reaching a tier are spread evenly over its instances.
+        rate: requests per second each instance of the first tier makes; None: no load
+            given, plans are priced for one request at a time (latency only).
+        min_replicas, max_replicas: replicas of each instance serving its requests
+            (equal: a fixed count; else autoscaling bounds).
+        max_batch: most requests one replica runs as one batch.
+    """
+
+    instances: int = 1
+    rate: float | None = None
+    min_replicas: int = 1
+    max_replicas: int = 1
+    max_batch: int = 1
+
+
+@dataclass(frozen=True)
 class Tier:
     """One tier of the deployment, in data-flow order.
 
@@ -24,12 +48,14 @@ class Tier:
         target: hardware description, a key of ``partc.targets.TARGETS``.
         backend: artifact format, a key of ``partc.targets.BACKENDS``.
         nodes: how many machines of this kind the tier has (edge tiling uses them).
+        scaling: its instances, request rate, replicas and batch limit.
     """
 
     name: str
     target: str
     backend: str
     nodes: int = 1
+    scaling: Scaling = Scaling()
 
 
 @dataclass(frozen=True)
@@ -91,6 +117,8 @@ class BackendOptions:
         tvm_trials: MetaSchedule trials per untuned task of a TVM stage; 0 tunes nothing.
         tuning_db: TVM tuning database folder (created if missing), reused across builds;
             None uses no database.
+        aoti: compile ``export`` stages with AOTInductor (native code for this machine;
+            minutes per stage) instead of saving the portable ExportedProgram.
 
     Raises:
         PartcError: for negative ``tvm_trials``, or ``tvm_trials`` > 0 without ``tuning_db``.
@@ -98,6 +126,7 @@ class BackendOptions:
 
     tvm_trials: int = 0
     tuning_db: Path | None = None
+    aoti: bool = False
 
     def __post_init__(self) -> None:
         if self.tvm_trials < 0:
@@ -134,6 +163,11 @@ class CompileContext:
     def tier_names(self) -> tuple[str, ...]:
         """Tier names in data-flow order."""
         return tuple(t.name for t in self.tiers)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the cluster file gives a request rate: plans are then priced under that load."""
+        return self.tiers[0].scaling.rate is not None
 
     def tier(self, name: str) -> Tier:
         """Return the tier called ``name``."""

@@ -21,7 +21,7 @@ from partc.targets import target
 
 PORT = 50051  # each worker's default listening port (the gRPC convention)
 INSTALL_DIR = "/opt/partc"  # where the systemd units expect the unpacked bundle, as INSTALL_DIR/<build name>
-EXTRAS = {"torchscript": "runtime", "onnx": "runtime,onnx", "tvm": "runtime,tvm"}  # pip extras per backend
+EXTRAS = {"torchscript": "runtime", "onnx": "runtime,onnx", "tvm": "runtime,tvm", "export": "runtime"}  # per backend
 
 
 def render_deployment(manifest: Manifest, folder: Path, build_name: str) -> list[Path]:

@@ -36,3 +36,9 @@ class RunError(PartcError):
     """A failure at run time (a dead worker, a link that timed out); the CLI exits with 1."""
 
     exit_code = 1
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

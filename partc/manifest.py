@@ -5,16 +5,16 @@ Schema (``schema_version`` 2; keys sorted; sizes in bytes, times in seconds)::
     schema_version   2
     partc_version    the partc that wrote it
     model            {spec, tracer, inputs: [TENSOR], outputs: [TENSOR]}
-    cluster          {source, objective, tiers: [{name, target, backend, nodes}],
+    cluster          {source, objective, tiers: [{name, target, backend, nodes, scaling: SCALING}],
                       links: [{from, to, bandwidth, latency,       bandwidth in bytes/s
                                codec: {codec, ratio, encode_bytes_per_s, decode_bytes_per_s,
                                        agreement, samples}}]}
     stages           [{name, tier, index, backend, target,         one worker each
                        programs: [{id, artifact, sha256, bytes, inputs: [TENSOR],
-                                   outputs: [TENSOR], predicted_s, measured_s, info}],
+                                   outputs: [TENSOR], predicted_s, info}],
                        schedules: [{id, inputs: [TENSOR], outputs: [TENSOR],
                                     steps: [[program id per node]], results: [[name, tensor]],
-                                    predicted_s, measured_s}]}]
+                                    predicted_s}]}]
     plans            [{name, kind, stages: [stage], programs: {stage: program id},
                        assignment: {node: tier},                   every IR node
                        predicted: {compute: {tier: s}, link_bytes: {link: bytes},
@@ -25,6 +25,17 @@ Schema (``schema_version`` 2; keys sorted; sizes in bytes, times in seconds)::
     verification     {max_abs_diff, output_scale, inputs: "seeded example"}
 
     TENSOR = {name, shape: [int], dtype}
+    SCALING = {instances, rate_per_s, min_replicas, max_replicas, max_batch,    the cluster file's
+               replicas, batch, arrival_per_s, utilisation, peak_utilisation}  and the plan's
+
+A tier's ``scaling`` (``TierScaling``) is the cluster file's load and scaling
+(``partc.context.Scaling``; ``rate_per_s`` null without a rate) and what the primary plan
+needs under that load (``partc.partition.load``): ``replicas`` to run (the fewest keeping
+utilisation at most ``TARGET_UTILISATION``, within ``min_replicas``..``max_replicas``; without a
+rate, ``min_replicas``), the ``batch`` dynamic batching is predicted to run, each instance's
+``arrival_per_s``, and its ``utilisation`` there and ``peak_utilisation`` at max replicas with
+full batches (null without a rate). A runtime deploys ``replicas`` (autoscaling between the
+bounds where they differ) and batches up to ``max_batch``.
 
 ``stages`` with ``index`` 0 form the chain, in order (data flows from each to the next);
 the others are the further nodes of a tier with several (``edge.1``): they run tiles for
@@ -38,8 +49,9 @@ program; a stage of the chain without a program in ``programs`` relays tensors. 
 ``predicted`` is a ``partc.partition.price.Prediction``: what it computes and sends, and its
 figures at the cluster file's bandwidths (``reached``: the links whose latency it pays);
 link = "src->dst". ``artifact`` is
-relative to the manifest's folder. ``measured_s`` is the median time of the artifact on
-the compiling host, or null where it cannot run there (cross-compiled).
+relative to the manifest's folder. The manifest holds nothing measured while compiling but
+the codecs' figures, so the same inputs give the same bytes (the artifacts' times on the
+compiling host are in ``partc.build.Build.measured`` and ``partc compile``'s output).
 ``transfers[].from`` is null for a model input. A link's ``codec`` is what tensors cross
 it with (``compress-cut-tensors``; ``none`` unless the cluster file allows another), with
 its measured ratio, speeds and top-1 agreement; plans are priced with it. ``verification``
@@ -51,24 +63,29 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from partc.codec import LinkCodec
+from partc.context import Scaling
 from partc.errors import ManifestError
 from partc.ir import link_name
+from partc.partition.load import Use
 from partc.partition.price import LinkPrice, Prediction
 from partc.plan import Artifact, TensorSpec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 
 _STAGE_KEYS = {"name": str, "tier": str, "index": int, "backend": str, "target": str, "programs": list,
                "schedules": list}
 _SCHEDULE_KEYS = {"id": str, "inputs": list, "outputs": list, "steps": list, "results": list}
 _PROGRAM_KEYS = {"id": str, "artifact": str, "sha256": str, "bytes": int, "inputs": list, "outputs": list, "info": dict}
+_TIER_KEYS = {"name": str, "target": str, "backend": str, "nodes": int, "scaling": dict}
+_SCALING_COUNTS = ("instances", "min_replicas", "max_replicas", "max_batch", "replicas")
+_SCALING_FIGURES = ("rate_per_s", "batch", "arrival_per_s", "utilisation", "peak_utilisation")  # or null
 _PLAN_KEYS = {"name": str, "kind": str, "stages": list, "programs": dict, "predicted": dict}
 _TOP_KEYS = {
     "schema_version": int, "partc_version": str, "model": dict, "cluster": dict, "stages": list, "plans": list,
@@ -97,13 +114,12 @@ class ProgramEntry:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     predicted_s: float
-    measured_s: float | None
     info: Mapping
 
     def to_json(self) -> dict:
         return {"id": self.id, "artifact": self.artifact, "sha256": self.sha256, "bytes": self.bytes,
                 "inputs": [tensor_json(t) for t in self.inputs], "outputs": [tensor_json(t) for t in self.outputs],
-                "predicted_s": self.predicted_s, "measured_s": self.measured_s, "info": dict(self.info)}
+                "predicted_s": self.predicted_s, "info": dict(self.info)}
 
 
 @dataclass(frozen=True)
@@ -116,13 +132,11 @@ class ScheduleEntry:
     steps: tuple[tuple[str, ...], ...]
     results: tuple[tuple[str, str], ...]
     predicted_s: float
-    measured_s: float | None
 
     def to_json(self) -> dict:
         return {"id": self.id, "inputs": [tensor_json(t) for t in self.inputs],
                 "outputs": [tensor_json(t) for t in self.outputs], "steps": [list(s) for s in self.steps],
-                "results": [list(r) for r in self.results], "predicted_s": self.predicted_s,
-                "measured_s": self.measured_s}
+                "results": [list(r) for r in self.results], "predicted_s": self.predicted_s}
 
 
 @dataclass(frozen=True)
@@ -175,6 +189,33 @@ class PlanEntry:
 
 
 @dataclass(frozen=True)
+class TierScaling:
+    """A tier's load and scaling, and what the primary plan needs of it (``cluster.tiers[].scaling``)."""
+
+    instances: int = 1
+    rate_per_s: float | None = None
+    min_replicas: int = 1
+    max_replicas: int = 1
+    max_batch: int = 1
+    replicas: int = 1
+    batch: int | None = None
+    arrival_per_s: float | None = None
+    utilisation: float | None = None
+    peak_utilisation: float | None = None
+
+    @classmethod
+    def of(cls, scaling: Scaling, use: Use | None) -> TierScaling:
+        """The cluster file's ``scaling`` of a tier, with ``use``, its price under load (None: no rate)."""
+        given = (scaling.instances, scaling.rate, scaling.min_replicas, scaling.max_replicas, scaling.max_batch)
+        if use is None:
+            return cls(*given, scaling.min_replicas)
+        return cls(*given, use.replicas, use.batch, use.arrival_per_s, use.utilisation, use.peak_utilisation)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class TierEntry:
     """A tier of the cluster (``cluster.tiers[]``)."""
 
@@ -182,6 +223,7 @@ class TierEntry:
     target: str
     backend: str
     nodes: int
+    scaling: TierScaling = TierScaling()
 
 
 @dataclass(frozen=True)
@@ -256,8 +298,8 @@ class Manifest:
                       "outputs": [tensor_json(t) for t in self.outputs]},
             "cluster": {
                 "source": self.source, "objective": self.objective,
-                "tiers": [{"name": t.name, "target": t.target, "backend": t.backend, "nodes": t.nodes}
-                          for t in self.tiers],
+                "tiers": [{"name": t.name, "target": t.target, "backend": t.backend, "nodes": t.nodes,
+                           "scaling": t.scaling.to_json()} for t in self.tiers],
                 "links": [{"from": lk.src, "to": lk.dst, "bandwidth": lk.bandwidth, "latency": lk.latency,
                            "codec": lk.codec.to_json()} for lk in self.links],
             },
@@ -343,6 +385,12 @@ def _check(path: Path, manifest) -> None:
             raise ManifestError(f"{path}: model.{key}: expected a list of tensors")
         for k, tensor in enumerate(tensors):
             _check_tensor(path, f"model.{key}[{k}].", tensor)
+    tiers = manifest["cluster"].get("tiers")
+    if not isinstance(tiers, list) or not tiers:
+        raise ManifestError(f"{path}: cluster.tiers: expected a non-empty list of tiers")
+    for i, tier in enumerate(tiers):
+        _check_keys(path, f"cluster.tiers[{i}].", tier, _TIER_KEYS)
+        _check_scaling(path, f"cluster.tiers[{i}].scaling.", tier["scaling"])
     names = [s["name"] for s in manifest["stages"] if s["index"] == 0]
     if not manifest["plans"]:
         raise ManifestError(f"{path}: plans: empty; a build has at least its primary plan")
@@ -364,10 +412,10 @@ def _typed(data: Mapping) -> Manifest:
     stages = tuple(StageEntry(
         s["name"], s["tier"], s["index"], s["backend"], s["target"],
         tuple(ProgramEntry(p["id"], p["artifact"], p["sha256"], p["bytes"], tensors(p["inputs"]),
-                           tensors(p["outputs"]), p["predicted_s"], p["measured_s"], p["info"])
+                           tensors(p["outputs"]), p["predicted_s"], p["info"])
               for p in s["programs"]),
         tuple(ScheduleEntry(c["id"], tensors(c["inputs"]), tensors(c["outputs"]), tuple(map(tuple, c["steps"])),
-                            tuple(map(tuple, c["results"])), c["predicted_s"], c["measured_s"])
+                            tuple(map(tuple, c["results"])), c["predicted_s"])
               for c in s["schedules"]),
     ) for s in data["stages"])
     plans = tuple(PlanEntry(
@@ -380,11 +428,31 @@ def _typed(data: Mapping) -> Manifest:
     return Manifest(
         data["partc_version"], model["spec"], model["tracer"], tensors(model["inputs"]), tensors(model["outputs"]),
         cluster["source"], cluster["objective"],
-        tuple(TierEntry(t["name"], t["target"], t["backend"], t["nodes"]) for t in cluster["tiers"]),
+        tuple(TierEntry(t["name"], t["target"], t["backend"], t["nodes"], TierScaling(**t["scaling"]))
+              for t in cluster["tiers"]),
         tuple(LinkEntry(lk["from"], lk["to"], lk["bandwidth"], lk["latency"], LinkCodec.from_json(lk["codec"]))
               for lk in cluster["links"]),
         stages, plans, verification["max_abs_diff"], verification["output_scale"],
     )
+
+
+def _check_scaling(path: Path, prefix: str, value) -> None:
+    """Check a SCALING: its counts positive integers (bounds in order), its figures numbers or null."""
+    _check_keys(path, prefix, value, {key: int for key in _SCALING_COUNTS})
+    for key in _SCALING_COUNTS:
+        if value[key] < 1:
+            raise ManifestError(f"{path}: {prefix}{key}: {value[key]} is not a positive integer")
+    if not value["min_replicas"] <= value["max_replicas"]:
+        raise ManifestError(f"{path}: {prefix}min_replicas: {value['min_replicas']} is above max_replicas")
+    for key in _SCALING_FIGURES:
+        if key not in value:
+            raise ManifestError(f"{path}: {prefix}{key}: missing")
+        figure = value[key]
+        if figure is not None and (isinstance(figure, bool) or not isinstance(figure, (int, float)) or figure < 0):
+            raise ManifestError(f"{path}: {prefix}{key}: expected a number or null, got {figure!r}")
+    unknown = set(value) - set(_SCALING_COUNTS) - set(_SCALING_FIGURES)
+    if unknown:
+        raise ManifestError(f"{path}: {prefix}{sorted(unknown)[0]}: unknown key; recompile with this partc")
 
 
 def _check_tensor(path: Path, prefix: str, value) -> None:

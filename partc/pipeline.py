@@ -20,8 +20,9 @@ from pathlib import Path
 from torch import fx
 
 from partc.context import CompileContext
+from partc.draw import ir_to_dot
 from partc.errors import PartcError
-from partc.ir import META_SHAPE, META_TIER, META_TILE, lint
+from partc.ir import lint
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def run_passes(
         if late:
             raise PartcError(f"pass {p.name!r} needs {late[0]!r}, which this pipeline runs after it")
     if TRACE in dump_after and first == 1:
-        dump_ir(gm, dump_dir / f"00-{TRACE}{suffix}")
+        dump_ir(gm, dump_dir / f"00-{TRACE}{suffix}", ctx.tier_names)
     for index, p in enumerate(passes, start=first):
         progress(f"pass {p.name}" + (f" ({suffix.lstrip('-')})" if suffix else ""))
         started = time.perf_counter()
@@ -134,7 +135,7 @@ def run_passes(
         lint(gm, ctx.tier_names)
         log.info("%s: %s", p.name, result.summary or "done")
         if p.name in dump_after:
-            dump_ir(gm, dump_dir / f"{index:02d}-{p.name}{suffix}")
+            dump_ir(gm, dump_dir / f"{index:02d}-{p.name}{suffix}", ctx.tier_names)
     return gm
 
 
@@ -150,35 +151,11 @@ def ir_to_json(gm: fx.GraphModule) -> dict:
     return {"tracer": gm.meta.get("partc.tracer"), "nodes": nodes}
 
 
-DOT_COLOURS = ("lightblue", "palegreen", "lightsalmon", "plum", "khaki", "lightgrey")  # tiers, in the order seen
-
-
-def ir_to_dot(gm: fx.GraphModule) -> str:
-    """Return the IR as a Graphviz digraph; nodes show op and shape, and their tier (filled in
-    one colour per tier) and node of the tier (``META_TILE``) when assigned."""
-    lines = ["digraph partc {", "  node [shape=box, fontname=monospace, fontsize=10, style=filled, fillcolor=white];"]
-    tiers: dict[str, str] = {}
-    for n in gm.graph.nodes:
-        shape = n.meta.get(META_SHAPE)
-        tier = n.meta.get(META_TIER)
-        tile = n.meta.get(META_TILE)
-        label = "\n".join(
-            [n.name, n.meta.get("partc.op", n.op)]
-            + ([str(list(shape))] if shape else [])
-            + ([tier + (f" / node {tile[1]}" if tile and tile[1] is not None else "")] if tier else [])
-        )
-        colour = tiers.setdefault(tier, DOT_COLOURS[len(tiers) % len(DOT_COLOURS)]) if tier else "white"
-        lines.append(f"  {json.dumps(n.name)} [label={json.dumps(label)}, fillcolor={colour}];")
-        lines += [f"  {json.dumps(a.name)} -> {json.dumps(n.name)};" for a in n.all_input_nodes]
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def dump_ir(gm: fx.GraphModule, stem: Path) -> None:
-    """Write the IR to ``stem.json`` and ``stem.dot``."""
+def dump_ir(gm: fx.GraphModule, stem: Path, tiers: Sequence[str] = ()) -> None:
+    """Write the IR to ``stem.json`` and ``stem.dot`` (``partc.draw.ir_to_dot``; ``tiers`` in data-flow order)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(ir_to_json(gm), indent=1, sort_keys=True) + "\n")
-    stem.with_suffix(".dot").write_text(ir_to_dot(gm))
+    stem.with_suffix(".dot").write_text(ir_to_dot(gm, tiers, title=stem.name))
     log.info("IR written to %s.{json,dot}", stem)
 
 

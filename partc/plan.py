@@ -345,12 +345,18 @@ def _stage(
 
 def eager_stage_fn(stage: Stage) -> StageFn:
     """Return a ``StageFn`` that runs ``stage.gm`` with PyTorch, for reference and tests."""
+    return module_stage_fn(stage.gm, stage.inputs, stage.outputs)
+
+
+def module_stage_fn(module: Callable, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> StageFn:
+    """Return a ``StageFn`` that calls ``module`` (a torch module taking ``inputs`` positionally and
+    returning ``outputs`` as a tuple: a GraphModule, a loaded TorchScript or ExportedProgram)."""
 
     def run(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = [torch.from_numpy(np.ascontiguousarray(tensors[t.name])) for t in stage.inputs]
+        args = [torch.from_numpy(np.ascontiguousarray(tensors[t.name])) for t in inputs]
         with torch.no_grad():
-            result = stage.gm(*args)
-        return {t.name: r.numpy() for t, r in zip(stage.outputs, result, strict=True)}
+            result = module(*args)
+        return {t.name: r.numpy() for t, r in zip(outputs, result, strict=True)}
 
     return run
 

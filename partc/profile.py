@@ -353,6 +353,19 @@ class _NodeTimer(fx.Interpreter):
         return result
 
 
+def time_call(fn: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float, float]:
+    """Median, 10th and 90th percentile seconds of ``repeats`` calls of ``fn``, after ``warmup``
+    untimed ones (first calls allocate, pick kernels and fill caches), as profiles are timed."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return _stats(samples)
+
+
 def _stats(samples: Sequence[float]) -> tuple[float, float, float]:
     """Median, 10th and 90th percentile of ``samples``."""
     if len(samples) == 1:

@@ -2,7 +2,8 @@
 
 MODEL is ``torchvision:NAME``, ``package.module:factory`` or ``path/to/file.py:factory``
 (a callable taking no arguments and returning an ``nn.Module``). Models are built under a
-fixed seed with random weights (``weights=None``) and put in eval mode.
+fixed seed with random weights (``weights=None``) and put in eval mode. A MODEL ending in
+``.onnx`` is an ONNX file, converted with its own weights (``partc.onnx_input``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from partc.errors import ModelError, TraceError
+from partc.errors import ModelError, TraceError, first_line
 from partc.ir import (
     META_BYTES,
     META_DTYPE,
@@ -111,13 +112,18 @@ def load_model(spec: str) -> nn.Module:
     """Build the model that ``spec`` names, seeded, in eval mode.
 
     Raises:
-        ModelError: if the spec names nothing loadable, the factory raises, or it does not
-            return an ``nn.Module``.
+        ModelError: if the spec names nothing loadable, the factory raises, it does not
+            return an ``nn.Module``, or an ONNX file does not convert.
     """
+    if spec.endswith(".onnx"):
+        from partc.onnx_input import load_onnx
+
+        return load_onnx(Path(spec))
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
         raise ModelError(
-            f"model {spec!r}: expected torchvision:NAME, package.module:factory or path/to/file.py:factory"
+            f"model {spec!r}: expected torchvision:NAME, package.module:factory, path/to/file.py:factory "
+            "or path/to/model.onnx"
         )
     if source == "torchvision":
         factory = _torchvision_factory(name)
@@ -133,7 +139,7 @@ def load_model(spec: str) -> nn.Module:
             raise ModelError(f"model {spec!r}: factory called sys.exit({err.code!r}) instead of returning a "
                              "torch.nn.Module") from None
         except Exception as err:
-            raise ModelError(f"model {spec!r}: factory raised {type(err).__name__}: {_first_line(err)}") from err
+            raise ModelError(f"model {spec!r}: factory raised {type(err).__name__}: {first_line(err)}") from err
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {spec!r}: factory returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
@@ -162,7 +168,7 @@ def _file_factory(spec: str, path: Path, name: str):
         module_spec.loader.exec_module(module)
     except (Exception, SystemExit) as err:
         del sys.modules[module_name]
-        raise ModelError(f"model {spec!r}: importing {path} raised {type(err).__name__}: {_first_line(err)}") from err
+        raise ModelError(f"model {spec!r}: importing {path} raised {type(err).__name__}: {first_line(err)}") from err
     return _factory_attr(spec, module, name)
 
 
@@ -170,7 +176,7 @@ def _module_factory(spec: str, source: str, name: str):
     try:
         module = importlib.import_module(source)
     except ImportError as err:
-        raise ModelError(f"model {spec!r}: cannot import module {source!r}: {_first_line(err)}") from err
+        raise ModelError(f"model {spec!r}: cannot import module {source!r}: {first_line(err)}") from err
     return _factory_attr(spec, module, name)
 
 
@@ -179,11 +185,6 @@ def _factory_attr(spec: str, module, name: str):
     if not callable(factory):
         raise ModelError(f"model {spec!r}: {module.__name__!r} has no callable {name!r}")
     return factory
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def trace(model: nn.Module, inputs: Sequence[InputSpec]) -> fx.GraphModule:
@@ -195,13 +196,18 @@ def trace(model: nn.Module, inputs: Sequence[InputSpec]) -> fx.GraphModule:
 
     Raises:
         TraceError: if neither tracer handles the model, or a layer rejects the inputs.
+        ModelError: if a model converted from an ONNX file is given other inputs than the
+            file declares.
     """
+    from partc.onnx_input import check_inputs  # here: it imports this module
+
+    check_inputs(model, inputs)
     examples = [spec.example() for spec in inputs]
     try:
         gm = fx.symbolic_trace(model)
         tracer = "torch.fx"
     except Exception as fx_err:
-        log.info("torch.fx could not trace the model (%s); trying torch.export", _first_line(fx_err))
+        log.info("torch.fx could not trace the model (%s); trying torch.export", first_line(fx_err))
         printed = io.StringIO()  # torch.export prints partial graphs to stderr when it fails
         try:
             with contextlib.redirect_stderr(printed):
@@ -209,8 +215,8 @@ def trace(model: nn.Module, inputs: Sequence[InputSpec]) -> fx.GraphModule:
         except Exception as export_err:
             log.debug("torch.export output:\n%s", printed.getvalue())
             raise TraceError(
-                f"{type(model).__name__} cannot be traced: torch.fx: {_first_line(fx_err)}; "
-                f"torch.export: {_first_line(export_err)}"
+                f"{type(model).__name__} cannot be traced: torch.fx: {first_line(fx_err)}; "
+                f"torch.export: {first_line(export_err)}"
             ) from export_err
         tracer = "torch.export"
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -256,7 +262,7 @@ class _Annotator(fx.Interpreter):
                 result = super().run_node(n)
         except Exception as err:
             raise TraceError(
-                f"layer {n.name!r} ({_op_name(n, self.module)}) rejects its input: {_first_line(err)}; "
+                f"layer {n.name!r} ({_op_name(n, self.module)}) rejects its input: {first_line(err)}; "
                 "check --input-shape"
             ) from err
         op = _op_name(n, self.module)
@@ -338,7 +344,7 @@ def _elementwise_flops(n: fx.Node, kind: str, result, gm: fx.GraphModule) -> int
         if n.op == "call_module":
             kernel = getattr(gm.get_submodule(n.target), "kernel_size", None)
             if kernel is not None:
-                return numel * math.prod(kernel if isinstance(kernel, tuple) else (kernel, kernel))
+                return numel * math.prod(kernel if isinstance(kernel, (tuple, list)) else (kernel, kernel))
         inputs = [a for a in n.all_input_nodes if META_BYTES in a.meta]
         return max((_numel(a) for a in inputs), default=numel)
     if kind == "norm":

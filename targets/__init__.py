@@ -10,7 +10,7 @@ working directory): ``target(name)`` reads any name that ends in ``.yaml`` or ``
 a file. ``partc profile MODEL ... --fit-target boards/my-board.yaml`` writes one fitted to
 a profile measured on that board (``partc.costmodel.fit_target``).
 
-Backends (``torchscript``, ``onnx``, ``tvm``) are one module each; ``BACKENDS`` maps their
+Backends (``torchscript``, ``onnx``, ``tvm``, ``export``) are one module each; ``BACKENDS`` maps their
 names to their instances, and ``backend(name)`` looks one up. A backend takes its compile
 settings from the ``BackendOptions`` that ``emit`` receives. ``runs_here(artifact)`` says
 whether this machine can load an artifact.
@@ -28,7 +28,7 @@ import yaml
 from partc.context import BackendOptions
 from partc.errors import ClusterError
 from partc.plan import Artifact, Stage, StageFn
-from partc.targets import onnx, torchscript, tvm
+from partc.targets import export, onnx, torchscript, tvm
 from partc.targets.tvm import host_arch
 
 
@@ -174,7 +174,7 @@ class Backend(Protocol):
         ...
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (torchscript.BACKEND, onnx.BACKEND, tvm.BACKEND)}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (torchscript.BACKEND, onnx.BACKEND, tvm.BACKEND, export.BACKEND)}
 
 
 def backend(name: str) -> Backend:
@@ -191,8 +191,8 @@ def backend(name: str) -> Backend:
 def runs_here(artifact: Artifact) -> bool:
     """Return whether this machine can load ``artifact``.
 
-    A portable artifact (TorchScript, ONNX) runs anywhere; a compiled one only on the
-    architecture its ``info["arch"]`` names.
+    A portable artifact (TorchScript, ONNX, ExportedProgram) runs anywhere; a compiled one
+    (TVM, AOTInductor) only on the architecture its ``info["arch"]`` names.
     """
     arch = artifact.info.get("arch")
     return arch is None or arch == host_arch()

@@ -6,6 +6,10 @@ same ORT numbers, names graph inputs and outputs exactly as asked, and its outpu
 byte-for-byte reproducible. It warns that it is deprecated; the warning is silenced here,
 and moving to ``dynamo=True`` is a one-line change once the legacy exporter goes.
 Weights live inside the file (no external data; stages are far below the 2 GB limit).
+When every input and output of a stage leads with a dimension of 1 (a batch of one), that
+dimension is exported as the symbolic ``batch``: ORT then runs a batch of several requests
+concatenated on axis 0 (Ray Serve's dynamic batching, ``partc.runtime.rayserve``, which checks
+that the numbers match one by one before it batches). Every other dimension stays fixed.
 Every file passes ``onnx.checker.check_model(full_check=True)`` before it is kept.
 """
 
@@ -57,6 +61,8 @@ class OnnxBackend:
 
         path = Path(outdir) / f"{stage.name}{self.suffix}"
         args = tuple(torch.zeros(t.shape, dtype=getattr(torch, t.dtype)) for t in stage.inputs)
+        tensors = (*stage.inputs, *stage.outputs)
+        batch = {t.name: {0: "batch"} for t in tensors} if all(t.shape[:1] == (1,) for t in tensors) else None
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=self.suffix)
         os.close(fd)
         try:
@@ -70,6 +76,7 @@ class OnnxBackend:
                     opset_version=self.opset,
                     input_names=[t.name for t in stage.inputs],
                     output_names=[t.name for t in stage.outputs],
+                    dynamic_axes=batch,
                     do_constant_folding=True,
                 )
             onnx.checker.check_model(tmp, full_check=True)

@@ -8,20 +8,31 @@ that it is deprecated. The file embeds the weights and no Python class of the mo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import struct
 import tempfile
+import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator
 from pathlib import Path
-
-import numpy as np
 
 from partc.context import BackendOptions
 from partc.errors import UnsupportedLayerError
-from partc.plan import Artifact, Stage, StageFn, make_artifact
+from partc.plan import Artifact, Stage, StageFn, make_artifact, module_stage_fn
+
+
+@contextlib.contextmanager
+def _without_jit_warnings() -> Iterator[None]:
+    """Keep PyTorch's deprecation of ``torch.jit`` (and its scripting notes) off the user's screen:
+    partc uses TorchScript while PyTorch ships it, which the backend's users chose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", "The TorchScript type system doesn't support instance-level", UserWarning)
+        yield
+
 
 ALIGNMENT = 64  # bytes; PyTorch aligns stored tensor data so that it can be mapped
 
@@ -53,14 +64,16 @@ class TorchScriptBackend:
         import torch
 
         try:
-            scripted = torch.jit.script(stage.gm)
+            with _without_jit_warnings():
+                scripted = torch.jit.script(stage.gm)
         except Exception as err:
             raise UnsupportedLayerError(
                 f"stage {stage.name}: torch.jit.script failed: {str(err).strip().splitlines()[0]}; "
                 "use backend 'onnx' or 'tvm' for this tier"
             ) from err
         buffer = io.BytesIO()
-        torch.jit.save(scripted, buffer)
+        with _without_jit_warnings():
+            torch.jit.save(scripted, buffer)
         path = Path(outdir) / f"{stage.name}{self.suffix}"
         _write_atomic(path, _deterministic(buffer.getvalue()))
         return make_artifact(stage, self.name, path)
@@ -71,16 +84,9 @@ class TorchScriptBackend:
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        module = torch.jit.load(str(artifact.path), map_location="cpu").eval()
-        inputs, outputs = artifact.inputs, artifact.outputs
-
-        def run(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            args = [torch.from_numpy(np.ascontiguousarray(tensors[t.name])) for t in inputs]
-            with torch.no_grad():
-                result = module(*args)
-            return {t.name: r.numpy() for t, r in zip(outputs, result, strict=True)}
-
-        return run
+        with _without_jit_warnings():
+            module = torch.jit.load(str(artifact.path), map_location="cpu").eval()
+        return module_stage_fn(module, artifact.inputs, artifact.outputs)
 
 
 def _deterministic(archive: bytes) -> bytes:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from partc.cli import main
+from partc.cli import build_parser, main
 
 
 def run(capsys, *argv):
@@ -75,3 +75,39 @@ def test_help_teaches_model_syntax(capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0
     assert "torchvision:NAME" in out and "partc inspect torchvision:resnet50 --input-shape 1,3,224,224" in out
+
+
+def test_version_and_flags_anywhere_on_the_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("partc 0.")
+    for argv in (["--debug", "-q", "-vv", "inspect", "m.py:f", "--input-shape", "1"],
+                 ["inspect", "m.py:f", "--input-shape", "1", "--debug", "-q", "-vv"],
+                 ["-v", "inspect", "m.py:f", "--input-shape", "1", "--debug", "-q", "-v"]):
+        args = build_parser().parse_args(argv)
+        verbose = 2 if "-vv" in argv else 1
+        assert (args.debug, args.quiet, args.verbose, args.command) == (True, True, verbose, "inspect")
+    args = build_parser().parse_args(["inspect", "m.py:f", "--input-shape", "1"])
+    assert (args.debug, args.quiet, args.verbose) == (False, False, 0)
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["profile", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "timed runs (default: 15)" in out and "where --dump-after writes (default: partc-dump)" in out
+
+
+def test_targets_lists_targets_and_backends(capsys):
+    code, out, _ = run(capsys, "targets")
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["target", "kind", "cores"]
+    assert any(line.startswith("rpi4 ") for line in out.splitlines())
+    assert any(line.split()[:2] == ["torchscript", ".pt"] for line in out.splitlines())
+    code, out, _ = run(capsys, "targets", "rpi4")
+    assert code == 0 and "Raspberry Pi 4 Model B product brief" in out
+
+
+def test_run_flags_that_need_distributed(capsys, tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    code, _, err = run(capsys, "run", str(tmp_path), "--window", "2")
+    assert code == 2 and "partc: error:" in err

@@ -152,7 +152,7 @@ def test_unknown_target_lists_known_ones(tmp_path):
 
 def test_unknown_backend(tmp_path):
     assert cluster_error(tmp_path, DESIGN_CLUSTER.replace("backend: onnx", "backend: tensorrt")) == (
-        "cluster.yaml: tiers[1].backend: unknown backend 'tensorrt'; known backends are: onnx, torchscript, tvm"
+        "cluster.yaml: tiers[1].backend: unknown backend 'tensorrt'; known backends are: export, onnx, torchscript, tvm"
     )
 
 
@@ -177,7 +177,8 @@ def test_unreachable_tier(tmp_path):
     [
         ("{name: edge,   target", "{target", "tiers[1]: missing key 'name'"),
         ("nodes: 2", "nodes: two", "tiers[1].nodes: 'two' is not a positive integer"),
-        ("nodes: 2", "node: 2", "tiers[1]: unknown key 'node'; expected name, target, backend, nodes"),
+        ("nodes: 2", "node: 2", "tiers[1]: unknown key 'node'; expected name, target, backend, nodes, "
+         "instances, rate, replicas, max_batch"),
         ("objective: latency", "objective: speed", "objective: 'speed' is not one of latency, throughput"),
         (
             "{from: device, to: edge,",

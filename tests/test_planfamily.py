@@ -7,8 +7,9 @@ import pytest
 from cutcases import branching_graph, dags
 from hypothesis import HealthCheck, given, settings
 
+from partc.draw import plot_bandwidth_sweep
 from partc.partition.cost import CostGraph
-from partc.partition.family import bandwidth_sweep, plan_family, plot_bandwidth_sweep
+from partc.partition.family import bandwidth_sweep, plan_family
 from partc.partition.solve import solve
 
 _SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -84,5 +85,5 @@ def test_sweep_and_plot(tmp_path):
         assert values.shape == (6,)
         if name != "partc":
             assert (series["partc"] <= values + 1e-9).all(), name
-    path = plot_bandwidth_sweep(series, bandwidths, tmp_path / "sweep.png", title="t")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot_bandwidth_sweep(series, bandwidths, tmp_path / "sweep.png", title="t")
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -57,7 +57,9 @@ def test_cli_json_and_compare_table(cluster, capsys):
                  "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["tiers"] == ["device", "edge", "cloud"] and set(data["assignment"]) >= {"x", "conv1", "add"}
-    assert set(data["cost"]) == {"compute", "transfer", "link_bytes", "memory", "latency", "bottleneck"}
+    assert data["schema_version"] == 1 and data["command"] == "plan"
+    assert set(data["cost"]) >= {"compute_ms", "transfer_ms", "link_bytes", "memory_bytes", "latency_ms",
+                                 "bottleneck_ms"}
     assert main(["plan", "tests/models.py:residual", "--input-shape", "1,8,16,16", "--cluster", str(cluster),
                  "--compare"]) == 0
     out = capsys.readouterr().out

@@ -19,11 +19,13 @@ import contextlib
 import logging
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Iterator, Sequence
 
 from partc.cli import deploy, model
 from partc.errors import PartcError
+from partc.version import __version__
 
 log = logging.getLogger("partc")
 
@@ -42,19 +44,49 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps each line of a description, keeps indented lines (examples) as they are, and shows every
+    flag's default that its help does not already give."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(line if line.startswith(" ") or not line.strip() else
+                         textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _add_common_flags(parser: argparse.ArgumentParser, default: object) -> None:
+    """``-v``, ``-q`` and ``--debug``; ``default`` is SUPPRESS on a command, so that its parser
+    overwrites the values given before the command only when given after it."""
+    parser.add_argument("-v", "--verbose", action="count", default=default, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress output; log errors only")
+    parser.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``partc`` command."""
     parser = argparse.ArgumentParser(
         prog="partc",
         description="partc compiles a PyTorch model for a device / edge / cloud deployment: it traces "
         "the model, chooses where each layer runs, emits per-tier artifacts and runs the pipeline.",
-        epilog="run 'partc COMMAND --help' for a command's flags and an example",
+        epilog="run 'partc COMMAND --help' for a command's flags and an example; -v, -q and --debug go before "
+        "or after COMMAND",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"partc {__version__}")
+    _add_common_flags(parser, None)
+    parser.set_defaults(verbose=0, quiet=False, debug=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model.add_commands(sub)
     deploy.add_commands(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
+        _add_common_flags(command, argparse.SUPPRESS)
     return parser
 
 
@@ -62,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the partc command line; return the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        level=logging.ERROR if args.quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:

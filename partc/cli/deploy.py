@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+import statistics
 from pathlib import Path
 
 from partc.errors import PartcError, RunError
+from partc.output import document, with_units
+from partc.progress import Progress
 
 log = logging.getLogger("partc")
 
@@ -37,12 +39,15 @@ def _add_run(sub) -> None:
         description="Load BUILD (checking every artifact against the manifest's sha256) and run its stages "
         "through their artifacts. Without --input, a seeded example input of the compiled shape is used. "
         "With --distributed, every stage runs in its own worker over gRPC: started here on loopback, or "
-        "already serving on other machines (--connect); --requests N streams N requests through the "
-        "pipeline with several in flight and reports latency, throughput and the measured links.",
+        "already serving on other machines (--connect). --requests N runs N requests and reports latency and "
+        "throughput: one after another in this process, or streamed through the workers with several in flight "
+        "(--window), then also the measured links.",
         epilog="examples:\n  partc run build/resnet50 --input x.npy --output y.npy\n"
         "  partc run build/resnet50 --distributed --requests 50\n"
         "  partc run build/resnet50 --distributed --connect device.0=10.0.0.2:50051 "
-        "--connect edge.0=10.0.0.3:50051 --connect cloud.0=10.0.0.4:50051\n",
+        "--connect edge.0=10.0.0.3:50051 --connect cloud.0=10.0.0.4:50051\n"
+        "  partc run build/resnet50 --distributed --engine ray --replicas 2 --max-batch 4 --devices 16 --rate 5 "
+        "--requests 20 --verify\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("build", type=Path, metavar="BUILD", help="folder written by 'partc compile'")
@@ -53,10 +58,46 @@ def _add_run(sub) -> None:
     p.add_argument("--distributed", action="store_true", help="run every stage in its own gRPC worker")
     p.add_argument("--connect", action="append", default=[], metavar="STAGE=HOST:PORT",
                    help="with --distributed: a worker already serving STAGE ('partc serve'); repeat for every stage")
-    p.add_argument("--requests", type=int, default=1, metavar="N", help="with --distributed: requests to stream")
-    p.add_argument("--window", type=int, default=4, metavar="N", help="with --distributed: requests in flight")
+    p.add_argument("--requests", type=int, default=1, metavar="N", help="requests to run")
+    p.add_argument("--window", type=int, metavar="N", help="with --distributed: requests in flight (default: 4)")
+    p.add_argument("--json", action="store_true", help="print the outputs' summary and the timings as JSON")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="with --distributed: N simulated devices (threads of this process), each running the first "
+                        "stage and sending frames over gRPC to the later stages; --requests is then per device")
+    p.add_argument("--rate", type=float, default=5.0, metavar="R", help="with --devices: requests/s of each device")
+    p.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson",
+                   help="with --devices: Poisson arrivals (default) or evenly spaced")
+    p.add_argument("--verify", action="store_true",
+                   help="with --distributed: check every result against the in-process pipeline (1e-5 relative)")
+    p.add_argument("--timeline", type=Path, metavar="PNG", help="with --distributed: draw a request through the "
+                   "stages, predicted next to measured (the median of the requests after the first)")
+    _add_engine_args(p, "the tiers after the first, each started here (or reached with --connect)")
     _add_security_args(p)
     p.set_defaults(func=_run_run)
+
+
+def _add_engine_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--engine", choices=("grpc", "ray"), default="grpc",
+                        help=f"grpc: one partc worker per stage (default); ray: {what} on Ray Serve")
+    parser.add_argument("--replicas", type=int, metavar="N", help="with --engine ray: replicas of each program "
+                        "(default 1)")
+    parser.add_argument("--min-replicas", type=int, metavar="N", help="with --engine ray: autoscale from N replicas")
+    parser.add_argument("--max-replicas", type=int, metavar="N", help="with --engine ray: autoscale up to N replicas")
+    parser.add_argument("--max-batch", type=int, metavar="B",
+                        help="with --engine ray: most requests a replica runs as one batch (default 1)")
+
+
+def _tier_serving(args, manifest, tier: str):
+    """The ``TierServing`` the flags give ``tier`` (``--engine ray``); None for the gRPC engine."""
+    given = [f"--{n.replace('_', '-')}" for n in ("replicas", "min_replicas", "max_replicas", "max_batch")
+             if getattr(args, n) is not None]
+    if args.engine != "ray":
+        if given:
+            raise PartcError(f"{given[0]} needs --engine ray")
+        return None
+    from partc.runtime.rayserve import tier_serving
+
+    return tier_serving(manifest, tier, args.replicas, args.min_replicas, args.max_replicas, args.max_batch)
 
 
 def _run_run(args) -> int:
@@ -70,9 +111,15 @@ def _run_run(args) -> int:
     specs = manifest.inputs
     if args.input and len(args.input) != len(specs):
         raise PartcError(f"--input: the model takes {len(specs)} input(s), {len(args.input)} given")
-    if args.connect and not args.distributed:
-        raise PartcError("--connect needs --distributed")
-    for flag, value in (("--requests", args.requests), ("--window", args.window)):
+    for flag, given in (("--connect", args.connect), ("--window", args.window), ("--devices", args.devices),
+                        ("--verify", args.verify), ("--engine ray", args.engine == "ray"),
+                        ("--timeline", args.timeline)):
+        if given and not args.distributed:
+            raise PartcError(f"{flag} needs --distributed")
+    serving = _tier_serving(args, manifest, manifest.chain[-1].tier)
+    if args.distributed and (args.devices is not None or serving is not None):
+        return _run_fleet(args, manifest, serving)
+    for flag, value in (("--requests", args.requests), ("--window", args.window or 4)):
         if value < 1:
             raise PartcError(f"{flag} {value}: must be at least 1")
     if args.output is not None and (args.output.is_dir() or not args.output.parent.is_dir()):
@@ -86,12 +133,11 @@ def _run_run(args) -> int:
     else:
         inputs = {s.name: parse_input_spec(",".join(map(str, s.shape)) + f":{s.dtype}").example().numpy()
                   for s in specs}
-    if args.distributed:
-        outputs = _run_distributed(args, inputs)
-    else:
-        from partc.runtime.local import load
-
-        outputs = load(args.build)(inputs)
+    with Progress(args.quiet) as progress:
+        if args.distributed:
+            outputs, latencies, elapsed, network = _run_distributed(args, inputs, progress)
+        else:
+            outputs, latencies, elapsed, network = *_run_local(args, inputs, progress), {}
     if args.output:
         try:
             if len(outputs) == 1 and args.output.suffix == ".npy":
@@ -100,43 +146,152 @@ def _run_run(args) -> int:
                 np.savez(args.output, **outputs)
         except OSError as err:
             raise PartcError(f"--output {args.output}: cannot write: {err.strerror}") from err
-    for name, value in outputs.items():
-        print(f"{name}: {'x'.join(map(str, value.shape))} {value.dtype}, "
-              f"min {value.min():.4g} max {value.max():.4g} mean {value.mean():.4g}")
+    summary = {
+        "outputs": [{"name": name, "shape": list(value.shape), "dtype": str(value.dtype), "min": float(value.min()),
+                     "max": float(value.max()), "mean": float(value.mean())} for name, value in outputs.items()],
+        "requests": args.requests, "elapsed_s": elapsed, "requests_per_s": args.requests / elapsed,
+        "latency_median_s": statistics.median(latencies), "latency_max_s": max(latencies), **network,
+    }
+    if args.json:
+        print(document("run", with_units(summary)))
+        return 0
+    for o in summary["outputs"]:
+        print(f"{o['name']}: {'x'.join(map(str, o['shape']))} {o['dtype']}, "
+              f"min {o['min']:.4g} max {o['max']:.4g} mean {o['mean']:.4g}")
+    if args.requests > 1 or args.distributed:
+        print(f"{args.requests} requests in {elapsed:.2f} s: {args.requests / elapsed:.1f} requests/s, latency "
+              f"median {statistics.median(latencies) * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms")
+    for link in network.get("links", ()):
+        rate = link["measured_bandwidth_mbit_s"]
+        print(f"link {link['link']}: " + (f"{rate:.1f} Mbit/s measured" if rate else "no transfers"))
+    for stage in network.get("stages", ()):
+        print(f"stage {stage['stage']}: compute {stage['compute_ms']:.2f} ms (smoothed)")
+    for switch in network.get("switches", ()):
+        print(f"request {switch['request']}: switched from plan {switch['from']} to {switch['to']}: "
+              f"{switch['reason']}")
     return 0
 
 
-def _run_distributed(args, inputs):
+def _run_local(args, inputs, progress):
+    """Run ``args.requests`` requests one after another in this process: outputs, latencies, seconds."""
+    import time
+
+    from partc.runtime.local import load
+
+    progress.step(f"loading {args.build}")
+    pipeline = load(args.build)
+    progress.step(f"running {args.requests} request(s) in this process")
+    started, latencies = time.perf_counter(), []
+    for i in range(args.requests):
+        latencies.append(-time.perf_counter())
+        outputs = pipeline(inputs)
+        latencies[-1] += time.perf_counter()
+        progress.count("requests", i + 1, args.requests)
+    return outputs, latencies, time.perf_counter() - started
+
+
+def _run_distributed(args, inputs, progress):
+    """Stream ``args.requests`` requests through workers: outputs, latencies, seconds, what the driver measured."""
     import contextlib
-    import statistics
     import time
 
     from partc.runtime.deploy import LocalWorkers, connect_build
+    from partc.runtime.local import load
     from partc.runtime.worker import parse_pair
 
     addresses = dict(parse_pair(text, "--connect", "STAGE=HOST:PORT") for text in args.connect)
     with contextlib.ExitStack() as stack:
         if not addresses:
-            print("partc: starting one worker process per stage on 127.0.0.1", file=sys.stderr)
+            progress.step("starting one worker process per stage on 127.0.0.1")
             addresses = stack.enter_context(LocalWorkers(args.build, args.token_file)).addresses
-        driver = stack.enter_context(connect_build(args.build, addresses, _security(args), window=args.window))
+        progress.step(f"connecting to {len(addresses)} worker(s)")
+        driver = stack.enter_context(connect_build(args.build, addresses, _security(args), window=args.window or 4))
         driver.check()
+        progress.step(f"streaming {args.requests} request(s), {args.window or 4} in flight")
+        expected = load(args.build)(inputs) if args.verify else None
         started, latencies, outputs = time.perf_counter(), [], None
         sent = []
+        measured = []  # each request's measurements, for --timeline
         for result in driver.run(_stamped(inputs, args.requests, sent)):
             latencies.append(time.perf_counter() - sent[len(latencies)])
+            measured.append(driver.last)
+            progress.count("requests", len(latencies), args.requests)
             outputs = outputs or result
+            if expected is not None:
+                _verify(result, expected, len(latencies) - 1)
         elapsed = time.perf_counter() - started
-        print(f"{args.requests} requests in {elapsed:.2f} s: {args.requests / elapsed:.1f} requests/s, latency "
-              f"median {statistics.median(latencies) * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms")
-        for link, estimate in driver.links.items():
-            rate = estimate.bytes_per_second
-            print(f"link {link}: " + (f"{rate * 8 / 1e6:.1f} Mbit/s measured" if rate else "no transfers"))
-        for stage, ewma in driver.compute.items():
-            print(f"stage {stage}: compute {ewma.value * 1e3:.2f} ms (smoothed)")
-        for switch in driver.switches:
-            print(f"request {switch.request}: switched from plan {switch.old} to {switch.new}: {switch.reason}")
-    return outputs
+        if args.timeline:
+            from partc.draw import measured_steps
+            from partc.manifest import read_manifest
+            from partc.runtime.layout import hops
+
+            manifest = read_manifest(args.build)
+            _draw_timeline(args.timeline, measured_steps(manifest, hops(manifest), measured), manifest)
+        network = {
+            "links": [{"link": link, "measured_bandwidth": e.bytes_per_second or None}
+                      for link, e in driver.links.items()],
+            "stages": [{"stage": stage, "compute_s": ewma.value} for stage, ewma in driver.compute.items()],
+            "switches": [{"request": w.request, "from": w.old, "to": w.new, "reason": w.reason}
+                         for w in driver.switches],
+        }
+    return outputs, latencies, elapsed, with_units(network, {"measured_bandwidth": "measured_bandwidth_mbit_s"})
+
+
+def _verify(result, expected, request: int) -> None:
+    """Check ``result`` against ``expected``, the in-process pipeline's outputs."""
+    from partc.runtime.fleet import RTOL, relative_error
+
+    for name, want in expected.items():
+        error = relative_error(result[name], want)
+        if error > RTOL:
+            raise RunError(f"request {request}: output {name!r} differs from the in-process pipeline by "
+                           f"{error:.3g} of its scale (more than {RTOL:g})")
+
+
+def _run_fleet(args, manifest, serving) -> int:
+    """Drive ``--devices`` simulated devices against the later tiers: started here, or at ``--connect``."""
+    import contextlib
+
+    from partc.runtime.deploy import LocalWorkers
+    from partc.runtime.fleet import RTOL, run_fleet
+    from partc.runtime.worker import parse_pair
+
+    if args.input or args.output:
+        raise PartcError("--input and --output: not with --devices or --engine ray (each device sends seeded inputs)")
+    if args.timeline:
+        raise PartcError("--timeline: not with --devices or --engine ray (it draws one chain of workers)")
+    for flag, value in (("--devices", args.devices or 1), ("--rate", args.rate)):
+        if not value > 0:
+            raise PartcError(f"{flag} {value}: must be positive")
+    addresses = dict(parse_pair(text, "--connect", "STAGE=HOST:PORT") for text in args.connect)
+    with contextlib.ExitStack() as stack:
+        if not addresses and serving is not None:
+            from partc.runtime.rayserve import RayTiers
+
+            log.warning("starting each tier after the first on its own local Ray cluster")
+            addresses = stack.enter_context(RayTiers(args.build, serving, args.token_file)).addresses
+        elif not addresses:
+            log.warning("starting one worker process per stage on 127.0.0.1")
+            addresses = stack.enter_context(LocalWorkers(args.build, args.token_file)).addresses
+        report = run_fleet(args.build, addresses, devices=args.devices or 1, rate=args.rate, requests=args.requests,
+                           poisson=args.arrivals == "poisson", verify=args.verify, security=_security(args),
+                           window=args.window or 4)
+    if args.json:
+        print(document("run", with_units({
+            "devices": report.devices, "requests": report.requests, "delivered": report.delivered,
+            "lost": report.lost, "elapsed_s": report.seconds, "requests_per_s": report.throughput,
+            "latency_p50_s": report.percentile(50), "latency_p99_s": report.percentile(99),
+            "worst_relative_error": report.worst_error, "failures": list(report.failures)})))
+    else:
+        print(report.summary())
+        for failure in report.failures:
+            print(failure)
+    if report.lost:
+        raise RunError(f"{report.lost} of {report.requests} requests lost")
+    if report.worst_error is not None and report.worst_error > RTOL:
+        raise RunError(f"a result differs from the in-process pipeline by {report.worst_error:.3g} of its scale "
+                       f"(more than {RTOL:g})")
+    return 0
 
 
 def _stamped(inputs, count: int, sent: list):
@@ -161,12 +316,18 @@ def _add_serve(sub) -> None:
         "  partc serve cloud.tar.gz --stage cloud.0 --listen 0.0.0.0:50051 --token-file token\n"
         "  partc serve edge.tar.gz --stage edge.0 --listen 0.0.0.0:50051 --next 10.0.0.4:50051 --token-file token\n"
         "  partc serve device.tar.gz --stage device.0 --listen 0.0.0.0:50051 --next 10.0.0.3:50051 "
-        "--token-file token\n",
+        "--token-file token\n"
+        "a shared tier on Ray Serve (a running cluster whose nodes have the custom resource 'cloud'):\n"
+        "  partc serve build/m --engine ray --tier cloud --address 10.0.0.4:6379 --replicas 4 --max-batch 8 "
+        "--listen 0.0.0.0:50051 --token-file token\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("build", type=Path, metavar="BUILD",
                    help="folder written by 'partc compile', or a bundle (.tar.gz) written by 'partc bundle'")
-    p.add_argument("--stage", required=True, metavar="STAGE", help="stage to serve, e.g. edge.0")
+    p.add_argument("--stage", metavar="STAGE", help="stage to serve, e.g. edge.0")
+    p.add_argument("--tier", metavar="TIER", help="with --engine ray: the tier to serve, e.g. cloud")
+    p.add_argument("--address", metavar="HOST:PORT",
+                   help="with --engine ray: the running Ray cluster to deploy on (default: start a local one)")
     p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="address to listen on (default 127.0.0.1:0, any free port)")
     p.add_argument("--next", metavar="HOST:PORT", help="address of the next stage's worker")
@@ -177,32 +338,64 @@ def _add_serve(sub) -> None:
                         "repeat for each")
     p.add_argument("--ready-file", type=Path, metavar="FILE",
                    help="write {stage, address} as JSON here once serving (for scripts)")
+    p.add_argument("--json", action="store_true", help="print {stage, address} as JSON on stdout once serving")
+    _add_engine_args(p, "the tier's programs as deployments behind a gRPC ingress,")
     _add_security_args(p)
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args) -> int:
+    import contextlib
     import os
 
-    from partc.cli import Interrupted
     from partc.runtime.deploy import serve
     from partc.runtime.worker import parse_pair
 
-    peers = dict(parse_pair(text, "--peer", "STAGE=HOST:PORT") for text in args.peer)
-    server = serve(args.build, args.stage, listen=args.listen, next_address=args.next, peers=peers,
-                   security=_security(args), threads=args.threads)
-    log.warning("serving stage %s on %s", args.stage, server.address)
-    if args.ready_file is not None:
-        tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
-        tmp.write_text(json.dumps({"stage": args.stage, "address": server.address}))
-        os.replace(tmp, args.ready_file)
-    try:
-        server.wait()
-    except Interrupted as stop:  # SIGTERM or SIGINT is how a server is told to stop: a clean exit
-        log.warning("stage %s stopped by %s", args.stage, stop)
-    finally:
-        server.stop()
+    with contextlib.ExitStack() as stack:
+        if args.engine == "ray":
+            server = _serve_on_ray(args, stack)
+        else:
+            for flag, given in (("--tier", args.tier), ("--address", args.address)):
+                if given:
+                    raise PartcError(f"{flag} needs --engine ray")
+            if not args.stage:
+                raise PartcError("--stage is required (with --engine ray: --tier)")
+            _tier_serving(args, None, "")
+            peers = dict(parse_pair(text, "--peer", "STAGE=HOST:PORT") for text in args.peer)
+            server = serve(args.build, args.stage, listen=args.listen, next_address=args.next, peers=peers,
+                           security=_security(args), threads=args.threads)
+        log.warning("serving stage %s on %s", server.stage, server.address)
+        if args.json:
+            print(document("serve", {"stage": server.stage, "address": server.address}), flush=True)
+        if args.ready_file is not None:
+            tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
+            tmp.write_text(json.dumps({"stage": server.stage, "address": server.address}))
+            os.replace(tmp, args.ready_file)
+        try:
+            server.wait()
+        except KeyboardInterrupt as stop:  # SIGTERM or SIGINT (partc.cli.Interrupted) is how a server is told to stop
+            log.warning("stage %s stopped by %s", server.stage, stop or "SIGINT")
+        finally:
+            server.stop()
     return 0
+
+
+def _serve_on_ray(args, stack):
+    """Serve ``--tier`` on Ray Serve (a running cluster at ``--address``, or a local one kept by ``stack``)."""
+    from partc.manifest import read_manifest
+    from partc.runtime.bundle import is_bundle, unpack
+    from partc.runtime.rayserve import ray_cluster, serve_tier
+
+    for flag, given in (("--stage", args.stage), ("--peer", args.peer), ("--threads", args.threads)):
+        if given:
+            raise PartcError(f"{flag}: not with --engine ray (give --tier; replicas replace a tier's nodes)")
+    if not args.tier:
+        raise PartcError("--engine ray needs --tier")
+    build = unpack(args.build) if is_bundle(args.build) else args.build
+    serving = _tier_serving(args, read_manifest(build), args.tier)
+    stack.enter_context(ray_cluster(args.address, args.tier))
+    return serve_tier(build, args.tier, serving, listen=args.listen, next_address=args.next,
+                      security=_security(args))
 
 
 def _add_bundle(sub) -> None:
@@ -218,6 +411,7 @@ def _add_bundle(sub) -> None:
     p.add_argument("build", type=Path, metavar="BUILD", help="folder written by 'partc compile'")
     p.add_argument("--tier", required=True, help="tier name from the cluster file")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="archive to write (.tar.gz)")
+    p.add_argument("--json", action="store_true", help="print the archive and its members as JSON")
     p.set_defaults(func=_run_bundle)
 
 
@@ -225,6 +419,10 @@ def _run_bundle(args) -> int:
     from partc.runtime.bundle import bundle
 
     members = bundle(args.build, args.tier, args.output)
+    if args.json:
+        print(document("bundle", {"archive": str(args.output), "bytes": args.output.stat().st_size,
+                                  "members": list(members)}))
+        return 0
     print(f"wrote {args.output}: {', '.join(members)}")
     return 0
 
@@ -242,13 +440,18 @@ def _add_unpack(sub) -> None:
     p.add_argument("archive", type=Path, metavar="ARCHIVE", help="bundle written by 'partc bundle' (.tar.gz)")
     p.add_argument("-o", "--output", type=Path, metavar="DIR",
                    help="folder to unpack into (default: ARCHIVE without .tar.gz)")
+    p.add_argument("--json", action="store_true", help="print the archive and the folder as JSON")
     p.set_defaults(func=_run_unpack)
 
 
 def _run_unpack(args) -> int:
     from partc.runtime.bundle import unpack
 
-    print(f"unpacked {args.archive} into {unpack(args.archive, args.output)}")
+    folder = unpack(args.archive, args.output)
+    if args.json:
+        print(document("unpack", {"archive": str(args.archive), "folder": str(folder)}))
+        return 0
+    print(f"unpacked {args.archive} into {folder}")
     return 0
 
 
@@ -268,7 +471,8 @@ def _add_ping(sub) -> None:
     p.add_argument("--connect", action="append", default=[], metavar="STAGE=HOST:PORT",
                    help="a worker to check; repeat for every stage")
     p.add_argument("--stage", metavar="STAGE", help="check what this stage's worker calls, not what the driver calls")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per stage (default 5)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per stage")
+    p.add_argument("--json", action="store_true", help="print one entry per stage as JSON")
     _add_security_args(p)
     p.set_defaults(func=_run_ping)
 
@@ -283,8 +487,12 @@ def _run_ping(args) -> int:
     if missing:
         raise PartcError(f"no address for stage {missing[0]!r}; give --connect {missing[0]}=HOST:PORT")
     answers = ping(args.build, addresses, _security(args), args.timeout)
-    for a in answers:
-        print(f"{a.stage} at {a.address}: {'ok' if a.ok else 'FAILED'} in {a.seconds * 1e3:.1f} ms: {a.detail}")
+    if args.json:
+        print(document("ping", {"stages": [{"stage": a.stage, "address": a.address, "ok": a.ok,
+                                            "elapsed_ms": a.seconds * 1e3, "detail": a.detail} for a in answers]}))
+    else:
+        for a in answers:
+            print(f"{a.stage} at {a.address}: {'ok' if a.ok else 'FAILED'} in {a.seconds * 1e3:.1f} ms: {a.detail}")
     failed = [a.stage for a in answers if not a.ok]
     if failed:
         raise RunError(f"{len(failed)} of {len(answers)} stages failed the check: {', '.join(failed)}")
@@ -296,8 +504,9 @@ def _add_testbed(sub) -> None:
         "testbed", help="run a build in an emulated testbed on this machine (root)",
         description="Run every stage of BUILD in its own network namespace, with each link shaped (tc tbf, "
         "plus a user-space delay proxy) to the cluster file's bandwidth and latency and each stage's CPU "
-        "limited by a cgroup quota that emulates its target's speed on this host. Then run N requests one "
-        "at a time and report measured against predicted latency per stage, per link and end to end. "
+        "limited by a cgroup quota that emulates its target's speed on this host. Then time every program "
+        "under its node's quota, run N requests one at a time and report, per stage, per link and end to end, "
+        "the latency predicted for the targets, predicted for the emulated nodes (calibrated) and measured. "
         "Needs root; every namespace and cgroup it makes is removed at the end.",
         epilog="example:\n  sudo partc testbed build/resnet50 --requests 20 --cpu-share device.0=0.5\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -307,6 +516,8 @@ def _add_testbed(sub) -> None:
     p.add_argument("--cpu-share", action="append", default=[], metavar="STAGE=FRACTION",
                    help="cores of this host for STAGE instead of its target's emulated speed; repeatable")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--timeline", type=Path, metavar="PNG",
+                   help="draw a request through the stages, predicted next to measured (means of the timed requests)")
     p.set_defaults(func=_run_testbed)
 
 
@@ -327,10 +538,26 @@ def _run_testbed(args) -> int:
     if args.requests < 1:
         raise PartcError(f"--requests {args.requests}: must be at least 1")
     check_privileges()
-    with Testbed(args.build, cpu_shares=shares) as testbed:
-        report = testbed.measure(args.requests)
-    print(json.dumps(report.to_json(), indent=1) if args.json else report.table())
+    with Progress(args.quiet) as progress:
+        progress.step("starting the testbed: a namespace, a CPU quota and shaped links per stage")
+        with Testbed(args.build, cpu_shares=shares) as testbed:
+            progress.step(f"running {args.requests} timed request(s) one at a time")
+            report = testbed.measure(args.requests)
+            if args.timeline:
+                from partc.draw import request_steps
+
+                _draw_timeline(args.timeline, request_steps(
+                    testbed.manifest, testbed.hops, {s.stage: s.measured_s for s in report.stages},
+                    {k.link: k.measured_s for k in report.links}), testbed.manifest)
+            progress.step("removing the namespaces and cgroups")
+    print(document("testbed", report.to_json()) if args.json else report.table())
     return 0
+
+
+def _draw_timeline(path: Path, steps, manifest) -> None:
+    from partc.draw import plot_timeline
+
+    plot_timeline(steps, path, title=f"{manifest.model}: one request", tiers=[t.name for t in manifest.tiers])
 
 
 def _read_npy(path: Path):

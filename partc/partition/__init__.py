@@ -4,5 +4,6 @@
 - ``model``: the cost graph of a profiled IR on a cluster;
 - ``solve``: the exact solver (min-cut, or ``milp`` under caps and for throughput);
 - ``baselines``: the classic strategies, priced on the same graph;
+- ``load``: plans priced under a fleet's load (queueing, replicas, batching);
 - ``family``: the plans optimal over a range of bandwidths, and a build's plan set.
 """

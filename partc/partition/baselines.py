@@ -18,12 +18,14 @@ respects pins, forbids and caps; one that cannot is reported as None.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 
 from partc.errors import ClusterError
 from partc.partition.cost import CostGraph, Partition, evaluate, violations
+from partc.partition.load import Load, load_values
 from partc.partition.solve import LayeredCut
 
 
@@ -56,8 +58,9 @@ class ChainCosts:
         inner_at = np.flatnonzero(inner)
         self._last_inner = int(inner_at[-1]) if inner_at.size else -1
 
-    def costs(self, cuts: np.ndarray, objective: str) -> tuple[np.ndarray, np.ndarray]:
-        """Return (objective value, feasible) for each row of ``cuts`` (M, K-1)."""
+    def split(self, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return, for each row of ``cuts`` (M, K-1): seconds per tier (M, K), seconds streaming on
+        each link (M, K-1), and whether the plan is feasible (M,)."""
         graph = self.graph
         cuts = np.asarray(cuts, dtype=np.int64)
         bounds = np.column_stack([np.zeros(len(cuts), dtype=np.int64), cuts, np.full(len(cuts), self.n)])
@@ -70,16 +73,20 @@ class ChainCosts:
         memory[:, 0] += self._base_memory
         banned = sum(self._banned[bounds[:, k + 1], k] - self._banned[bounds[:, k], k] for k in range(n_tiers))
         nbytes = self._bytes[cuts]
-        stream = nbytes / graph.bandwidth
         feasible = (
             (banned == 0)
             & (np.diff(bounds, axis=1) >= 0).all(axis=1)
             & (nbytes <= graph.max_link_bytes).all(axis=1)
             & (memory <= graph.max_memory).all(axis=1)
         )
+        return compute, nbytes / graph.bandwidth, feasible
+
+    def costs(self, cuts: np.ndarray, objective: str) -> tuple[np.ndarray, np.ndarray]:
+        """Return (objective value, feasible) for each row of ``cuts`` (M, K-1)."""
+        compute, stream, feasible = self.split(cuts)
         if objective == "latency":
-            used = cuts <= self._last_inner
-            value = compute.sum(axis=1) + stream.sum(axis=1) + (used * graph.latency).sum(axis=1)
+            used = np.asarray(cuts) <= self._last_inner
+            value = compute.sum(axis=1) + stream.sum(axis=1) + (used * self.graph.latency).sum(axis=1)
         else:
             value = np.maximum(compute.max(axis=1), stream.max(axis=1))
         return value, feasible
@@ -91,10 +98,15 @@ class ChainCosts:
 
     def best(self, cuts: np.ndarray, objective: str) -> np.ndarray | None:
         """The cheapest feasible row of ``cuts``, or None."""
-        value, feasible = self.costs(cuts, objective)
-        if not feasible.any():
-            return None
-        return cuts[np.argmin(np.where(feasible, value, np.inf))]
+        return _best(cuts, *self.costs(cuts, objective))
+
+
+Price = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # rows of cuts -> (value, feasible)
+
+
+def _best(cuts: np.ndarray, value: np.ndarray, feasible: np.ndarray) -> np.ndarray | None:
+    value = np.where(feasible, value, np.inf)
+    return cuts[int(np.argmin(value))] if np.isfinite(value).any() else None
 
 
 def baselines(graph: CostGraph, objective: str = "latency") -> dict[str, Partition | None]:
@@ -111,8 +123,8 @@ def baselines(graph: CostGraph, objective: str = "latency") -> dict[str, Partiti
         found[f"{tier}-only"] = chain.best(single, objective)
     found["neurosurgeon"] = chain.best(_single_cuts(n, n_links), objective)
     if n_links == 2:
-        found["scission"] = _scission(chain, objective)
-    found["d3-greedy"] = _d3_greedy(chain, objective)
+        found["scission"] = _scission(chain.n, lambda rows: chain.costs(rows, objective))
+    found["d3-greedy"] = _d3_greedy(chain.n, n_links, lambda rows: chain.costs(rows, objective))
     result = {
         name: None if cuts is None else Partition(chain.tiers(cuts), evaluate(graph, chain.tiers(cuts)), name)
         for name, cuts in found.items()
@@ -135,9 +147,8 @@ def _single_cuts(n: int, n_links: int) -> np.ndarray:
     return np.vstack(rows) if rows else np.zeros((0, n_links), dtype=np.int64)
 
 
-def _scission(chain: ChainCosts, objective: str) -> np.ndarray | None:
-    """The best pair of chain cuts (first <= second), searched in blocks of about a million."""
-    n = chain.n
+def _scission(n: int, price: Price) -> np.ndarray | None:
+    """The best pair of chain cuts (first <= second) of ``n`` nodes, searched in blocks of about a million."""
     best, best_value = None, np.inf
     start = 0
     while start <= n:
@@ -147,7 +158,7 @@ def _scission(chain: ChainCosts, objective: str) -> np.ndarray | None:
         first, second = np.meshgrid(np.arange(start, stop), np.arange(start, n + 1), indexing="ij")
         rows = np.column_stack([first.ravel(), second.ravel()])
         rows = rows[rows[:, 0] <= rows[:, 1]]
-        value, feasible = chain.costs(rows, objective)
+        value, feasible = price(rows)
         value = np.where(feasible, value, np.inf)
         i = int(np.argmin(value))
         if value[i] < best_value:
@@ -156,13 +167,14 @@ def _scission(chain: ChainCosts, objective: str) -> np.ndarray | None:
     return best
 
 
-def _d3_greedy(chain: ChainCosts, objective: str) -> np.ndarray | None:
-    n, n_links = chain.n, len(chain.graph.tiers) - 1
-    start = chain.best(np.repeat(np.arange(n + 1)[:, None], n_links, axis=1), objective)  # first|last tier
+def _d3_greedy(n: int, n_links: int, price: Price) -> np.ndarray | None:
+    """From the best first|last tier cut, move one cut at a time to its best position while that helps."""
+    rows = np.repeat(np.arange(n + 1)[:, None], n_links, axis=1)
+    start = _best(rows, *price(rows))
     if start is None:
         return None
     cuts = start.copy()
-    value = chain.costs(cuts[None, :], objective)[0][0]
+    value = price(cuts[None, :])[0][0]
     improved = True
     while improved:
         improved = False
@@ -171,7 +183,7 @@ def _d3_greedy(chain: ChainCosts, objective: str) -> np.ndarray | None:
             hi = cuts[b + 1] if b + 1 < n_links else n
             rows = np.repeat(cuts[None, :], hi - lo + 1, axis=0)
             rows[:, b] = np.arange(lo, hi + 1)
-            values, feasible = chain.costs(rows, objective)
+            values, feasible = price(rows)
             values = np.where(feasible, values, np.inf)
             i = int(np.argmin(values))
             if values[i] < value * (1 - 1e-12):
@@ -199,3 +211,29 @@ def _dads(graph: CostGraph, objective: str) -> Partition | None:
             if best is None or plan.cost.value(objective) < best.cost.value(objective):
                 best = plan
     return best
+
+
+def fleet_cut(graph: CostGraph, load: Load, objective: str) -> np.ndarray | None:
+    """The best chain plan under ``load`` (``partc.partition.load``), or None if none is feasible.
+
+    Queueing makes the objective nonlinear in the cut, so the min-cut cannot price it; chain
+    plans can be enumerated instead: every cut over two tiers, every pair of cuts over three
+    (exact among chain plans), and the greedy search (``d3-greedy``) over more.
+    """
+    chain = ChainCosts(graph)
+    fixed = ChainCosts(replace(graph, compute=load.fixed))
+    n, n_links = chain.n, len(graph.tiers) - 1
+
+    def price(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        compute, stream, feasible = chain.split(rows)
+        value = load_values(load, compute, fixed.split(rows)[0], stream, chain.costs(rows, "latency")[0], objective)
+        return value, feasible
+
+    if n_links == 0:
+        return None
+    if n_links == 1:
+        cuts = np.arange(n + 1)[:, None]
+        found = _best(cuts, *price(cuts))
+    else:
+        found = _scission(n, price) if n_links == 2 else _d3_greedy(n, n_links, price)
+    return None if found is None else chain.tiers(found)

@@ -36,6 +36,7 @@ import numpy as np
 
 from partc.errors import ClusterError
 from partc.ir import link_name
+from partc.partition.load import LoadCost
 from partc.partition.price import LinkPrice, Prediction
 
 
@@ -109,6 +110,8 @@ class Cost:
         memory: bytes of parameters + activations on each tier.
         latency: end-to-end seconds: all compute plus all transfer.
         bottleneck: seconds of the slowest pipeline stage (tier compute or link bytes).
+        load: the plan under the fleet's load (``partc.partition.load``), when the cluster
+            file gives a rate; then ``value`` is its figure.
     """
 
     compute: tuple[float, ...]
@@ -117,14 +120,25 @@ class Cost:
     memory: tuple[int, ...]
     latency: float
     bottleneck: float
+    load: LoadCost | None = None
 
     def value(self, objective: str) -> float:
-        """The figure ``objective`` minimises: latency or bottleneck."""
+        """The figure ``objective`` minimises: latency or bottleneck, under load when priced so."""
+        if self.load is not None:
+            return self.load.value(objective)
         return self.latency if objective == "latency" else self.bottleneck
 
+    def rank(self, objective: str) -> tuple[float, float]:
+        """How plans are ordered: by ``value``, then (plans overloaded alike) by their worst peak
+        utilisation, so that the least overloaded plan comes first."""
+        worst = max((u.peak_utilisation for u in self.load.overloaded), default=0.0) if self.load else 0.0
+        return self.value(objective), worst
+
     @classmethod
-    def of(cls, prediction: Prediction, links: Sequence[LinkPrice], memory: Sequence[int]) -> Cost:
-        """The figures of ``prediction`` on ``links``, per tier and link, with each tier's ``memory``."""
+    def of(cls, prediction: Prediction, links: Sequence[LinkPrice], memory: Sequence[int],
+           load: LoadCost | None = None) -> Cost:
+        """The figures of ``prediction`` on ``links``, per tier and link, with each tier's ``memory``
+        (and ``load``, its price under the fleet's load)."""
         return cls(
             compute=tuple(float(c) for c in prediction.compute.values()),
             transfer=tuple(prediction.transfer(links).values()),
@@ -132,6 +146,7 @@ class Cost:
             memory=tuple(memory),
             latency=prediction.latency(links),
             bottleneck=prediction.bottleneck(links),
+            load=load,
         )
 
 

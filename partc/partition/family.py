@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -237,32 +236,3 @@ def bandwidth_sweep(
         for name, plan in baselines(at, objective).items():
             series.setdefault(name, []).append(np.nan if plan is None else plan.cost.value(objective))
     return {name: np.array(values) for name, values in series.items()}
-
-
-def plot_bandwidth_sweep(
-    series: dict[str, np.ndarray], bandwidths: Sequence[float], path: Path, *, title: str, ylabel: str = "latency"
-) -> Path:
-    """Draw ``bandwidth_sweep``'s series against bandwidth (log axes) into a PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    mbit = np.asarray(bandwidths) * 8 / 1e6
-    for name, values in series.items():
-        partc = {"linewidth": 4, "color": "black", "alpha": 0.35, "zorder": 1}
-        style = partc if name == "partc" else {"linewidth": 1.2, "linestyle": "--", "zorder": 2}
-        ax.plot(mbit, np.asarray(values) * 1e3, label=name, **style)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("bandwidth (Mbit/s)")
-    ax.set_ylabel(f"predicted {ylabel} (ms)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

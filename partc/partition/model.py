@@ -4,11 +4,13 @@
 node's profile, bytes and parameter bytes, the cluster's links and constraints (checking the
 constraints and naming any that is malformed); ``priced`` puts each link at its codec's
 effective bandwidth. ``program_seconds`` prices a stage program by its nodes, and
-``link_price`` a cluster link, for ``partc.partition.price``.
+``link_price`` a cluster link, for ``partc.partition.price``; ``fleet_load`` is the cluster's
+load, for ``partc.partition.load``.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Mapping
 
@@ -17,10 +19,13 @@ from torch import fx
 
 from partc.codec import NO_CODEC, LinkCodec
 from partc.context import CompileContext, Link
+from partc.costmodel import dispatch_scale, load_calibration
 from partc.errors import ClusterError, PartcError
 from partc.ir import META_BYTES, META_PARAM_BYTES, META_PROFILE, META_TIER, compute_nodes, link_name
 from partc.partition.cost import Cost, CostGraph, evaluate
+from partc.partition.load import Load, TierLoad
 from partc.partition.price import LinkPrice
+from partc.targets import TargetDesc, target
 
 
 def assigned_cost(gm: fx.GraphModule, ctx: CompileContext) -> tuple[CostGraph, np.ndarray, Cost]:
@@ -44,6 +49,32 @@ def priced(graph: CostGraph, codecs: Mapping[str, LinkCodec]) -> CostGraph:
 def link_price(link: Link, codec: LinkCodec = NO_CODEC) -> LinkPrice:
     """The cluster's ``link`` as plans are priced on it, its tensors crossing with ``codec``."""
     return LinkPrice(link_name(link.src, link.dst), link.bandwidth, link.latency, codec)
+
+
+def fleet_load(graph: CostGraph, ctx: CompileContext) -> Load | None:
+    """The load of ``ctx``'s fleet on ``graph``'s tiers; None when the cluster file gives no rate.
+
+    Each node pays at most ``call_overhead_seconds`` of its tier's target once per batch.
+    """
+    if not ctx.loaded:
+        return None
+    first = ctx.tiers[0].scaling
+    total = first.instances * first.rate
+    tiers = tuple(TierLoad(t.name, t.scaling.instances, total / t.scaling.instances, t.scaling.min_replicas,
+                           t.scaling.max_replicas, t.scaling.max_batch) for t in ctx.tiers)
+    overhead = np.array([call_overhead_seconds(target(t.target)) for t in ctx.tiers])
+    fixed = np.where(graph.inputs[:, None], 0.0, np.minimum(graph.compute, overhead[None, :]))
+    return Load(tiers, fixed)
+
+
+def call_overhead_seconds(desc: TargetDesc) -> float:
+    """Seconds of one node's call on ``desc`` that a batch does not multiply: its kernel launch on a
+    GPU, its framework dispatch on a CPU (``partc.costmodel``'s per-node dispatch of the reference
+    host, scaled to the target)."""
+    if desc.kind == "gpu":
+        return desc.launch_overhead_us * 1e-6
+    reference = load_calibration().reference
+    return reference.dispatch_us * 1e-6 * dispatch_scale(reference, desc)
 
 
 def program_seconds(gm: fx.GraphModule, tier: str) -> float:
@@ -117,8 +148,8 @@ def _allowed(nodes: list[fx.Node], inputs: np.ndarray, edges: list[tuple[int, in
             hits = [i for i, n in enumerate(nodes) if _matches(n, pattern)]
             if not hits:
                 raise ClusterError(
-                    f"{ctx.source}: constraints.pin[{tier}]: {pattern!r} matches no node; node names look like "
-                    f"{', '.join(n.name for n in nodes[1:4])} (module paths such as 'layer1.*' work too)"
+                    f"{ctx.source}: constraints.pin[{tier}]: {pattern!r} matches no node; "
+                    + _near_matches(nodes, pattern) + " (node names and module paths such as 'layer1.*' work)"
                 )
             for i in hits:
                 name = nodes[i].name
@@ -138,6 +169,19 @@ def _allowed(nodes: list[fx.Node], inputs: np.ndarray, edges: list[tuple[int, in
                 allowed[i] = np.array(tiers) == tier
     _check_pin_order(nodes, edges, pinned, tiers, ctx.source)
     return allowed
+
+
+def _near_matches(nodes: list[fx.Node], pattern: str) -> str:
+    """Names ``pattern`` comes close to: nodes' names and their modules' paths (and those paths' prefixes)."""
+    names = {n.name for n in nodes}
+    for n in nodes:
+        if n.op == "call_module":
+            parts = str(n.target).split(".")
+            names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    close = difflib.get_close_matches(pattern.rstrip(".*"), sorted(names), n=3, cutoff=0.6)
+    if close:
+        return f"did you mean {', '.join(close)}?"
+    return f"node names look like {', '.join(n.name for n in nodes[1:4])}"
 
 
 def _matches(node: fx.Node, pattern: str) -> bool:

@@ -15,6 +15,8 @@ all price with these functions (no torch here: the runtime imports them):
 - a plan (``Prediction``): latency = compute of every stage + every link's transfer (a
   request runs the stages one after the other); bottleneck = the slowest of each stage's
   compute and each link's streaming time (link latency does not limit a pipelined stream).
+- a plan under a fleet's load (the cluster file's ``rate``): ``partc.partition.load``, from
+  the ``Prediction`` and each tier's once-per-batch seconds.
 
 ``partc.partition.cost.evaluate`` prices an assignment on a cost graph (the solver's view,
 links at their codec's effective bandwidth); for a plan without tiled stages its figures

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +32,16 @@ from partc.runtime.local import load_programs
 from partc.runtime.ping import IDENTITY_PLAN, identity_route
 from partc.runtime.plans import from_manifest
 from partc.runtime.routes import Route
-from partc.runtime.transport import DEFAULT_RETRY, NO_SECURITY, GrpcChannel, Security, StageServer, call_stage
+from partc.runtime.transport import (
+    DEFAULT_RETRY,
+    HEALTH,
+    NO_SECURITY,
+    GrpcChannel,
+    RetryPolicy,
+    Security,
+    StageServer,
+    call_stage,
+)
 from partc.runtime.wire import Frame, decode, encode, frame_limit
 from partc.runtime.worker import serve_stage
 from partc.tiling.schedule import TileCall
@@ -41,6 +50,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 120.0  # seconds for a worker process to load its artifact and listen
 TILE_TIMEOUT = 60.0  # seconds for a tier's other node to answer a tile
+PEER_CHECK_TIMEOUT = 1.0  # seconds for a tier's other node to answer a health check
 
 
 def _folder(build: Path | str) -> Path:
@@ -105,11 +115,12 @@ def serve(
         if not next_address:
             raise PartcError(f"stage {stage!r} forwards to {following!r}: give its address (--next HOST:PORT)")
         routes = {i: replace(r, next_address=next_address) if r.next_stage else r for i, r in routes.items()}
-    call = _tile_call(stages, mine, dict(peers or {}), security) if mine.schedules else None
+    call, unreachable = _tile_call(stages, mine, dict(peers or {}), security) if mine.schedules else (None, tuple)
     fns = load_programs(stages, [stage], call, pool, threads)
     return serve_stage(routes | {IDENTITY_PLAN: identity},
                        {i: fns[plan.programs[stage]] for i, plan in enumerate(plans) if stage in plan.programs}
-                       | {IDENTITY_PLAN: answer}, listen, security, max_message=message_limit(manifest))
+                       | {IDENTITY_PLAN: answer}, listen, security, max_message=message_limit(manifest),
+                       unreachable=unreachable)
 
 
 def _warn_if_open(stage: str, listen: str, security: Security) -> None:
@@ -130,8 +141,9 @@ def _warn_if_open(stage: str, listen: str, security: Security) -> None:
 
 
 def _tile_call(stages: Sequence[ManifestStage], coordinator: ManifestStage, peers: Mapping[str, str],
-               security: Security) -> TileCall:
-    """Return the ``TileCall`` of a tiled stage: program ``pid`` on node t goes to ``<tier>.<t>``'s worker."""
+               security: Security) -> tuple[TileCall, Callable[[], list[str]]]:
+    """Return the ``TileCall`` of a tiled stage (program ``pid`` on node t goes to ``<tier>.<t>``'s
+    worker), and a function naming those nodes that do not answer a health check now."""
     nodes = {s.index: s for s in stages if s.tier == coordinator.tier and s.index > 0}
     missing = sorted(s.name for s in nodes.values() if s.name not in peers)
     if missing:
@@ -145,7 +157,16 @@ def _tile_call(stages: Sequence[ManifestStage], coordinator: ManifestStage, peer
         reply = decode(call_stage(channels[t], payload, time.monotonic() + TILE_TIMEOUT, DEFAULT_RETRY))
         return dict(reply.tensors)
 
-    return call
+    def unreachable() -> list[str]:
+        down = []
+        for t, channel in channels.items():
+            try:
+                call_stage(channel, b"", time.monotonic() + PEER_CHECK_TIMEOUT, RetryPolicy(attempts=1), HEALTH)
+            except RunError:
+                down.append(nodes[t].name)
+        return down
+
+    return call, unreachable
 
 
 def message_limit(manifest: Manifest) -> int:
@@ -263,14 +284,15 @@ def spawn_worker(
     return process, ready, log_path
 
 
-def wait_ready(process: subprocess.Popen, ready: Path, log_path: Path, what: str) -> dict:
+def wait_ready(process: subprocess.Popen, ready: Path, log_path: Path, what: str,
+               timeout: float = START_TIMEOUT) -> dict:
     """Wait until ``process`` writes its JSON ``ready`` file; return what it wrote.
 
     Raises:
         RunError: naming ``what``, with the last line of ``log_path``, if the process exits
-            first or ``START_TIMEOUT`` seconds pass.
+            first or ``timeout`` seconds pass.
     """
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + timeout
     while not ready.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]

@@ -77,6 +77,7 @@ from partc.runtime.transport import (
     RetryPolicy,
     Security,
     call_stage,
+    read_health,
 )
 from partc.runtime.wire import Frame, Measurement, decode, encode
 from partc.runtime.worker import Worker
@@ -114,6 +115,11 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) 
             )
 
 
+def _tier(node: str) -> str:
+    """The tier of a stage or node name (``edge`` of ``edge.1``)."""
+    return node.rpartition(".")[0]
+
+
 def _shape(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape))
 
@@ -126,6 +132,7 @@ class Driver:
     Attributes:
         links: bandwidth estimate per hop, keyed ``"src->dst"``.
         compute: smoothed compute seconds per stage.
+        last: the measurements of the last request answered (its stages' compute, its hops).
         selector: the plan choice; ``selector.switches`` lists every switch.
     """
 
@@ -184,6 +191,7 @@ class Driver:
         self.selector = PlanSelector(plans, hops, prices, margin=margin)
         self.links: dict[str, BandwidthEstimator] = {}
         self.compute: dict[str, Ewma] = {}
+        self.last: tuple[Measurement, ...] = ()
         self._probe_at = 0.0  # when the stages found down are next asked whether they are up
         self._probe_delay = PROBE_BACKOFF
         self._recovered: set[str] = set()  # stages back up, not yet through an answered request
@@ -213,21 +221,30 @@ class Driver:
             RunError: listing every stage that is unreachable, refuses us, or serves
                 another stage.
         """
-        problems = [p for c in self._channels if (p := self._problem(c, timeout, self._retry)) is not None]
+        problems = [p for c in self._channels if (p := self._problem(c, timeout, self._retry)[0]) is not None]
         if problems:
             raise RunError(
                 f"{len(problems)} of {len(self._channels)} stages failed the health check: " + "; ".join(problems)
             )
 
-    def _problem(self, channel: Channel, timeout: float, retry: RetryPolicy) -> str | None:
-        """Why the stage behind ``channel`` fails its health check; None if it answers as itself."""
+    def _problem(self, channel: Channel, timeout: float, retry: RetryPolicy) -> tuple[str | None, frozenset[str]]:
+        """Why the stage behind ``channel`` fails its health check (None if it answers as itself),
+        and the nodes of its tier that it calls and cannot reach."""
         try:
-            served = call_stage(channel, b"", time.monotonic() + timeout, retry, HEALTH).decode(errors="replace")
+            served, unreachable = read_health(call_stage(channel, b"", time.monotonic() + timeout, retry, HEALTH))
         except RunError as err:
-            return str(err)
+            return str(err), frozenset()
         if served != channel.stage:
-            return f"{channel.address} serves stage {served!r}, expected {channel.stage!r}"
-        return None
+            return f"{channel.address} serves stage {served!r}, expected {channel.stage!r}", frozenset()
+        return None, unreachable
+
+    def _down(self, channels: Sequence[Channel], timeout: float, retry: RetryPolicy) -> set[str]:
+        """The stages behind ``channels`` that fail their health check, and the nodes the others cannot reach."""
+        down = set()
+        for channel in channels:
+            problem, unreachable = self._problem(channel, timeout, retry)
+            down |= {channel.stage} if problem is not None else unreachable
+        return down
 
     def run_one(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one request; see ``run``."""
@@ -287,8 +304,8 @@ class Driver:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _fall_back(self, request_id: int, reason: str) -> bool:
-        """After a failed request: switch to a plan avoiding the stages that are down, if any."""
-        down = [c.stage for c in self._channels if self._problem(c, 2.0, self._retry) is not None]
+        """After a failed request: switch to a plan avoiding the stages (and tier nodes) that are down, if any."""
+        down = self._down(self._channels, 2.0, self._retry)
         if down:
             self._probe_delay = PROBE_BACKOFF
         elif self._recovered:  # they answer the driver, not yet the stage before them: ask again later
@@ -303,12 +320,15 @@ class Driver:
         return self.selector.degrade(request_id, down, f"request {request_id} failed: {reason}", self.links)
 
     def _probe(self, request_id: int) -> None:
-        """Ask the stages found down whether they are up (with back-off); return to the best plan when some are."""
+        """Ask the stages (and tier nodes, through their tier's stage) found down whether they are up, with
+        back-off; return to the best plan when some are."""
         selector = self.selector
         if not selector.down or time.monotonic() < self._probe_at:
             return
-        up = {c.stage for c in self._channels
-              if c.stage in selector.down and self._problem(c, PROBE_BACKOFF, _PROBE) is None}
+        tiers = {_tier(n) for n in selector.down}
+        still = self._down([c for c in self._channels if _tier(c.stage) in tiers], PROBE_BACKOFF, _PROBE)
+        dark = {_tier(c.stage) for c in self._channels if c.stage in still}  # their other nodes cannot be asked
+        up = {n for n in selector.down - still if _tier(n) not in dark}
         if not up:
             self._probe_delay = min(2 * self._probe_delay, PROBE_MAX_BACKOFF)
             self._probe_at = time.monotonic() + self._probe_delay
@@ -327,7 +347,7 @@ class Driver:
             reason = f"{', '.join(sorted(up))} answer again; returning to {why}"
             selector.switches.append(Switch(request_id, old.name, new.name, reason))
             selector.current = best
-            log.warning("request %d on: plan %s -> %s (%s): %s", request_id, old.name, new.name, new.kind, reason)
+            log.info("request %d on: plan %s -> %s (%s): %s", request_id, old.name, new.name, new.kind, reason)
 
     def _model_inputs(self, index: int, item: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self._inputs if n not in item]
@@ -355,6 +375,7 @@ class Driver:
         return Frame(reply.request_id, reply.tensors, (link, *reply.measurements), reply.elapsed)
 
     def _record(self, measurements: Sequence[Measurement]) -> None:
+        self.last = tuple(measurements)
         for m in measurements:
             if m.kind == "link":
                 key = f"{m.src}->{m.dst}"

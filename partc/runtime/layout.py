@@ -13,7 +13,9 @@
 - **CPU.** A stage's share emulates its target's speed in cores of this host: the target's
   ``peak_gflops`` over the cost model's reference host's per-core ``peak_gflops``
   (``partc.costmodel``: the reference is this kind of host at one thread), clamped to
-  [``MIN_SHARE``, cores of this host].
+  [``MIN_SHARE``, cores of this host]. A target that needs more cores than this host has
+  cannot be emulated: the testbed says so, and calibrates its predictions to the node it
+  does run (``partc.runtime.testbed``).
 """
 
 from __future__ import annotations
@@ -86,11 +88,16 @@ def tile_hops(manifest: Manifest) -> list[Hop]:
     return out
 
 
-def cpu_share(target_name: str, host_cores: int) -> float:
-    """Cores of this host that emulate ``target_name``'s speed (see the module docstring)."""
+def target_cores(target_name: str) -> float:
+    """Cores of this host that run as fast as ``target_name``, unclamped (see the module docstring)."""
     from partc.costmodel import load_calibration
     from partc.targets import target
 
     reference = load_calibration().reference
-    share = target(target_name).peak_gflops / (reference.peak_gflops / reference.cores)
-    return min(max(share, MIN_SHARE), float(host_cores))
+    return target(target_name).peak_gflops / (reference.peak_gflops / reference.cores)
+
+
+def cpu_share(target_name: str, host_cores: int) -> float:
+    """Cores of this host that emulate ``target_name``'s speed: ``target_cores`` clamped to
+    [``MIN_SHARE``, ``host_cores``]; a target beyond this host's cores is not emulated."""
+    return min(max(target_cores(target_name), MIN_SHARE), float(host_cores))

@@ -6,26 +6,33 @@ between workers, so a build with a lossy codec gives here what it gives when dis
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from partc.codec import decode, encode, parse_codec
+from partc.errors import ManifestError
 from partc.manifest import Manifest, ManifestStage, manifest_stages, read_manifest
 from partc.plan import StageFn, TensorSpec
 from partc.runtime.driver import check_inputs
 from partc.runtime.plans import Hop, from_manifest
 from partc.tiling.schedule import TileCall, schedule_fn
 
+if TYPE_CHECKING:
+    from partc.build import Build
+
 
 @dataclass(frozen=True, eq=False)
 class Pipeline:
     """A loaded build: the primary plan's programs, loaded, in the order they run.
 
-    Call it with named input arrays to get the named outputs.
+    Call it with the model's inputs (numpy arrays or torch tensors: one dict by input name, in
+    the model's input order, or as keywords) to get the named outputs as numpy arrays.
 
     Attributes:
         path: the build folder.
@@ -52,12 +59,15 @@ class Pipeline:
         """The model's outputs, in order."""
         return self.manifest.outputs
 
-    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run every stage in order on ``inputs`` (model input name -> array).
+    def __call__(self, *args: object, **named: object) -> dict[str, np.ndarray]:
+        """Run every stage in order on the model's inputs: ``pipeline(x)``, ``pipeline(x, y)``,
+        ``pipeline({"x": x})`` or ``pipeline(x=x)``, each a numpy array or a torch tensor.
 
         Raises:
-            ManifestError: if an input is missing or has the wrong shape or dtype.
+            ManifestError: naming the input that is missing, unknown, not an array, or of the
+                wrong shape or dtype, and what to do.
         """
+        inputs = self._arrays(args, named)
         check_inputs(self.model_inputs, inputs)
         names = [s.name for s in self.manifest.chain]
         env = {t.name: inputs[t.name] for t in self.model_inputs}
@@ -73,6 +83,39 @@ class Pipeline:
         return {t.name: env[t.name] for t in self.model_outputs}
 
 
+    def _arrays(self, args: tuple, named: Mapping[str, object]) -> dict[str, np.ndarray]:
+        """The call's inputs by name as numpy arrays, checked against the model's inputs but for shape."""
+        specs = self.model_inputs
+        takes = ", ".join(f"{s.name} ({'x'.join(map(str, s.shape))} {s.dtype})" for s in specs)
+        if len(args) == 1 and isinstance(args[0], Mapping) and not named:
+            given = dict(args[0])
+        elif args and named:
+            raise ManifestError("give the inputs in order or by name, not both")
+        elif args:
+            if len(args) != len(specs):
+                raise ManifestError(f"{len(args)} input(s) given; the model takes {len(specs)}: {takes}")
+            given = {s.name: value for s, value in zip(specs, args, strict=True)}
+        else:
+            given = dict(named)
+        unknown = sorted(set(given) - {s.name for s in specs})
+        if unknown:
+            raise ManifestError(f"input {unknown[0]!r}: the model has no such input; it takes {takes}")
+        arrays = {}
+        for spec in specs:
+            value = given.get(spec.name)
+            if type(value).__module__.startswith("torch") and hasattr(value, "numpy"):
+                value = value.detach().cpu().numpy()
+            if value is not None and not isinstance(value, np.ndarray):
+                raise ManifestError(f"input {spec.name!r}: got a {type(value).__name__}; give a numpy array or a "
+                                    "torch tensor")
+            if value is not None and value.shape == tuple(spec.shape) and value.dtype != np.dtype(spec.dtype):
+                raise ManifestError(f"input {spec.name!r}: got {value.dtype}, the build takes {spec.dtype}; convert "
+                                    f"it (array.astype(numpy.{spec.dtype}) or tensor.to(torch.{spec.dtype}))")
+            if value is not None:
+                arrays[spec.name] = value
+        return arrays
+
+
 def _through(codec: str, array: np.ndarray) -> np.ndarray:
     """``array`` as it arrives after crossing a hop with ``codec``."""
     if codec == "none":
@@ -81,13 +124,14 @@ def _through(codec: str, array: np.ndarray) -> np.ndarray:
     return decode(encode(array, parsed), parsed, array.shape, array.dtype)
 
 
-def load(path: Path | str) -> Pipeline:
-    """Verify every artifact of the build at ``path`` against the manifest, then load it.
+def load(build: Build | Path | str) -> Pipeline:
+    """Verify every artifact of ``build`` (what ``partc.compile`` returns, or its folder) against
+    the manifest, then load it.
 
     Raises:
         ManifestError: for a malformed manifest, or a missing or tampered artifact.
     """
-    path = Path(path)
+    path = Path(build if isinstance(build, (str, os.PathLike)) else build.path)
     manifest = read_manifest(path)
     folder = path if path.is_dir() else path.parent
     stages = manifest_stages(manifest, folder)  # checksums first: nothing unverified is loaded

@@ -22,7 +22,15 @@ import numpy as np
 from partc.errors import PartcError, RunError
 from partc.manifest import MANIFEST, Manifest, read_manifest
 from partc.runtime.routes import Route
-from partc.runtime.transport import HEALTH, NO_SECURITY, GrpcChannel, RetryPolicy, Security, call_stage
+from partc.runtime.transport import (
+    HEALTH,
+    NO_SECURITY,
+    GrpcChannel,
+    RetryPolicy,
+    Security,
+    call_stage,
+    read_health,
+)
 from partc.runtime.wire import Frame, decode, encode
 
 if TYPE_CHECKING:
@@ -100,9 +108,12 @@ def ping(build: Path | str, addresses: Mapping[str, str], security: Security = N
         channel = GrpcChannel(stage, address, security)
         start = time.monotonic()
         try:
-            served = call_stage(channel, b"", start + timeout, PING_RETRY, HEALTH).decode()
+            served, unreachable = read_health(call_stage(channel, b"", start + timeout, PING_RETRY, HEALTH))
             if served != stage:
                 raise RunError(f"serves stage {served!r}, not {stage!r}: check the address")
+            if unreachable:
+                raise RunError(f"cannot reach {', '.join(sorted(unreachable))} of its tier: check those workers and "
+                               "its --peer addresses")
             reply = decode(call_stage(channel, encode(Frame(0, {}, plan=IDENTITY_PLAN)), start + timeout, PING_RETRY))
             got = bytes(np.asarray(reply.tensors[BUILD_TENSOR])).hex()
             if got != want:

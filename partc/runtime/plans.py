@@ -191,8 +191,8 @@ class PlanSelector:
         switch = Switch(request, old.name, self.plans[new].name, reason)
         self.switches.append(switch)
         self.current = new
-        log.warning("request %d on: plan %s -> %s (%s): %s", request, old.name, self.plans[new].name,
-                    self.plans[new].kind, reason)
+        log.info("request %d on: plan %s -> %s (%s): %s", request, old.name, self.plans[new].name,
+                 self.plans[new].kind, reason)
 
 
 def links_between(manifest: Manifest, src_tier: str, dst_tier: str) -> tuple[LinkEntry, ...]:

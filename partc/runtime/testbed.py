@@ -22,12 +22,25 @@
   with as many threads as its share rounds up to (``partc serve --threads``): threads beyond
   the quota's cores would burn it in a fraction of each period and stall the rest.
 
+- **Calibration.** A stage's predicted time is for its target; a quota emulates the target
+  only where this host's cores reach its speed (``partc.runtime.layout.target_cores``). So
+  before measuring, ``measure`` times every program of the primary plan on the node that
+  runs it: in that node's cgroup, with its thread count, warm, the median of a few runs
+  (``partc.profile.time_call``), one node after the other. It prices the plan again with
+  those times and the links as shaped (``partc.partition.price``: ``Prediction.latency``,
+  ``tiled_step_seconds`` for tile and branch steps), so the report gives, per stage, link
+  and end to end, the prediction for the target (the manifest's), the prediction for the
+  emulated node (calibrated) and the measurement. The calibrated figures also price what
+  the testbed does beyond the plan: the reply carrying the model's outputs back over every
+  hop to the driver. What they leave out is what the runtime adds: framing, gRPC, proxies.
+
 Everything made (workers, proxies, namespaces, cgroups) is removed on exit, also when
 starting fails half-way.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -35,17 +48,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from partc.errors import PartcError, RunError
-from partc.manifest import read_manifest
+from partc.ir import link_name
+from partc.manifest import ProgramEntry, StageEntry, manifest_stages, read_manifest
+from partc.partition.price import LinkPrice, tiled_step_seconds
 from partc.runtime.deploy import START_TIMEOUT, connect_build, spawn_worker, stop_processes, wait_ready
 from partc.runtime.driver import Driver
-from partc.runtime.layout import DRIVER, Hop, chain, cpu_share, hops, tile_hops
+from partc.runtime.layout import DRIVER, Hop, chain, cpu_share, hops, target_cores, tile_hops
 from partc.runtime.netns import (
     add_namespace,
     add_veth,
@@ -60,6 +76,8 @@ from partc.runtime.netns import (
 )
 
 SUBNET = "10.231"  # link i: SUBNET.i.1 (sender) -- SUBNET.i.2 (receiver), inside the namespaces only
+CALIBRATION_WARMUP = 2  # untimed calls of each program before the timed ones
+CALIBRATION_REPEATS = 5  # timed calls; the median counts
 PORT = 50051  # where a stage is reached on its veth (its proxy, or its worker on an unshaped hop)
 WORKER_LISTEN = "127.0.0.1:50052"  # a proxied worker, on its namespace's loopback
 
@@ -181,18 +199,25 @@ class Testbed:
     def _spawn(self, name: str, scratch: Path, listen: str, next_address: str | None,
                peers: Mapping[str, str]) -> tuple[subprocess.Popen, Path, Path]:
         prefix = ("ip", "netns", "exec", self.namespaces[name])
-        threads = max(1, math.ceil(self.shares[name] - 1e-6))  # more threads than cores only burn the quota
         return spawn_worker(self.build, name, scratch, listen=listen, next_address=next_address, peers=peers,
-                            threads=threads, token_file=self.token_file, prefix=prefix, processes=self.processes)
+                            threads=self._threads(name), token_file=self.token_file, prefix=prefix,
+                            processes=self.processes)
+
+    def _threads(self, stage: str) -> int:
+        """Compute threads of ``stage``'s worker: its share rounded up (more only burn the quota)."""
+        return max(1, math.ceil(self.shares[stage] - 1e-6))
 
     def _ends(self, hop: Hop) -> tuple[tuple[str, str], tuple[str, str]]:
         """(namespace, device) at the veth's two ends: ``out``/``in`` on the chain, ``t<k>``/``in`` to a tile node."""
         out = f"t{self.tile_hops.index(hop)}" if hop in self.tile_hops else "out"
         return (self.namespaces[hop.src], out), (self.namespaces[hop.dst], "in")
 
+    def _cgroup(self, stage: str) -> Path:
+        return next(c for c in self._cgroups if c.name == self.namespaces[stage])
+
     def _limit(self, stage: str, process: subprocess.Popen) -> None:
         """Move every thread of ``stage``'s worker into its cgroup."""
-        cgroup = next(c for c in self._cgroups if c.name == self.namespaces[stage])
+        cgroup = self._cgroup(stage)
         try:
             move_to_cgroup(cgroup, process.pid)
         except OSError as err:
@@ -240,18 +265,84 @@ class Testbed:
         """Return a driver connected to the chain; ``options`` go to ``Driver`` (window, timeout...)."""
         return connect_build(self.build, self.addresses, **options)
 
+    def calibrate(self) -> dict[str, float]:
+        """Time every program of the primary plan on the node that runs it; return program id -> seconds.
+
+        Each node's programs run in a process of their own inside the node's cgroup, with the
+        node's thread count, on seeded inputs of their compiled shapes: ``CALIBRATION_WARMUP``
+        untimed calls, then the median of ``CALIBRATION_REPEATS``. Nodes are timed one after
+        the other, while the workers wait, so they do not share this host's cores.
+
+        Raises:
+            RunError: if timing a node's programs fails.
+        """
+        seconds: dict[str, float] = {}
+        for node, pids in self._programs().items():
+            argv = [sys.executable, "-m", "partc.runtime.testbed", str(self.build), node,
+                    str(self._threads(node)), *pids]
+            # the shell joins the cgroup, then becomes the timing process: it runs under the quota from its start
+            joined = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self._cgroup(node) / "cgroup.procs"), *argv]
+            done = subprocess.run(joined, capture_output=True, text=True)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RunError(f"testbed: timing the programs of stage {node!r} failed: {last}")
+            seconds.update(json.loads(done.stdout))
+        return seconds
+
+    def _programs(self) -> dict[str, list[str]]:
+        """Node -> the program ids it runs in the primary plan (a tiled program: each step's, on its node)."""
+        primary = self.manifest.plans[0]
+        out: dict[str, list[str]] = {}
+        for stage in self.manifest.chain:
+            pid = primary.programs.get(stage.name)
+            program = stage.program(pid) if pid else None
+            if isinstance(program, ProgramEntry):
+                out.setdefault(stage.name, []).append(pid)
+            elif program is not None:
+                for ids in program.steps:
+                    for t, step in enumerate(ids):
+                        out.setdefault(f"{stage.tier}.{t}", []).append(step)
+        return out
+
+    def _prices(self) -> dict[str, LinkPrice]:
+        """Every cluster link as priced, with the bandwidth and latency its hop is shaped to now."""
+        prices = {lk.name: lk.price for lk in self.manifest.links}
+        for hop in self.hops + self.tile_hops:
+            if hop.bandwidth is not None and hop.key in prices:
+                prices[hop.key] = replace(prices[hop.key], bandwidth=hop.bandwidth, latency=hop.latency)
+        return prices
+
+    def _stage_seconds(self, stage: StageEntry, pid: str, seconds: Mapping[str, float],
+                       prices: Mapping[str, LinkPrice]) -> float:
+        """The calibrated seconds of ``stage`` running program ``pid``: its time, or its steps priced in turn."""
+        program = stage.program(pid)
+        if isinstance(program, ProgramEntry):
+            return seconds[pid]
+        total = 0.0
+        for ids in program.steps:
+            compute = [seconds[step] for step in ids]
+            if len(ids) == 1:
+                total += compute[0]
+                continue
+            specs = [self.manifest.stage(f"{stage.tier}.{t}").program(step) for t, step in enumerate(ids)]
+            scatter = [sum(t.nbytes for t in p.inputs) for p in specs]
+            gather = [sum(t.nbytes for t in p.outputs) for p in specs]
+            total += tiled_step_seconds(compute, scatter, gather, prices[link_name(stage.tier, stage.tier)])
+        return total
+
     def measure(self, requests: int = 10, inputs: Mapping[str, np.ndarray] | None = None,
                 warmup: int = 2) -> TestbedReport:
-        """Run ``warmup`` + ``requests`` requests one after another (no pipelining) and compare.
+        """Calibrate (``calibrate``), then run ``warmup`` + ``requests`` requests one after another
+        (no pipelining) and compare.
 
         ``inputs`` default to the compiled shapes' seeded example. The warm-up requests run
-        on a driver of their own; the timed ones on a fresh driver after one untimed request,
-        so its smoothed stage times (``Driver.compute``) start warm. Links report the mean of
-        the timed transfers.
+        on a driver of their own; the timed ones on a fresh driver after one untimed request.
+        A stage's measured time is the median over the timed requests of the compute seconds
+        its worker reports; links report the mean of the timed transfers.
 
         Raises:
             PartcError: if ``requests`` < 1.
-            RunError: if a request fails.
+            RunError: if a request or the calibration fails.
         """
         if requests < 1:
             raise PartcError(f"--requests must be at least 1, got {requests}")
@@ -260,41 +351,65 @@ class Testbed:
 
             inputs = {t.name: parse_input_spec(",".join(map(str, t.shape)) + f":{t.dtype}").example().numpy()
                       for t in self.manifest.inputs}
+        seconds = self.calibrate()
+        primary = self.manifest.plans[0]
+        prices = self._prices()
+        calibrated_compute = dict(primary.predicted.compute)
+        stage_calibrated = {}
+        for stage in self.manifest.chain:
+            if stage.name in primary.programs:
+                stage_calibrated[stage.name] = self._stage_seconds(stage, primary.programs[stage.name], seconds, prices)
+                calibrated_compute[stage.tier] = stage_calibrated[stage.name]
+        calibrated = replace(primary.predicted, compute=calibrated_compute)
+        chain_prices = [prices[lk.name] for lk in self.manifest.prices]
+        target_transfer = primary.predicted.transfer(self.manifest.prices)
+        calibrated_transfer = calibrated.transfer(chain_prices)
+        # The reply carries the model's outputs back over every hop the request crossed, to the driver.
+        reply_bytes = sum(t.nbytes for t in self.manifest.outputs)
+        crossed = {h.key: sum(calibrated_transfer.get(k, 0.0) + prices[k].transfer_seconds(reply_bytes)
+                              for k in h.key.split(","))
+                   for h in self.hops if h.dst in primary.stages and h.key}
         with self.driver(window=1, margin=math.inf) as driver:
             for _ in range(warmup):
                 driver.run_one(inputs)
-        # A fresh driver: its stage estimates hold no cold-start (JIT, first call) samples. It stays on the
-        # primary plan (margin inf), the one the predictions are for.
-        with self.driver(window=1, margin=math.inf) as driver:
+        # A fresh driver that stays on the primary plan (margin inf), the one the predictions are for; with
+        # alpha 1 its stage estimates are the last request's, one sample per request.
+        with self.driver(window=1, margin=math.inf, alpha=1.0) as driver:
             driver.run_one(inputs)  # opens the driver's connection
             before = {k: (e.total_bytes, e.total_seconds, e.count) for k, e in driver.links.items()}
             latencies = []
+            samples: dict[str, list[float]] = {}
             for _ in range(requests):
                 start = time.perf_counter()
                 driver.run_one(inputs)
                 latencies.append(time.perf_counter() - start)
+                for name, estimate in driver.compute.items():
+                    samples.setdefault(name, []).append(estimate.value)
             links = []
             for hop in self.hops:
                 key = f"{hop.src}->{hop.dst}"
                 est = driver.links.get(key)
                 if est is None:  # the primary plan's chain stops before this hop
                     continue
-                nbytes, seconds, count = (now - then for now, then in
-                                          zip((est.total_bytes, est.total_seconds, est.count),
-                                              before.get(key, (0, 0.0, 0)), strict=True))
-                # The driver's link seconds exclude the round trip's latency; a prediction counts it one way.
+                nbytes, wire, count = (now - then for now, then in
+                                       zip((est.total_bytes, est.total_seconds, est.count),
+                                           before.get(key, (0, 0.0, 0)), strict=True))
+                # The driver's link seconds exclude the round trip's latency: put it back.
                 links.append(LinkRow(key, hop.key or "(same tier)", hop.bandwidth, hop.latency, hop.predicted_bytes,
-                                     nbytes / count, hop.predicted_s, seconds / count + hop.latency,
-                                     nbytes / seconds))
-            primary = self.manifest.plans[0]
-            stages = []
-            for s in self.manifest.stages:
-                program = s.program(primary.programs[s.name]) if s.name in primary.programs else None
-                measured = driver.compute.get(s.name)
-                stages.append(StageRow(s.name, s.target, self.shares[s.name], program.predicted_s if program else 0.0,
-                                       measured.value if measured else 0.0))
-        predicted = primary.predicted.latency(self.manifest.prices)
-        return TestbedReport(requests, predicted, statistics.median(latencies), min(latencies), stages, links)
+                                     nbytes / count,
+                                     sum(target_transfer.get(k, 0.0) for k in hop.key.split(",") if k),
+                                     crossed.get(hop.key, 0.0), wire / count + 2 * hop.latency, nbytes / wire))
+        stages = []
+        for s in self.manifest.stages:
+            program = s.program(primary.programs[s.name]) if s.name in primary.programs else None
+            measured = samples.get(s.name)
+            stages.append(StageRow(s.name, s.target, self.shares[s.name], target_cores(s.target),
+                                   program.predicted_s if program else 0.0, stage_calibrated.get(s.name, 0.0),
+                                   statistics.median(measured) if measured else 0.0))
+        return TestbedReport(requests, os.getloadavg()[0], primary.predicted.latency(self.manifest.prices),
+                             sum(calibrated.compute.values()) + sum(crossed.values()),
+                             statistics.median(latencies), min(latencies),
+                             stages, links)
 
     def __exit__(self, *exc: object) -> None:
         stop_processes(self.processes)
@@ -321,26 +436,41 @@ class Testbed:
 
 @dataclass(frozen=True)
 class StageRow:
-    """One stage in a ``TestbedReport``: ``share`` cores, compute seconds (measured: smoothed)."""
+    """One stage in a ``TestbedReport``: ``share`` cores of this host, of the ``target_cores`` that
+    would run at its target's speed; compute seconds predicted for the target (the manifest's),
+    for the emulated node (calibrated) and measured (median per request)."""
 
     stage: str
     target: str
     share: float
+    target_cores: float
     predicted_s: float
+    calibrated_s: float
     measured_s: float
+
+    @property
+    def emulates_target(self) -> bool:
+        """Whether the stage's quota runs it at its target's speed (it may not: too fast, or overridden)."""
+        return math.isclose(self.share, self.target_cores, rel_tol=0.01)
 
 
 @dataclass(frozen=True)
 class LinkRow:
-    """One hop in a ``TestbedReport``, per transfer (request + reply); bandwidths in bytes/s."""
+    """One hop in a ``TestbedReport``, per request; bandwidths in bytes/s.
+
+    ``predicted_s``: the plan's forward transfer at the cluster file's links (the manifest's);
+    ``calibrated_s``: the forward transfer and the reply (the model's outputs, on their way back
+    to the driver) at the links as shaped now; ``measured_s``: both on the wire, latency both ways.
+    """
 
     link: str
     plan_link: str
     bandwidth: float | None
-    latency: float
+    latency_s: float
     predicted_bytes: int
     measured_bytes: float
     predicted_s: float
+    calibrated_s: float
     measured_s: float
     measured_bandwidth: float
 
@@ -349,35 +479,80 @@ class LinkRow:
 class TestbedReport:
     """Measured vs predicted latency of a build in the testbed: end to end, per stage, per link.
 
-    Predicted stage times are for the stage's target; measured ones are on this host under
-    the stage's CPU quota. Predicted link bytes count what the plan sends forward; measured
-    ones also count the reply travelling back.
+    Two predictions: for the targets (``predicted_s``, the manifest's) and for the nodes the
+    testbed emulates (``calibrated_s``: the plan priced with its programs timed under their
+    nodes' quotas). Predicted link bytes count what the plan sends forward; measured ones also
+    count the reply travelling back. ``load_average``: this host's, after the run.
     """
 
     requests: int
+    load_average: float
     predicted_s: float
+    calibrated_s: float
     measured_s: float  # median
     measured_min_s: float
     stages: list[StageRow]
     links: list[LinkRow]
 
     def to_json(self) -> dict:
-        """Return the report as a JSON-ready dict."""
-        return asdict(self)
+        """Return the report as a JSON-ready dict, its keys unit-suffixed (``partc.output.with_units``)."""
+        from partc.output import with_units
+
+        data = asdict(self)
+        for row, stage in zip(data["stages"], self.stages, strict=True):
+            row["emulates_target"] = stage.emulates_target
+        return with_units(data, {"bandwidth": "bandwidth_mbit_s", "measured_bandwidth": "measured_bandwidth_mbit_s"})
+
+    def notes(self) -> list[str]:
+        """One line per stage whose quota does not run it at its target's speed."""
+        return [f"{s.stage} ({s.target}): its target runs as fast as {s.target_cores:.2f} cores of this host, "
+                f"its quota gives {s.share:.2f}: the target is not emulated; compare the measurement with the "
+                "calibrated prediction" for s in self.stages if not s.emulates_target]
 
     def table(self) -> str:
         """Return the report as aligned text."""
-        lines = [f"{self.requests} requests, one at a time: end to end predicted {self.predicted_s * 1e3:.1f} ms, "
-                 f"measured {self.measured_s * 1e3:.1f} ms (median; min {self.measured_min_s * 1e3:.1f}), "
-                 f"ratio {self.measured_s / self.predicted_s:.2f}",
-                 f"{'stage':<12} {'target':<12} {'cores':>5} {'predicted ms':>12} {'measured ms':>11} {'ratio':>6}"]
-        lines += [f"{s.stage:<12} {s.target:<12} {s.share:5.2f} {s.predicted_s * 1e3:12.2f} {s.measured_s * 1e3:11.2f} "
-                  f"{s.measured_s / s.predicted_s if s.predicted_s else float('nan'):6.2f}" for s in self.stages]
-        lines.append(f"{'link':<24} {'Mbit/s':>7} {'lat ms':>6} {'pred KB':>8} {'meas KB':>8} {'pred ms':>8} "
-                     f"{'meas ms':>8} {'meas Mbit/s':>11}")
+        lines = [f"{self.requests} requests, one at a time (load average {self.load_average:.1f}): end to end "
+                 f"predicted for the targets {self.predicted_s * 1e3:.1f} ms, for the emulated nodes (calibrated) "
+                 f"{self.calibrated_s * 1e3:.1f} ms; measured {self.measured_s * 1e3:.1f} ms (median; min "
+                 f"{self.measured_min_s * 1e3:.1f}), measured / calibrated "
+                 f"{_ratio(self.measured_s, self.calibrated_s)}",
+                 f"{'stage':<12} {'target':<12} {'cores':>5} {'needs':>6} {'target ms':>10} {'calib ms':>9} "
+                 f"{'meas ms':>9} {'meas/calib':>10}"]
+        lines += [f"{s.stage:<12} {s.target:<12} {s.share:5.2f} {s.target_cores:6.2f} {s.predicted_s * 1e3:10.2f} "
+                  f"{s.calibrated_s * 1e3:9.2f} {s.measured_s * 1e3:9.2f} {_ratio(s.measured_s, s.calibrated_s):>10}"
+                  for s in self.stages]
+        lines.append(f"{'link':<24} {'Mbit/s':>7} {'lat ms':>6} {'pred KB':>8} {'meas KB':>8} {'target ms':>9} "
+                     f"{'calib ms':>8} {'meas ms':>8} {'meas Mbit/s':>11}")
         for k in self.links:
             rate = f"{k.bandwidth * 8e-6:7.1f}" if k.bandwidth else f"{'-':>7}"
-            lines.append(f"{k.link:<24} {rate} {k.latency * 1e3:6.1f} {k.predicted_bytes / 1e3:8.1f} "
-                         f"{k.measured_bytes / 1e3:8.1f} {k.predicted_s * 1e3:8.2f} {k.measured_s * 1e3:8.2f} "
-                         f"{k.measured_bandwidth * 8e-6:11.2f}")
-        return "\n".join(lines)
+            lines.append(f"{k.link:<24} {rate} {k.latency_s * 1e3:6.1f} {k.predicted_bytes / 1e3:8.1f} "
+                         f"{k.measured_bytes / 1e3:8.1f} {k.predicted_s * 1e3:9.2f} {k.calibrated_s * 1e3:8.2f} "
+                         f"{k.measured_s * 1e3:8.2f} {k.measured_bandwidth * 8e-6:11.2f}")
+        return "\n".join([*lines, *(f"note: {n}" for n in self.notes())])
+
+
+def _ratio(measured: float, predicted: float) -> str:
+    return f"{measured / predicted:.2f}" if predicted else "-"
+
+
+def time_programs(build: Path, stage: str, threads: int, pids: Sequence[str]) -> dict[str, float]:
+    """Median seconds of each program ``pids`` of ``stage`` in ``build``, run here with ``threads``
+    threads on seeded inputs of its compiled shapes (``Testbed.calibrate`` runs this in a node's cgroup)."""
+    from partc.profile import time_call
+    from partc.runtime.local import load_programs
+
+    manifest = read_manifest(build)
+    (entry,) = [s for s in manifest_stages(manifest, build, verify=[stage]) if s.name == stage]
+    entry = replace(entry, programs={pid: entry.programs[pid] for pid in pids}, schedules={})
+    rng = np.random.default_rng(0)
+    with ThreadPoolExecutor(1) as pool:
+        fns = load_programs([entry], [stage], None, pool, threads)
+        out = {}
+        for pid in pids:
+            tensors = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in entry.programs[pid].inputs}
+            out[pid] = time_call(lambda fn=fns[pid], x=tensors: fn(x), CALIBRATION_WARMUP, CALIBRATION_REPEATS)[0]
+    return out
+
+
+if __name__ == "__main__":  # python -m partc.runtime.testbed BUILD STAGE THREADS PROGRAM...: what ``calibrate`` runs
+    sys.stdout.write(json.dumps(time_programs(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:])))

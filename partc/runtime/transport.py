@@ -29,7 +29,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -197,11 +197,23 @@ class Handler(Protocol):
         """
 
     def health(self, token: str | None) -> bytes:
-        """Answer the UTF-8 name of the stage.
+        """Answer ``health_answer``: the stage's name and the tier's nodes it cannot reach.
 
         Raises:
             Rejected: if the token is refused.
         """
+
+
+def health_answer(stage: str, unreachable: Collection[str] = ()) -> bytes:
+    """A worker's answer to HEALTH: its stage name, then one line per node of its tier that it
+    calls (``edge.1``, running its tiles or branches) and cannot reach."""
+    return "\n".join([stage, *sorted(unreachable)]).encode()
+
+
+def read_health(answer: bytes) -> tuple[str, frozenset[str]]:
+    """The stage and the unreachable nodes of a ``health_answer``."""
+    stage, *unreachable = answer.decode(errors="replace").split("\n")
+    return stage, frozenset(unreachable)
 
 
 class Channel(Protocol):

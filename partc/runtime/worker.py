@@ -23,6 +23,7 @@ the stage name; nothing received from the network is unpickled)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -31,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,7 @@ from partc.runtime.transport import (
     Security,
     StageServer,
     call_stage,
+    health_answer,
 )
 from partc.runtime.wire import Frame, Measurement, decode, encode
 
@@ -72,6 +74,8 @@ class Worker:
         token: str | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         max_message: int = MAX_MESSAGE,
+        exclusive: bool = True,
+        unreachable: Callable[[], Collection[str]] = tuple,
     ) -> None:
         """Serve ``routes`` (plan index -> this stage's route in that plan) with ``fns``.
 
@@ -79,7 +83,10 @@ class Worker:
         them (plans sharing a program share the function); ``downstream`` is the channel to
         the next stage, needed iff some route forwards. A frame (request, or reply from the
         next stage) whose tensors take more than ``max_message`` bytes is refused before
-        anything is decoded, and so is a tensor with a codec no route receives with.
+        anything is decoded, and so is a tensor with a codec no route receives with. With
+        ``exclusive`` False the functions run for several requests at once: for functions that
+        queue and batch requests themselves (``partc.runtime.rayserve``). ``unreachable`` names
+        the tier's other nodes this stage calls that do not answer now (asked on each HEALTH).
 
         Raises:
             PartcError: if the routes name different stages or next stages, a function is
@@ -108,12 +115,13 @@ class Worker:
         self._retry = retry
         self._max_message = max_message
         self._codecs = frozenset(c for r in routes.values() for c in r.receive_codecs)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock() if exclusive else contextlib.nullcontext()
+        self._unreachable = unreachable
 
     def health(self, token: str | None) -> bytes:
-        """Answer the stage name; see ``transport.Handler``."""
+        """Answer the stage name and the tier's nodes it cannot reach; see ``transport.Handler``."""
         self._authorise(token)
-        return self.stage.encode()
+        return health_answer(self.stage, self._unreachable())
 
     def run(self, payload: bytes, token: str | None, deadline: float) -> bytes:
         """Run the stage on one request frame and answer the reply frame; see ``transport.Handler``."""
@@ -211,6 +219,8 @@ def serve_stage(
     retry: RetryPolicy = DEFAULT_RETRY,
     threads: int = 16,
     max_message: int = MAX_MESSAGE,
+    exclusive: bool = True,
+    unreachable: Callable[[], Collection[str]] = tuple,
 ) -> StageServer:
     """Serve ``routes`` with ``fns`` (see ``Worker``) over gRPC on ``listen``; forward over gRPC
     to the routes' ``next_address``.
@@ -220,13 +230,15 @@ def serve_stage(
     the calls served at once (each request in flight holds one until its reply), and
     ``max_message`` the bytes of a frame, received or decoded (``wire.frame_limit`` of the
     build's tensors): so a worker holds at most about ``threads`` x ``max_message``.
+    ``exclusive``, ``unreachable``: see ``Worker``.
 
     Raises:
         RunError: if the address cannot be bound.
     """
     onward = next((r for r in routes.values() if r.next_stage is not None), None)
     downstream = GrpcChannel(onward.next_stage, onward.next_address, security, max_message) if onward else None
-    worker = Worker(routes, fns, downstream, token=security.token, retry=retry, max_message=max_message)
+    worker = Worker(routes, fns, downstream, token=security.token, retry=retry, max_message=max_message,
+                    exclusive=exclusive, unreachable=unreachable)
     return StageServer(worker, listen, security, threads, on_stop=worker.close, max_message=max_message)
 
 

@@ -4,6 +4,7 @@ import math
 import os
 import shutil
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from partc.build import compile_model
 from partc.cli import main
 from partc.errors import ManifestError, PartcError, RunError
 from partc.manifest import read_manifest
-from partc.runtime.deploy import LocalWorkers, connect_build, serve
+from partc.runtime.deploy import LocalWorkers, connect_build, serve, spawn_worker, wait_ready
+from partc.runtime.driver import PROBE_BACKOFF
 from partc.runtime.local import load
 from partc.trace import load_model
 
@@ -155,12 +157,24 @@ def test_a_tiled_stage_runs_its_tiles_on_the_tiers_other_node(tmp_path, capsys):
     with LocalWorkers(build) as workers, connect_build(build, workers.addresses, margin=math.inf) as driver:
         assert set(workers.addresses) == {"device.0", "edge.0", "edge.1"}
         results = list(driver.run(requests))
-        os.kill(workers.processes["edge.1"].pid, signal.SIGKILL)
+        os.kill(workers.processes["edge.1"].pid, signal.SIGKILL)  # edge.0 cannot run its tiles now
         workers.processes["edge.1"].wait()
-        with pytest.raises(RunError, match=r"stage 'edge\.1' at 127\.0\.0\.1:\d+ is unreachable"):
-            list(driver.run(requests[:2]))
-    for request, result in zip(requests, results, strict=True):
-        np.testing.assert_array_equal(result["output"], local(request)["output"])
+        degraded = list(driver.run(requests))
+        (switch,) = driver.switches
+        assert switch.old == "p0" and "degrading to a plan without edge.1" in switch.reason
+        fallback = driver.selector.plans[driver.selector.current]
+        assert not fallback.peers and fallback.stages[-1].name == "edge.0"  # the edge tier on its one node
+        started = spawn_worker(build, "edge.1", tmp_path, listen=workers.addresses["edge.1"],
+                               processes=workers.processes)
+        wait_ready(*started, "the restarted edge.1")
+        time.sleep(PROBE_BACKOFF)
+        back = list(driver.run(requests))
+        assert driver.switches[-1].new == "p0" and driver.selector.current == 0 and not driver.selector.down
+    for request, *answers in zip(requests, results, degraded, back, strict=True):
+        want = local(request)["output"]
+        np.testing.assert_array_equal(answers[0]["output"], want)
+        for answer in answers[1:]:
+            np.testing.assert_allclose(answer["output"], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     with pytest.raises(PartcError, match=r"stage 'edge\.0' runs tiles on edge\.1: give their addresses "
                                          r"\(--peer edge\.1=HOST:PORT\)"):
         serve(build, "edge.0")

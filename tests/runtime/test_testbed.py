@@ -82,13 +82,35 @@ def test_a_10_mbit_link_takes_the_time_its_bytes_imply(testbed):
     link, second = report.links
     assert link.link == "device.0->edge.0" and link.bandwidth == pytest.approx(10 * MBIT)
     assert link.measured_bytes > 300_000  # 256 KB forward + 128 KB reply
-    # measured seconds: the round trip less the cluster file's latency back, as a prediction counts it
-    assert link.measured_s == pytest.approx(link.measured_bytes / (10 * MBIT) + link.latency, rel=0.2)
-    assert second.measured_s == pytest.approx(second.measured_bytes / (50 * MBIT) + 0.020, rel=0.2)
+    # measured seconds: both ways on the wire, the latency each way
+    assert link.measured_s == pytest.approx(link.measured_bytes / (10 * MBIT) + 2 * link.latency_s, rel=0.2)
+    assert second.measured_s == pytest.approx(second.measured_bytes / (50 * MBIT) + 0.040, rel=0.2)
     assert [s.stage for s in report.stages] == ["device.0", "edge.0", "cloud.0"]
     assert report.measured_s > link.measured_s + second.measured_s
     assert json.loads(json.dumps(report.to_json()))["links"][0]["link"] == "device.0->edge.0"
     assert "device.0->edge.0" in report.table()
+
+
+@pytest.mark.slow
+def test_the_calibrated_prediction_is_about_the_emulated_nodes(testbed):
+    report = testbed.measure(requests=3)
+    data = json.loads(json.dumps(report.to_json()))
+    figures = ("predicted_ms", "calibrated_ms", "measured_ms")
+    assert all(data[k] > 0 for k in figures)
+    for stage in data["stages"]:  # every stage runs a program of the primary plan
+        assert all(stage[k] > 0 for k in figures), stage
+    cores = len(os.sched_getaffinity(0))
+    for stage in data["stages"]:  # a target faster than this host's cores is not emulated, and the table says so
+        needs = layout.target_cores(stage["target"])
+        assert stage["emulates_target"] == (layout.MIN_SHARE <= needs <= cores)
+        assert (f"{stage['stage']} ({stage['target']}): its target runs as fast as" in report.table()) == (
+            not stage["emulates_target"])
+    assert [k["link"] for k in data["links"]] == ["device.0->edge.0", "edge.0->cloud.0"]
+    for link in data["links"]:
+        assert all(link[k] > 0 for k in figures), link
+        assert link["calibrated_ms"] > link["predicted_ms"]  # the reply's way back is priced too
+    # the program times are this host's, under the stages' quotas: far closer than the targets' prediction
+    assert 0.5 < report.measured_s / report.calibrated_s < 2.0
 
 
 def test_outputs_equal_the_in_process_run(testbed, build):

@@ -17,11 +17,11 @@ def artifact(info: dict) -> Artifact:
 
 
 def test_every_backend_is_registered_under_its_name():
-    assert sorted(BACKENDS) == ["onnx", "torchscript", "tvm"]
+    assert sorted(BACKENDS) == ["export", "onnx", "torchscript", "tvm"]
     assert all(backend(name).name == name for name in BACKENDS)
     with pytest.raises(ClusterError) as info:
         backend("tensorrt")
-    assert str(info.value) == "unknown backend 'tensorrt'; known backends are: onnx, torchscript, tvm"
+    assert str(info.value) == "unknown backend 'tensorrt'; known backends are: export, onnx, torchscript, tvm"
 
 
 def test_runs_here_only_for_portable_files_and_this_architecture():
