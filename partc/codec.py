@@ -61,7 +61,8 @@ class Codec:
 
         fp16 keeps 11 significant bits: half a unit in the last place, at most 2**-11 of the
         largest magnitude (inf if a value overflows fp16's 65504). int8 rounds to 255 steps of
-        the tensor's (int8c: each channel's) range: half a step, plus float32 rounding.
+        the tensor's (int8c: each channel's) range: half a step, plus float32 rounding (of the
+        values, and of a step so small it is subnormal: at most 2**-149 per step, 255 steps).
         """
         if self.lossless or array.size == 0 or array.dtype.kind != "f":
             return 0.0
@@ -69,7 +70,7 @@ class Codec:
         if self.quant == "fp16":
             return float("inf") if largest > 65504 else largest * 2.0**-11 + 2.0**-25
         low, high = _ranges(array, per_channel=self.quant == "int8c")
-        return float((high - low).max()) / 255 * 0.5 + largest * 2.0**-22
+        return float((high - low).max()) / 255 * 0.5 + largest * 2.0**-22 + 255 * 2.0**-149
 
 
 def parse_codec(name: str) -> Codec:

@@ -14,6 +14,7 @@ from partc.report import trace_model
 @pytest.fixture(scope="module")
 def residual_profile():
     gm = trace_model("tests/models.py:residual", ["1,8,16,16"])
+    torch.set_num_threads(2)
     return gm, profile_model(gm, model="tests/models.py:residual", warmup=1, repeats=5, threads=1)
 
 
@@ -28,7 +29,7 @@ def test_profile_covers_every_compute_node(residual_profile):
     assert conv.input_bytes == 8 * 16 * 16 * 4
     assert profile.whole_median_s > 0
     assert profile.sum_node_median_s == pytest.approx(sum(n.median_s for n in profile.nodes))
-    assert torch.get_num_threads() == 2  # restored after the measurement (tests/conftest.py sets 2)
+    assert torch.get_num_threads() == 2  # restored after the measurement (the fixture sets 2 before it)
 
 
 def test_file_round_trip_and_schema(residual_profile, tmp_path):
@@ -131,13 +132,15 @@ def test_cli_profile(capsys, caplog, tmp_path):
     )
     out, err = capsys.readouterr()
     assert code == 0
-    progress = err.split("\n")[0]
-    assert progress.startswith("\rprofiling [") and progress.endswith("] 8/8")
+    progress = err.splitlines()
+    assert progress[0] == "partc: tracing tests/models.py:mlp"
+    assert "partc: timing every layer and the whole model" in progress
+    assert any(line.startswith("partc: profiling runs: 8 in ") or line.endswith("8/8") for line in progress), err
     logged = [r.getMessage() for r in caplog.records if r.name == "partc.profile"]
     assert logged == list(read_profile(out_file).warnings)  # a busy host's warnings reach the log the CLI prints
     lines = out.splitlines()
-    assert lines[0] == f"wrote {out_file}: 5 nodes, 1 threads, 3 runs after 1 warm-up"
-    assert lines[1].startswith("whole model (median)") and lines[2].startswith("sum of node medians")
+    assert lines[0] == f"wrote {out_file}: 5 layers, 1 threads, 3 runs after 1 warm-up"
+    assert lines[1].startswith("whole model (median)") and lines[2].startswith("sum of layer medians")
     assert len(lines) == 3 + 5
     assert read_profile(out_file).model == "tests/models.py:mlp"
 
@@ -148,7 +151,8 @@ def test_cli_profile_bad_input(capsys, tmp_path):
     )
     _, err = capsys.readouterr()
     assert code == 2
-    assert err == "partc: error: profile: need --warmup >= 1 and --repeats >= 1, got 3 and 0\n"
+    assert err.splitlines()[-1] == "partc: error: profile: need --warmup >= 1 and --repeats >= 1, got 3 and 0"
+    assert "Traceback" not in err
     assert not (tmp_path / "p.json").exists()
 
 
@@ -159,6 +163,6 @@ def test_sum_of_node_medians_matches_whole_model(name):
     profile = profile_model(gm, model=name, warmup=5, repeats=10, threads=2)
     ratio = profile.sum_node_median_s / profile.whole_median_s
     assert 0.85 <= ratio <= 1.15, (
-        f"{name}: sum of node medians {profile.sum_node_median_s * 1e3:.1f} ms vs whole model "
+        f"{name}: sum of layer medians {profile.sum_node_median_s * 1e3:.1f} ms vs whole model "
         f"{profile.whole_median_s * 1e3:.1f} ms (load {os.getloadavg()[0]:.1f})"
     )

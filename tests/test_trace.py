@@ -115,7 +115,8 @@ def test_wrong_number_of_inputs():
     ("spec", "message"),
     [
         ("torchvision:resnet5", "model 'torchvision:resnet5': unknown torchvision model; did you mean resnet50"),
-        ("resnet50", "model 'resnet50': expected torchvision:NAME, package.module:factory or path/to/file.py:factory"),
+        ("resnet50", "model 'resnet50': expected torchvision:NAME, package.module:factory, path/to/file.py:factory or "
+                     "path/to/model.onnx"),
         ("tests/models.py:broken", "model 'tests/models.py:broken': factory raised RuntimeError: weights file missing"),
         ("tests/models.py:not_a_module",
          "model 'tests/models.py:not_a_module': factory returned int, not a torch.nn.Module"),

@@ -538,9 +538,10 @@ def _run_testbed(args) -> int:
     if args.requests < 1:
         raise PartcError(f"--requests {args.requests}: must be at least 1")
     check_privileges()
+    testbed = Testbed(args.build, cpu_shares=shares)  # checks the build and the shares; makes nothing yet
     with Progress(args.quiet) as progress:
         progress.step("starting the testbed: a namespace, a CPU quota and shaped links per stage")
-        with Testbed(args.build, cpu_shares=shares) as testbed:
+        with testbed:
             progress.step(f"running {args.requests} timed request(s) one at a time")
             report = testbed.measure(args.requests)
             if args.timeline:

@@ -13,7 +13,12 @@
   runtime's transport is untouched. The delay is changed at run time through the proxy's
   stdin.
 - **CPU.** A process is limited by a cgroup (v1 ``cpu`` controller) under ``CGROUP_CPU``
-  with ``cfs_quota_us = share x cfs_period_us``.
+  with ``cfs_quota_us = share x cfs_period_us``. The period is short (``CFS_PERIOD_US``,
+  20 ms): a stage that waits between requests starts each one with a full period's quota, and
+  runs at this host's full speed until it has used it up; with the kernel's default 100 ms a
+  0.45-core stage computed 14 ms bursts at full speed (googlenet in
+  ``benchmarks/results/tiling.md``), twice as fast as its share. 20 ms keeps the smallest
+  share (``partc.runtime.layout.MIN_SHARE``, 0.05 cores) at the kernel's least quota, 1 ms.
 
 Everything here needs root; ``check_privileges`` says what is missing.
 """
@@ -30,7 +35,7 @@ from pathlib import Path
 from partc.errors import PartcError, RunError
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
-CFS_PERIOD_US = 100_000
+CFS_PERIOD_US = 20_000  # see the module docstring
 
 
 def check_privileges() -> None:

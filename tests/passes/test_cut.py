@@ -115,7 +115,7 @@ def test_caps_are_met():
         (
             {"pin": {"device": ("nope*",)}},
             "cluster.yaml: constraints.pin[device]: 'nope*' matches no node; node names look like "
-            "reduce, head, relu (module paths such as 'layer1.*' work too)",
+            "reduce, head, relu (node names and module paths such as 'layer1.*' work)",
         ),
         (
             {"pin": {"cloud": ("reduce",), "device": ("head",)}},

@@ -63,7 +63,7 @@ def _tensor(name):
 
 def _program(pid, reads, writes):
     return ProgramEntry(pid, f"{pid}.pt", "0" * 64, 1, tuple(map(_tensor, reads)), tuple(map(_tensor, writes)),
-                        0.001, None, {})
+                        0.001, {})
 
 
 CODEC = LinkCodec("int8+zstd-1", 4.0, 200e6, 400e6, 0.99, 8)
@@ -77,7 +77,7 @@ def manifest() -> Manifest:
         StageEntry("edge.0", "edge", 0, "onnx", "jetson-nano", (_program("edge.0", ["h"], ["g"]),), ()),
         StageEntry("cloud.0", "cloud", 0, "onnx", "x86", (_program("cloud.0", ["h"], ["y"]),),
                    (ScheduleEntry("cloud.0~t", (_tensor("g"),), (_tensor("y"),), (("cloud.0",),),
-                                  (("y", "y"),), 0.002, None),)),
+                                  (("y", "y"),), 0.002),)),
     )
     plans = (
         PlanEntry("p0", "primary", ("device.0", "edge.0", "cloud.0"), {"device.0": "device.0", "cloud.0": "cloud.0"},
