@@ -169,8 +169,11 @@ def test_a_tiled_stage_runs_its_tiles_on_the_tiers_other_node(tmp_path, capsys):
         started = spawn_worker(build, "edge.1", tmp_path, listen=workers.addresses["edge.1"],
                                processes=workers.processes)
         wait_ready(*started, "the restarted edge.1")
-        time.sleep(PROBE_BACKOFF)
+        deadline = time.monotonic() + 60  # the driver asks again with a doubling back-off
         back = list(driver.run(requests))
+        while driver.selector.current != 0 and time.monotonic() < deadline:
+            time.sleep(PROBE_BACKOFF)
+            back = list(driver.run(requests))
         assert driver.switches[-1].new == "p0" and driver.selector.current == 0 and not driver.selector.down
     for request, *answers in zip(requests, results, degraded, back, strict=True):
         want = local(request)["output"]
