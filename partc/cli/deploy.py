@@ -384,7 +384,7 @@ def _serve_on_ray(args, stack):
     """Serve ``--tier`` on Ray Serve (a running cluster at ``--address``, or a local one kept by ``stack``)."""
     from partc.manifest import read_manifest
     from partc.runtime.bundle import is_bundle, unpack
-    from partc.runtime.rayserve import ray_cluster, serve_tier
+    from partc.runtime.rayserve import local_cpus, ray_cluster, serve_tier
 
     for flag, given in (("--stage", args.stage), ("--peer", args.peer), ("--threads", args.threads)):
         if given:
@@ -392,8 +392,10 @@ def _serve_on_ray(args, stack):
     if not args.tier:
         raise PartcError("--engine ray needs --tier")
     build = unpack(args.build) if is_bundle(args.build) else args.build
-    serving = _tier_serving(args, read_manifest(build), args.tier)
-    stack.enter_context(ray_cluster(args.address, args.tier))
+    manifest = read_manifest(build)
+    serving = _tier_serving(args, manifest, args.tier)
+    stack.enter_context(ray_cluster(args.address, args.tier, None if args.address else local_cpus(manifest, args.tier,
+                                                                                                   serving)))
     return serve_tier(build, args.tier, serving, listen=args.listen, next_address=args.next,
                       security=_security(args))
 

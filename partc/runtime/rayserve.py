@@ -33,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -185,6 +187,13 @@ def accepts_batches(fn: StageFn, artifact: Artifact) -> bool:
         return False
     return all(relative_error(np.asarray(joined[t.name]), np.concatenate([a[t.name] for a in alone])) <= RTOL
                for t in artifact.outputs)
+
+
+def local_cpus(manifest: Manifest, tier: str, serving: TierServing) -> int:
+    """Logical CPUs a local Ray cluster of ``tier`` declares: this host's cores, or as many as every
+    program's replicas reserve at most, if more (so that all are placed; they then share the cores)."""
+    wanted = len(tier_stage(manifest, tier).programs) * serving.max_replicas * serving.cpus
+    return max(os.cpu_count() or 1, math.ceil(wanted))
 
 
 @contextlib.contextmanager
