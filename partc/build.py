@@ -48,7 +48,7 @@ from partc.manifest import (
     TransferEntry,
     write_manifest,
 )
-from partc.partition.model import program_seconds
+from partc.partition.model import link_price, program_seconds
 from partc.passes import DEFAULT_PIPELINE
 from partc.pipeline import Pipeline
 from partc.plan import Artifact, StageFn, eager_stage_fn, run_plan
@@ -209,8 +209,8 @@ def _manifest(
         ctx.source, ctx.objective,
         tuple(TierEntry(t.name, t.target, t.backend, t.nodes, TierScaling.of(t.scaling, uses.get(t.name)))
               for t in ctx.tiers),
-        tuple(LinkEntry(lk.src, lk.dst, lk.bandwidth, lk.latency, codecs.get(link_name(lk.src, lk.dst), NO_CODEC))
-              for lk in ctx.links),
+        tuple(LinkEntry(lk.src, lk.dst, lk.bandwidth, lk.latency, link_price(ctx, lk).call,
+                        codecs.get(link_name(lk.src, lk.dst), NO_CODEC)) for lk in ctx.links),
         tuple(stages), entries, max(diffs), scale,
     )
 

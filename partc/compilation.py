@@ -198,7 +198,7 @@ def compile_plans(
     codecs = gm.meta.get(META_LINK_CODECS, {})
     graph = priced(raw, codecs)
     names = ctx.tier_names
-    links = tuple(link_price(ctx.link(a, b), codecs.get(link_name(a, b), NO_CODEC))
+    links = tuple(link_price(ctx, ctx.link(a, b), codecs.get(link_name(a, b), NO_CODEC))
                   for a, b in zip(names, names[1:], strict=False))
     notes = tuple(
         f"{t.name} has {t.nodes} nodes but no link {link_name(t.name, t.name)}: only one of them is used; add "
@@ -361,7 +361,8 @@ class _Planner:
                 self.scheduled[key] = (None, program_seconds(stage.gm, stage.tier))
             else:
                 link = self.ctx.link(stage.tier, stage.tier)
-                self.scheduled[key] = (schedule, schedule_seconds(schedule, link_price(link) if link else None))
+                price = link_price(self.ctx, link) if link else None
+                self.scheduled[key] = (schedule, schedule_seconds(schedule, price))
         return self.scheduled[key][1]
 
     def joint_cut(self, first: np.ndarray) -> tuple[np.ndarray, CostGraph]:

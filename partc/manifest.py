@@ -1,12 +1,13 @@
 """``manifest.json``: what the runtime reads to run a build, and what humans deploy from.
 
-Schema (``schema_version`` 2; keys sorted; sizes in bytes, times in seconds)::
+Schema (``schema_version`` 4; keys sorted; sizes in bytes, times in seconds)::
 
-    schema_version   2
+    schema_version   4
     partc_version    the partc that wrote it
     model            {spec, tracer, inputs: [TENSOR], outputs: [TENSOR]}
     cluster          {source, objective, tiers: [{name, target, backend, nodes, scaling: SCALING}],
-                      links: [{from, to, bandwidth, latency,       bandwidth in bytes/s
+                      links: [{from, to, bandwidth, latency, call, bandwidth in bytes/s; call: a call's
+                                                                   fixed seconds (LinkPrice.call)
                                codec: {codec, ratio, encode_bytes_per_s, decode_bytes_per_s,
                                        agreement, samples}}]}
     stages           [{name, tier, index, backend, target,         one worker each
@@ -76,7 +77,7 @@ from partc.partition.load import Use
 from partc.partition.price import LinkPrice, Prediction
 from partc.plan import Artifact, TensorSpec
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MANIFEST = "manifest.json"
 
 _STAGE_KEYS = {"name": str, "tier": str, "index": int, "backend": str, "target": str, "programs": list,
@@ -234,6 +235,7 @@ class LinkEntry:
     dst: str
     bandwidth: float
     latency: float
+    call: float
     codec: LinkCodec
 
     @property
@@ -244,7 +246,7 @@ class LinkEntry:
     @property
     def price(self) -> LinkPrice:
         """The link as plans are priced on it."""
-        return LinkPrice(self.name, self.bandwidth, self.latency, self.codec)
+        return LinkPrice(self.name, self.bandwidth, self.latency, self.codec, self.call)
 
 
 @dataclass(frozen=True)
@@ -301,7 +303,7 @@ class Manifest:
                 "tiers": [{"name": t.name, "target": t.target, "backend": t.backend, "nodes": t.nodes,
                            "scaling": t.scaling.to_json()} for t in self.tiers],
                 "links": [{"from": lk.src, "to": lk.dst, "bandwidth": lk.bandwidth, "latency": lk.latency,
-                           "codec": lk.codec.to_json()} for lk in self.links],
+                           "call": lk.call, "codec": lk.codec.to_json()} for lk in self.links],
             },
             "stages": [s.to_json() for s in self.stages],
             "plans": [{
@@ -430,7 +432,8 @@ def _typed(data: Mapping) -> Manifest:
         cluster["source"], cluster["objective"],
         tuple(TierEntry(t["name"], t["target"], t["backend"], t["nodes"], TierScaling(**t["scaling"]))
               for t in cluster["tiers"]),
-        tuple(LinkEntry(lk["from"], lk["to"], lk["bandwidth"], lk["latency"], LinkCodec.from_json(lk["codec"]))
+        tuple(LinkEntry(lk["from"], lk["to"], lk["bandwidth"], lk["latency"], lk["call"],
+                        LinkCodec.from_json(lk["codec"]))
               for lk in cluster["links"]),
         stages, plans, verification["max_abs_diff"], verification["output_scale"],
     )

@@ -64,7 +64,7 @@ def distribute_branches(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     run = 1 + max((n.meta[META_TILE][0] for n in gm.graph.nodes if META_TILE in n.meta), default=-1)
     records, notes = list(gm.meta.get(META_PARALLEL, ())), []
     for tier in tiers:
-        link = link_price(ctx.link(tier.name, tier.name))
+        link = link_price(ctx, ctx.link(tier.name, tier.name))
         on_tier = {n for n in compute_nodes(gm) if n.meta.get(META_TIER) == tier.name and META_TILE not in n.meta}
         regions = find_regions(gm, on_tier.__contains__)
         if not regions:

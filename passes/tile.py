@@ -168,7 +168,7 @@ def tile_conv_stages(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         seconds = node_seconds(gm, tier)
         before = after = 0.0
         for run in runs:
-            for part in split_run(run, gm, tier.nodes, seconds, link_price(link)):
+            for part in split_run(run, gm, tier.nodes, seconds, link_price(ctx, link)):
                 after += part.latency
                 if part.grid == (1, 1):
                     untiled += 1

@@ -53,7 +53,7 @@ def test_design_cluster(tmp_path):
     assert ctx.objective == "latency"
     assert ctx.constraints == Constraints(pin={"device": ("conv1", "bn1")})
     assert ctx.source == str(tmp_path / "cluster.yaml")
-    assert link_price(ctx.link("edge", "cloud")).transfer_seconds(625_000) == pytest.approx(1.030)
+    assert link_price(ctx, ctx.link("edge", "cloud")).transfer_seconds(625_000) == pytest.approx(1.030)
 
 
 def test_all_constraints_and_one_and_two_tiers(tmp_path):

@@ -24,7 +24,7 @@ from partc.errors import ClusterError, PartcError
 from partc.ir import META_BYTES, META_PARAM_BYTES, META_PROFILE, META_TIER, compute_nodes, link_name
 from partc.partition.cost import Cost, CostGraph, evaluate
 from partc.partition.load import Load, TierLoad
-from partc.partition.price import LinkPrice
+from partc.partition.price import CALL_SECONDS, LinkPrice
 from partc.targets import TargetDesc, target
 
 
@@ -46,9 +46,18 @@ def priced(graph: CostGraph, codecs: Mapping[str, LinkCodec]) -> CostGraph:
                                  for link, bw in zip(graph.links, graph.bandwidth, strict=True)])
 
 
-def link_price(link: Link, codec: LinkCodec = NO_CODEC) -> LinkPrice:
-    """The cluster's ``link`` as plans are priced on it, its tensors crossing with ``codec``."""
-    return LinkPrice(link_name(link.src, link.dst), link.bandwidth, link.latency, codec)
+def link_price(ctx: CompileContext, link: Link, codec: LinkCodec = NO_CODEC) -> LinkPrice:
+    """``ctx``'s ``link`` as plans are priced on it, its tensors crossing with ``codec``; a call over
+    it costs what one costs on the target of the tier it leaves (``call_seconds``)."""
+    return LinkPrice(link_name(link.src, link.dst), link.bandwidth, link.latency, codec,
+                     call_seconds(target(ctx.tier(link.src).target)))
+
+
+def call_seconds(desc: TargetDesc) -> float:
+    """Fixed seconds of one call from a node of ``desc`` to another node (``LinkPrice.call``): the
+    calibration host's ``CALL_SECONDS``, scaled like the per-node dispatch (framing, gRPC and the
+    program's invocation are single-threaded CPU work)."""
+    return CALL_SECONDS * dispatch_scale(load_calibration().reference, desc)
 
 
 def fleet_load(graph: CostGraph, ctx: CompileContext) -> Load | None:

@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 
 from partc.codec import NO_CODEC, LinkCodec
 
-# Fixed seconds of one call to another node of a tier, besides its bytes: encoding and
-# decoding the frames, gRPC and the program's invocation on both sides. About 2 ms per tile
-# step in the testbed on this host (benchmarks/results/tiling.md); without it the plan
-# splits runs into parts too small to be worth a round trip.
+# Fixed seconds of one call to another node of a tier on the calibration host, besides its
+# bytes: encoding and decoding the frames, gRPC and the program's invocation on both sides.
+# About 2 ms per tile step with unthrottled workers here (benchmarks/results/tiling.md); it is
+# CPU work, so a tier's own figure scales with its nodes' speed
+# (``partc.partition.model.call_seconds``). Without it the plan splits runs into parts too
+# small to be worth a round trip.
 CALL_SECONDS = 2e-3
 
 
@@ -46,12 +48,15 @@ class LinkPrice:
         bandwidth: bytes per second, the cluster file's.
         latency: one-way seconds.
         codec: the codec its tensors cross with.
+        call: fixed seconds of one call over it besides its bytes (a tier's link to itself: a
+            call to another node of the tier, ``tiled_step_seconds``).
     """
 
     name: str
     bandwidth: float
     latency: float
     codec: LinkCodec = NO_CODEC
+    call: float = CALL_SECONDS
 
     def stream_seconds(self, nbytes: float, bandwidth: float | None = None, codec: LinkCodec | None = None) -> float:
         """Seconds to move ``nbytes`` raw bytes at ``bandwidth`` (default: the link's) with ``codec``
@@ -65,8 +70,7 @@ class LinkPrice:
 
 
 def tiled_step_seconds(
-    compute: Sequence[float], scatter: Sequence[float], gather: Sequence[float], link: LinkPrice,
-    call: float = CALL_SECONDS,
+    compute: Sequence[float], scatter: Sequence[float], gather: Sequence[float], link: LinkPrice
 ) -> float:
     """Return the seconds of one tiled step, from the coordinator (tile 0's node) holding its
     inputs to it holding every tile's outputs, as ``partc.tiling.schedule`` runs it.
@@ -76,12 +80,12 @@ def tiled_step_seconds(
     coordinator's link carries one transfer at a time each way: it sends tiles 1, 2, ...
     their inputs one after the other, and receives their outputs one after the other, each
     once that tile is done (the earliest done first). Each call to another node also costs
-    ``call`` seconds of its own. Tile t starts when its inputs have arrived; tile 0 computes
+    ``link.call`` seconds of its own. Tile t starts when its inputs have arrived; tile 0 computes
     on the coordinator meanwhile.
     """
     sent, done = 0.0, []
     for t in range(1, len(compute)):
-        sent += call + link.transfer_seconds(scatter[t])
+        sent += link.call + link.transfer_seconds(scatter[t])
         done.append((sent + compute[t], gather[t]))
     received = 0.0
     for ready, nbytes in sorted(done):

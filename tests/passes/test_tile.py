@@ -27,7 +27,7 @@ from partc.ir import (
     lint,
 )
 from partc.partition.model import link_price
-from partc.partition.price import tiled_step_seconds
+from partc.partition.price import LinkPrice, tiled_step_seconds
 from partc.passes import DEFAULT_PIPELINE, PASSES, passes_named
 from partc.passes.tile import tile_conv_stages, tile_graph, tile_nodes
 from partc.pipeline import run_passes
@@ -340,13 +340,13 @@ def test_a_tier_with_several_nodes_but_no_link_to_itself_is_not_tiled():
 
 def test_the_coordinators_link_moves_one_tile_at_a_time_while_it_computes_tile_0():
     # 10 bytes: 1.5 s, 20 bytes: 2.5 s, 5 bytes: 1 s
-    link = link_price(Link("edge", "edge", bandwidth=10.0, latency=0.5))
+    link = LinkPrice("edge->edge", bandwidth=10.0, latency=0.5, call=0.0)
     # inputs arrive at 1.5 and 4.0; tile 1 done at 3.5, back at 4.5; tile 2 done at 7, back at 8; tile 0 done at 6
-    assert tiled_step_seconds([6.0, 2.0, 3.0], [0.0, 10.0, 20.0], [0.0, 5.0, 5.0], link, 0.0) == pytest.approx(8.0)
+    assert tiled_step_seconds([6.0, 2.0, 3.0], [0.0, 10.0, 20.0], [0.0, 5.0, 5.0], link) == pytest.approx(8.0)
     # tile 2 (done at 5) comes back before tile 1 (done at 10.5): 5 -> 6, then 10.5 -> 11.5
-    assert tiled_step_seconds([1.0, 9.0, 1.0], [0.0, 10.0, 20.0], [0.0, 5.0, 5.0], link, 0.0) == pytest.approx(11.5)
-    assert tiled_step_seconds([9.0, 1.0], [0.0, 10.0], [0.0, 5.0], link, call=0.0) == 9.0  # tile 0 is the slowest
-    assert tiled_step_seconds([4.0], [0.0], [0.0], link, call=0.0) == 4.0
+    assert tiled_step_seconds([1.0, 9.0, 1.0], [0.0, 10.0, 20.0], [0.0, 5.0, 5.0], link) == pytest.approx(11.5)
+    assert tiled_step_seconds([9.0, 1.0], [0.0, 10.0], [0.0, 5.0], link) == 9.0  # tile 0 is the slowest
+    assert tiled_step_seconds([4.0], [0.0], [0.0], link) == 4.0
 
 
 @pytest.mark.parametrize("link", [Link("edge", "edge", 1e3, 1e-2), GIGABIT, FAST], ids=["slow", "gigabit", "fast"])
@@ -359,11 +359,13 @@ def test_split_run_is_the_best_split_under_the_cost_model(model, link):
     (run,) = find_runs(gm, lambda n: True)
     seconds = {n: float(s) for n, s in zip(compute_nodes(gm), torch.rand(len(compute_nodes(gm))) * 1e-3, strict=True)}
 
+    price = link_price(_one_tier(4, link), link)
+
     def best_part(start: int, end: int) -> float:
         part, costs = run[start:end], [sum(seconds[n] for n in run[start:end])]
         for grid in candidate_grids(4)[1:]:
             try:
-                costs.append(predict_latency(part, plan_regions(part, gm, grid), seconds, link_price(link)))
+                costs.append(predict_latency(part, plan_regions(part, gm, grid), seconds, price))
             except ValueError:
                 pass
         return min(costs)
@@ -373,13 +375,13 @@ def test_split_run_is_the_best_split_under_the_cost_model(model, link):
         for k in range(len(run))
         for cuts in itertools.combinations(range(1, len(run)), k)
     ]
-    parts = split_run(run, gm, 4, seconds, link_price(link))
+    parts = split_run(run, gm, 4, seconds, price)
     assert [n for part in parts for n in part.nodes] == run
     assert sum(part.latency for part in parts) == pytest.approx(min(every_split), rel=1e-12)
     for part in parts:
         if part.grid != (1, 1):
             regions = plan_regions(part.nodes, gm, part.grid)
-            predicted = predict_latency(part.nodes, regions, seconds, link_price(link))
+            predicted = predict_latency(part.nodes, regions, seconds, price)
             assert part.latency == pytest.approx(predicted, rel=1e-12)
 
 
@@ -413,12 +415,13 @@ def test_splitting_a_long_run_cuts_its_halo_overhead(torchvision_graph, name, no
     (run,) = find_runs(gm, lambda n: True)
     seconds = node_seconds(gm, _one_tier(nodes, GIGABIT).tiers[0])  # the cost model's, on jetson-nano
     flops = sum(n.meta[META_FLOPS] for n in run)
+    gigabit = link_price(_one_tier(nodes, GIGABIT), GIGABIT)
     whole = min(
-        (predict_latency(run, regions, seconds, link_price(GIGABIT)), sum(tile_flops(run, regions)) / flops - 1)
+        (predict_latency(run, regions, seconds, gigabit), sum(tile_flops(run, regions)) / flops - 1)
         for grid in candidate_grids(nodes)[1:]
         for regions in [plan_regions(run, gm, grid)]
     )
-    parts = split_run(run, gm, nodes, seconds, link_price(GIGABIT))
+    parts = split_run(run, gm, nodes, seconds, gigabit)
     executed = sum(
         sum(n.meta[META_FLOPS] for n in part.nodes)
         if part.grid == (1, 1)

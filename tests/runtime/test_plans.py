@@ -96,8 +96,8 @@ def manifest() -> Manifest:
         "0", "tests/models.py:mlp", "fx", (_tensor("x"),), (_tensor("y"),), "cluster.yaml", "latency",
         (TierEntry("device", "rpi4", "torchscript", 1), TierEntry("edge", "jetson-nano", "onnx", 1),
          TierEntry("cloud", "x86", "onnx", 1)),
-        (LinkEntry("device", "edge", 10 * MBIT, 0.001, CODEC),
-         LinkEntry("edge", "cloud", 50 * MBIT, 0.020, LinkCodec())),
+        (LinkEntry("device", "edge", 10 * MBIT, 0.001, 2e-3, CODEC),
+         LinkEntry("edge", "cloud", 50 * MBIT, 0.020, 2e-3, LinkCodec())),
         stages, plans, 0.0, 1.0,
     )
 
