@@ -353,16 +353,17 @@ class _NodeTimer(fx.Interpreter):
         return result
 
 
-def time_call(fn: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float, float]:
+def time_call(fn: Callable[[], object], warmup: int, repeats: int, rest: float = 0.0) -> tuple[float, float, float]:
     """Median, 10th and 90th percentile seconds of ``repeats`` calls of ``fn``, after ``warmup``
-    untimed ones (first calls allocate, pick kernels and fill caches), as profiles are timed."""
-    for _ in range(warmup):
-        fn()
+    untimed ones (first calls allocate, pick kernels and fill caches), as profiles are timed;
+    ``rest`` untimed seconds after each call (a process under a CPU quota refills it there)."""
     samples = []
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
         start = time.perf_counter()
         fn()
-        samples.append(time.perf_counter() - start)
+        if i >= warmup:
+            samples.append(time.perf_counter() - start)
+        time.sleep(rest)
     return _stats(samples)
 
 

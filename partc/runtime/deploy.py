@@ -115,7 +115,7 @@ def serve(
         if not next_address:
             raise PartcError(f"stage {stage!r} forwards to {following!r}: give its address (--next HOST:PORT)")
         routes = {i: replace(r, next_address=next_address) if r.next_stage else r for i, r in routes.items()}
-    call, unreachable = _tile_call(stages, mine, dict(peers or {}), security) if mine.schedules else (None, tuple)
+    call, unreachable = tile_call(stages, mine, dict(peers or {}), security) if mine.schedules else (None, tuple)
     fns = load_programs(stages, [stage], call, pool, threads)
     return serve_stage(routes | {IDENTITY_PLAN: identity},
                        {i: fns[plan.programs[stage]] for i, plan in enumerate(plans) if stage in plan.programs}
@@ -140,7 +140,7 @@ def _warn_if_open(stage: str, listen: str, security: Security) -> None:
                     "--key (README: Deploying to real machines)", stage, listen)
 
 
-def _tile_call(stages: Sequence[ManifestStage], coordinator: ManifestStage, peers: Mapping[str, str],
+def tile_call(stages: Sequence[ManifestStage], coordinator: ManifestStage, peers: Mapping[str, str],
                security: Security) -> tuple[TileCall, Callable[[], list[str]]]:
     """Return the ``TileCall`` of a tiled stage (program ``pid`` on node t goes to ``<tier>.<t>``'s
     worker), and a function naming those nodes that do not answer a health check now."""

@@ -28,7 +28,9 @@
   runs it: in that node's cgroup, with its thread count, warm, the median of a few runs
   (``partc.profile.time_call``), one node after the other. It prices the plan again with
   those times and the links as shaped (``partc.partition.price``: ``Prediction.latency``,
-  ``tiled_step_seconds`` for tile and branch steps), so the report gives, per stage, link
+  ``tiled_step_seconds`` for tile and branch steps, a call to another node of a tier at what
+  ``calibrate_calls`` measures it costs between those nodes' workers under their quotas), so
+  the report gives, per stage, link
   and end to end, the prediction for the target (the manifest's), the prediction for the
   emulated node (calibrated) and the measurement. The calibrated figures also price what
   the testbed does beyond the plan: the reply carrying the model's outputs back over every
@@ -59,10 +61,11 @@ from partc.errors import PartcError, RunError
 from partc.ir import link_name
 from partc.manifest import ProgramEntry, StageEntry, manifest_stages, read_manifest
 from partc.partition.price import LinkPrice, tiled_step_seconds
-from partc.runtime.deploy import START_TIMEOUT, connect_build, spawn_worker, stop_processes, wait_ready
+from partc.runtime.deploy import START_TIMEOUT, connect_build, spawn_worker, stop_processes, tile_call, wait_ready
 from partc.runtime.driver import Driver
 from partc.runtime.layout import DRIVER, Hop, chain, cpu_share, hops, target_cores, tile_hops
 from partc.runtime.netns import (
+    CFS_PERIOD_US,
     add_namespace,
     add_veth,
     check_privileges,
@@ -74,10 +77,14 @@ from partc.runtime.netns import (
     set_rate,
     start_proxy,
 )
+from partc.runtime.transport import Security
 
 SUBNET = "10.231"  # link i: SUBNET.i.1 (sender) -- SUBNET.i.2 (receiver), inside the namespaces only
 CALIBRATION_WARMUP = 2  # untimed calls of each program before the timed ones
 CALIBRATION_REPEATS = 5  # timed calls; the median counts
+# Untimed seconds after each calibration call: two CFS periods refill a node's quota, as the waits
+# between requests sent one at a time (``measure``) do; back to back, calls would drain it.
+CALIBRATION_REST = 2 * CFS_PERIOD_US * 1e-6
 PORT = 50051  # where a stage is reached on its veth (its proxy, or its worker on an unshaped hop)
 WORKER_LISTEN = "127.0.0.1:50052"  # a proxied worker, on its namespace's loopback
 
@@ -127,6 +134,7 @@ class Testbed:
         nodes = [name for name, _ in chain(self.manifest)] + [h.dst for h in self.tile_hops]
         self.namespaces = {name: f"{prefix}-{i}" for i, name in enumerate(nodes)}
         self.addresses: dict[str, str] = {}
+        self.peers: dict[str, dict[str, str]] = {}  # a tier's first node -> its further nodes' addresses
         self._cgroups: list[Path] = []
         self._made_ns: list[str] = []
         self.processes: dict[str, subprocess.Popen] = {}
@@ -167,11 +175,10 @@ class Testbed:
             self.addresses[nodes[1]] = self._address(0)
             self._start_proxy(DRIVER, self._address(0), self._address(1), 0.0)
         waits = {}
-        tiles = {}
         for k, hop in enumerate(self.tile_hops):  # a tier's further nodes, reached from its first
             address = f"{SUBNET}.{len(self.hops) + k}.2:{PORT}"
             self.addresses[hop.dst] = address
-            tiles.setdefault(hop.src, {})[hop.dst] = address
+            self.peers.setdefault(hop.src, {})[hop.dst] = address
             waits[hop.dst] = self._spawn(hop.dst, scratch, WORKER_LISTEN if hop.bandwidth else address, None, {})
             if hop.bandwidth:
                 self._start_proxy(hop.dst, address, WORKER_LISTEN, hop.latency)
@@ -180,7 +187,7 @@ class Testbed:
                 continue
             listen = WORKER_LISTEN if self._proxied(i) else self._address(i)
             next_address = self._address(i + 1) if i + 1 < len(nodes) else None
-            waits[name] = self._spawn(name, scratch, listen, next_address, tiles.get(name, {}))
+            waits[name] = self._spawn(name, scratch, listen, next_address, self.peers.get(name, {}))
             if self._proxied(i):
                 self._start_proxy(name, self._address(i), WORKER_LISTEN, self.hops[i - 1].latency)
         deadline = time.monotonic() + START_TIMEOUT
@@ -270,7 +277,8 @@ class Testbed:
 
         Each node's programs run in a process of their own inside the node's cgroup, with the
         node's thread count, on seeded inputs of their compiled shapes: ``CALIBRATION_WARMUP``
-        untimed calls, then the median of ``CALIBRATION_REPEATS``. Nodes are timed one after
+        untimed calls, then the median of ``CALIBRATION_REPEATS``, each call followed by
+        ``CALIBRATION_REST`` (the node's quota refills between requests). Nodes are timed one after
         the other, while the workers wait, so they do not share this host's cores.
 
         Raises:
@@ -278,16 +286,55 @@ class Testbed:
         """
         seconds: dict[str, float] = {}
         for node, pids in self._programs().items():
-            argv = [sys.executable, "-m", "partc.runtime.testbed", str(self.build), node,
-                    str(self._threads(node)), *pids]
-            # the shell joins the cgroup, then becomes the timing process: it runs under the quota from its start
-            joined = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self._cgroup(node) / "cgroup.procs"), *argv]
-            done = subprocess.run(joined, capture_output=True, text=True)
-            if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                raise RunError(f"testbed: timing the programs of stage {node!r} failed: {last}")
-            seconds.update(json.loads(done.stdout))
+            seconds.update(self._time_in(node, [node, *pids, "--threads", str(self._threads(node))]))
         return seconds
+
+    def calibrate_calls(self, seconds: Mapping[str, float]) -> dict[str, float]:
+        """Measure what one call from a tier's first node to another of its nodes costs besides its
+        bytes and the program it runs (``LinkPrice.call``); return tier link -> seconds.
+
+        A process in the first node's namespace and cgroup calls each of the primary plan's
+        programs on every further node through that node's worker, as the first node's worker
+        does (``CALIBRATION_WARMUP`` untimed calls, the median of ``CALIBRATION_REPEATS``); a
+        call's price is its round trip less the program's calibrated ``seconds`` and its
+        tensors' transfers over the shaped link; the tier's figure is the median over its calls.
+
+        Raises:
+            RunError: if a call fails.
+        """
+        programs, prices, calls = self._programs(), self._prices(), {}
+        for coordinator, peers in self.peers.items():
+            tier = self.manifest.stage(coordinator).tier
+            link = prices[link_name(tier, tier)]
+            extra = []
+            for peer in peers:
+                stage = self.manifest.stage(peer)
+                trips = self._time_in(coordinator, [peer, *programs.get(peer, ()), "--at", json.dumps(peers)])
+                for pid, trip in trips.items():
+                    program = stage.program(pid)
+                    moved = link.transfer_seconds(sum(t.nbytes for t in program.inputs))
+                    moved += link.transfer_seconds(sum(t.nbytes for t in program.outputs))
+                    extra.append(max(0.0, trip - seconds[pid] - moved))
+            if extra:
+                calls[link.name] = statistics.median(extra)
+        return calls
+
+    def _time_in(self, node: str, args: Sequence[str]) -> dict[str, float]:
+        """Run ``python -m partc.runtime.testbed BUILD ARGS`` in ``node``'s cgroup (and, for calls,
+        its namespace); return what it prints."""
+        argv = [sys.executable, "-m", "partc.runtime.testbed", str(self.build), *args]
+        if "--at" in args:
+            argv = ["ip", "netns", "exec", self.namespaces[node], *argv, *self._token_args()]
+        # the shell joins the cgroup, then becomes the timing process: it runs under the quota from its start
+        joined = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self._cgroup(node) / "cgroup.procs"), *argv]
+        done = subprocess.run(joined, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RunError(f"testbed: timing the programs of stage {args[0]!r} on {node!r} failed: {last}")
+        return json.loads(done.stdout)
+
+    def _token_args(self) -> list[str]:
+        return ["--token-file", str(self.token_file)] if self.token_file else []
 
     def _programs(self) -> dict[str, list[str]]:
         """Node -> the program ids it runs in the primary plan (a tiled program: each step's, on its node)."""
@@ -304,9 +351,10 @@ class Testbed:
                         out.setdefault(f"{stage.tier}.{t}", []).append(step)
         return out
 
-    def _prices(self) -> dict[str, LinkPrice]:
-        """Every cluster link as priced, with the bandwidth and latency its hop is shaped to now."""
-        prices = {lk.name: lk.price for lk in self.manifest.links}
+    def _prices(self, calls: Mapping[str, float] | None = None) -> dict[str, LinkPrice]:
+        """Every cluster link as priced, with the bandwidth and latency its hop is shaped to now, and the
+        cost of a call over it where ``calls`` (link -> seconds, ``calibrate_calls``) measured it."""
+        prices = {lk.name: replace(lk.price, call=(calls or {}).get(lk.name, lk.call)) for lk in self.manifest.links}
         for hop in self.hops + self.tile_hops:
             if hop.bandwidth is not None and hop.key in prices:
                 prices[hop.key] = replace(prices[hop.key], bandwidth=hop.bandwidth, latency=hop.latency)
@@ -352,8 +400,9 @@ class Testbed:
             inputs = {t.name: parse_input_spec(",".join(map(str, t.shape)) + f":{t.dtype}").example().numpy()
                       for t in self.manifest.inputs}
         seconds = self.calibrate()
+        calls = self.calibrate_calls(seconds)
         primary = self.manifest.plans[0]
-        prices = self._prices()
+        prices = self._prices(calls)
         calibrated_compute = dict(primary.predicted.compute)
         stage_calibrated = {}
         for stage in self.manifest.chain:
@@ -408,8 +457,8 @@ class Testbed:
                                    statistics.median(measured) if measured else 0.0))
         return TestbedReport(requests, os.getloadavg()[0], primary.predicted.latency(self.manifest.prices),
                              sum(calibrated.compute.values()) + sum(crossed.values()),
-                             statistics.median(latencies), min(latencies),
-                             stages, links)
+                             statistics.median(latencies), min(latencies), stages, links,
+                             [CallRow(name, self._prices()[name].call, call) for name, call in calls.items()])
 
     def __exit__(self, *exc: object) -> None:
         stop_processes(self.processes)
@@ -476,6 +525,17 @@ class LinkRow:
 
 
 @dataclass(frozen=True)
+class CallRow:
+    """A call from a tier's first node to another of its nodes, besides its bytes and program
+    (``LinkPrice.call``): priced for the target (the manifest's) and measured under the quotas
+    (``Testbed.calibrate_calls``: the calibrated prices use it)."""
+
+    link: str
+    predicted_s: float
+    calibrated_s: float
+
+
+@dataclass(frozen=True)
 class TestbedReport:
     """Measured vs predicted latency of a build in the testbed: end to end, per stage, per link.
 
@@ -493,6 +553,7 @@ class TestbedReport:
     measured_min_s: float
     stages: list[StageRow]
     links: list[LinkRow]
+    calls: list[CallRow]
 
     def to_json(self) -> dict:
         """Return the report as a JSON-ready dict, its keys unit-suffixed (``partc.output.with_units``)."""
@@ -528,6 +589,8 @@ class TestbedReport:
             lines.append(f"{k.link:<24} {rate} {k.latency_s * 1e3:6.1f} {k.predicted_bytes / 1e3:8.1f} "
                          f"{k.measured_bytes / 1e3:8.1f} {k.predicted_s * 1e3:9.2f} {k.calibrated_s * 1e3:8.2f} "
                          f"{k.measured_s * 1e3:8.2f} {k.measured_bandwidth * 8e-6:11.2f}")
+        lines += [f"a call over {c.link}: {c.predicted_s * 1e3:.2f} ms for the target, {c.calibrated_s * 1e3:.2f} ms "
+                  "measured under the quotas (calibrated)" for c in self.calls]
         return "\n".join([*lines, *(f"note: {n}" for n in self.notes())])
 
 
@@ -550,9 +613,45 @@ def time_programs(build: Path, stage: str, threads: int, pids: Sequence[str]) ->
         out = {}
         for pid in pids:
             tensors = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in entry.programs[pid].inputs}
-            out[pid] = time_call(lambda fn=fns[pid], x=tensors: fn(x), CALIBRATION_WARMUP, CALIBRATION_REPEATS)[0]
+            out[pid] = time_call(lambda fn=fns[pid], x=tensors: fn(x), CALIBRATION_WARMUP, CALIBRATION_REPEATS,
+                                 CALIBRATION_REST)[0]
     return out
 
 
-if __name__ == "__main__":  # python -m partc.runtime.testbed BUILD STAGE THREADS PROGRAM...: what ``calibrate`` runs
-    sys.stdout.write(json.dumps(time_programs(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:])))
+def time_calls(build: Path, stage: str, pids: Sequence[str], peers: Mapping[str, str],
+               token_file: Path | None) -> dict[str, float]:
+    """Median round-trip seconds of each program ``pids`` of ``stage`` called from here through its
+    worker, as its tier's first node calls it (``peers``: that node's ``--peer`` addresses;
+    ``Testbed.calibrate_calls`` runs this in the first node's namespace and cgroup)."""
+    from partc.profile import time_call
+
+    manifest = read_manifest(build)
+    stages = manifest_stages(manifest, build, verify=())
+    node = manifest.stage(stage)
+    first = next(s for s in stages if s.tier == node.tier and s.index == 0)
+    call, _ = tile_call(stages, first, peers, Security.from_files(token_file))
+    rng = np.random.default_rng(0)
+    out = {}
+    for pid in pids:
+        tensors = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in node.program(pid).inputs}
+        out[pid] = time_call(lambda p=pid, x=tensors: call(node.index, p, x),
+                             CALIBRATION_WARMUP, CALIBRATION_REPEATS, CALIBRATION_REST)[0]
+    return out
+
+
+if __name__ == "__main__":  # what ``calibrate`` and ``calibrate_calls`` run in a node's cgroup
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m partc.runtime.testbed")
+    parser.add_argument("build", type=Path)
+    parser.add_argument("stage")
+    parser.add_argument("programs", nargs="+")
+    parser.add_argument("--threads", type=int, default=1, help="time the programs here with this many threads")
+    parser.add_argument("--at", type=json.loads, help="time calls to the stage's worker instead: JSON peers map")
+    parser.add_argument("--token-file", type=Path)
+    args = parser.parse_args()
+    if args.at is None:
+        times = time_programs(args.build, args.stage, args.threads, args.programs)
+    else:
+        times = time_calls(args.build, args.stage, args.programs, args.at, args.token_file)
+    sys.stdout.write(json.dumps(times))

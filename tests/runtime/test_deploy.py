@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from clusters import three_tier, two_tier
+from clusters import TILED, three_tier, two_tier
 
 from partc.build import compile_model
 from partc.cli import main
@@ -129,18 +129,6 @@ def test_a_bundle_holds_one_tier_and_serves_from_where_it_is_unpacked(build, tmp
     err = capsys.readouterr().err
     assert "no stage of this build runs on tier 'fog'; tiers with stages: device, edge, cloud" in err
     assert not (tmp_path / "x.tar.gz").exists()
-
-
-TILED = """\
-tiers:
-  - {name: device, target: rpi4, backend: torchscript}
-  - {name: edge, target: edge-x86, backend: onnx, nodes: 2}
-links:
-  - {from: device, to: edge, bandwidth: 100Mbit/s, latency: 2ms}
-  - {from: edge, to: edge, bandwidth: 1Gbit/s, latency: 0.2ms}
-constraints:
-  pin: {device: [conv1]}
-"""
 
 
 def test_a_tiled_stage_runs_its_tiles_on_the_tiers_other_node(tmp_path, capsys):

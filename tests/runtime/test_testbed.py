@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clusters import three_tier, two_tier
+from clusters import TILED, three_tier, two_tier
 
 from partc.build import compile_model
 from partc.cli import main
@@ -111,6 +111,22 @@ def test_the_calibrated_prediction_is_about_the_emulated_nodes(testbed):
         assert link["calibrated_ms"] > link["predicted_ms"]  # the reply's way back is priced too
     # the program times are this host's, under the stages' quotas: far closer than the targets' prediction
     assert 0.5 < report.measured_s / report.calibrated_s < 2.0
+
+
+@pytest.mark.slow
+def test_a_tiled_stage_is_priced_with_its_calls_measured_under_the_quotas(tmp_path):
+    (tmp_path / "cluster.yaml").write_text(TILED)
+    build = compile_model("torchvision:resnet18", ["1,3,112,112"], tmp_path / "cluster.yaml", tmp_path / "b").path
+    (tile_link,) = [lk for lk in read_manifest(build).links if lk.src == lk.dst]
+    with tb.Testbed(build) as testbed:
+        report = testbed.measure(requests=2)
+    data = json.loads(json.dumps(report.to_json()))
+    (call,) = data["calls"]
+    assert call["link"] == "edge->edge" and call["predicted_ms"] == pytest.approx(tile_link.call * 1e3)
+    assert call["calibrated_ms"] > 0  # a round trip to edge.1's worker costs more than its program and bytes
+    assert "a call over edge->edge:" in report.table()
+    edge = next(s for s in data["stages"] if s["stage"] == "edge.0")
+    assert edge["calibrated_ms"] > 0 and edge["measured_ms"] > 0
 
 
 def test_outputs_equal_the_in_process_run(testbed, build):
