@@ -51,7 +51,7 @@ from torch import fx, nn
 from partc.codec import NO_CODEC, LinkCodec
 from partc.compression import cut_codecs
 from partc.context import CompileContext
-from partc.ir import META_CODEC_MEASUREMENTS, META_LINK_CODECS, META_TIER, clone, link_name
+from partc.ir import META_CODEC_MEASUREMENTS, META_LINK_CODECS, META_SPLITS, META_TIER, clone, link_name
 from partc.partition.baselines import baselines, fleet_cut
 from partc.partition.cost import Cost, CostGraph, Partition, evaluate, predict, violations
 from partc.partition.family import deployment_plans
@@ -207,6 +207,7 @@ def compile_plans(
     )
     for note in notes:
         progress(f"note: {note}")
+    gm.meta[META_SPLITS] = {}  # each run split once across the plan passes' variants
     planner = _Planner(gm, raw, graph, links, ctx, pipeline, set(dump_after), timings, fleet_load(graph, ctx))
     progress("choosing the cut with each tier's parallel speed-ups")
     cut, parallel = planner.joint_cut(first_cut)

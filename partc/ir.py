@@ -35,6 +35,9 @@ META_CODEC_MEASUREMENTS = "partc.codec_measurements"
 #   {"kind": "branches" | "tiles", "run": META_TILE run index, "tier", "nodes": nodes used, "sequential_s",
 #    "parallel_s", and per kind "join", "branches" {first node of a branch: node} | "grid", "layers", "halo"}.
 META_PARALLEL = "partc.parallel"
+# The planner (partc.compilation), for the plan passes it runs: one dict shared by every variant of one
+# compile's graph (``clone`` copies gm.meta shallowly), in which partc.tiling.split keeps each run's split.
+META_SPLITS = "partc.splits"
 
 KINDS = ("input", "output", "conv", "matmul", "pool", "norm", "elementwise", "data", "other")
 

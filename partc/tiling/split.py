@@ -15,6 +15,7 @@ far for the prefix up to that end (no longer part can beat it: costs are not neg
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from torch import fx
 
 from partc.context import Tier
 from partc.costmodel import load_calibration, predict_graph
-from partc.ir import META_BYTES, META_PROFILE, compute_nodes
+from partc.ir import META_BYTES, META_PROFILE, META_SHAPE, META_SPLITS, compute_nodes
 from partc.partition.price import LinkPrice, tiled_step_seconds
 from partc.targets import target
 from partc.tiling.regions import Box, TileRegions, Window, hw, spatial_op, split
@@ -87,11 +88,37 @@ def split_run(
     docstring). Ties go to leaving a node untiled, then to fewer tiles, then to a shorter
     last part; untiled neighbours merge into one part.
 
-    Reads meta[META_BYTES] and meta[META_SHAPE] of the run and its inputs.
+    Reads meta[META_BYTES] and meta[META_SHAPE] of the run and its inputs. Where ``gm.meta``
+    holds META_SPLITS (a compile's planner), a run split before, with the same nodes, shapes,
+    seconds and readers, in any variant of the graph, is not split again.
 
     Raises:
         ValueError: if a node of ``run`` is not spatially local.
     """
+    memo = gm.meta.get(META_SPLITS)
+    key = (_fingerprint(run, seconds), nodes, link)
+    if memo is not None and key in memo:
+        return [Part(tuple(run[start:end]), grid, latency) for start, end, grid, latency in memo[key]]
+    parts = _split(run, gm, nodes, seconds, link)
+    if memo is not None:
+        ends = list(itertools.accumulate(len(part.nodes) for part in parts))
+        memo[key] = [(end - len(part.nodes), end, part.grid, part.latency)
+                     for part, end in zip(parts, ends, strict=True)]
+    return parts
+
+
+def _fingerprint(run: Sequence[fx.Node], seconds: Mapping[fx.Node, float]) -> tuple:
+    """What ``_split`` reads of ``run``: each node's name, op, shape, bytes, seconds, readers and inputs."""
+    return tuple((n.name, str(n.target), n.meta.get(META_SHAPE), n.meta[META_BYTES], seconds[n],
+                  tuple(u.name for u in n.users),
+                  tuple((i.name, i.meta.get(META_SHAPE), i.meta[META_BYTES]) for i in n.all_input_nodes))
+                 for n in run)
+
+
+def _split(
+    run: Sequence[fx.Node], gm: fx.GraphModule, nodes: int, seconds: Mapping[fx.Node, float], link: LinkPrice
+) -> list[Part]:
+    """``split_run``'s dynamic program."""
     sweep = _Sweep(run, gm, seconds, link)
     best, choice = [0.0], [(0, (1, 1))]
     for end in range(1, len(run) + 1):
