@@ -31,11 +31,11 @@ links:
 """
 
 
-# rpi4 -> two edge-x86 nodes joined by 1 Gbit/s: resnet18's edge part tiles over both.
+# rpi4 -> two jetson-nano nodes joined by 1 Gbit/s: resnet18's edge part (112x112) tiles over both.
 TILED = """\
 tiers:
   - {name: device, target: rpi4, backend: torchscript}
-  - {name: edge, target: edge-x86, backend: onnx, nodes: 2}
+  - {name: edge, target: jetson-nano, backend: onnx, nodes: 2}
 links:
   - {from: device, to: edge, bandwidth: 100Mbit/s, latency: 2ms}
   - {from: edge, to: edge, bandwidth: 1Gbit/s, latency: 0.2ms}

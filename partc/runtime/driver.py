@@ -36,6 +36,11 @@ every later one in flight, in order. Otherwise the failure ends ``Driver.run`` w
 ``RunError`` naming the stage, its address, the request, and how many requests in flight
 were abandoned.
 
+Slow nodes: while the plan runs tiles or branches on further nodes of a tier, the driver asks
+the tier's stage every ``CHECK_INTERVAL`` which of them it cannot reach or finds slow
+(``partc.runtime.watch``: measured against predicted, relative to the stage's own node), and
+moves to the best plan without those, as after a failure; requests in flight keep their plan.
+
 Recovery: while some stages are down, the driver asks them again whether they are up
 before it submits a request, with back-off (``PROBE_BACKOFF`` seconds after they were found
 down, doubling up to ``PROBE_MAX_BACKOFF``). When all answer, it returns to the plan it ran
@@ -89,6 +94,7 @@ log = logging.getLogger(__name__)
 
 _SLACK = 5.0  # seconds a request may run past its deadline (encoding, decoding) before the driver gives up
 PROBE_BACKOFF = 0.5  # seconds after a stage is found down before it is asked again whether it is up
+CHECK_INTERVAL = 1.0  # seconds between questions to the stages that run a plan's tiles about their nodes
 PROBE_MAX_BACKOFF = 10.0  # the longest wait between two such questions
 _PROBE = RetryPolicy(attempts=1)  # a probe is one question, with a deadline of PROBE_BACKOFF
 
@@ -197,6 +203,7 @@ class Driver:
         self._recovered: set[str] = set()  # stages back up, not yet through an answered request
         self._trial = 0  # the first request that may run through them
         self._unfaulted = 0  # the plan run before stages were found down
+        self._check_at = 0.0  # when the stages running the plan's tiles are next asked about their nodes
 
     @property
     def switches(self) -> list[Switch]:
@@ -264,6 +271,7 @@ class Driver:
         submitted = delivered = 0
 
         def submit(request_id: int, tensors: dict[str, np.ndarray]) -> tuple:
+            self._check_nodes(request_id)
             self._probe(request_id)
             plan = self.selector.select(request_id, self.links)
             return request_id, tensors, pool.submit(self._request, request_id, tensors, plan)
@@ -318,6 +326,27 @@ class Driver:
         if not self.selector.down:
             self._unfaulted = self.selector.current
         return self.selector.degrade(request_id, down, f"request {request_id} failed: {reason}", self.links)
+
+    def _check_nodes(self, request_id: int) -> None:
+        """While the plan runs tiles or branches on further nodes of a tier, ask the tier's stage every
+        ``CHECK_INTERVAL`` which of them it cannot reach or finds slow (``partc.runtime.watch``), and
+        move to the best plan without those, as after a failed request."""
+        selector = self.selector
+        plan = selector.plans[selector.current]
+        if not plan.peers or selector.down or time.monotonic() < self._check_at:
+            return
+        self._check_at = time.monotonic() + CHECK_INTERVAL
+        tiers = {_tier(n) for n in plan.peers}
+        asked = [c for c in self._channels if c.stage in {s.name for s in plan.stages} and _tier(c.stage) in tiers]
+        down = self._down(asked, PROBE_BACKOFF, _PROBE)
+        if not down:
+            return
+        self._probe_delay = PROBE_BACKOFF
+        self._probe_at = time.monotonic() + self._probe_delay
+        self._unfaulted = selector.current
+        reason = f"{', '.join(c.stage for c in asked)} finds {', '.join(sorted(down))} slow or unreachable"
+        if not selector.degrade(request_id, down, reason, self.links):
+            selector.down.clear()  # no plan avoids them: stay
 
     def _probe(self, request_id: int) -> None:
         """Ask the stages (and tier nodes, through their tier's stage) found down whether they are up, with

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import operator
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -35,6 +36,8 @@ from partc.plan import Stage, StageFn, TensorSpec, spec_of
 
 # Runs one tile step's program on another node: (node index, program id, named inputs) -> named outputs.
 TileCall = Callable[[int, str, Mapping], dict]
+# Told the seconds a node took for one program of a parallel step: (node index, program id, seconds).
+Observer = Callable[[int, str, float], None]
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,7 @@ def _program(stage: Stage, sub: fx.GraphModule, tile: int, by_name: Mapping[str,
 
 def schedule_fn(steps: Sequence[Sequence[str]], reads: Mapping[str, Sequence[str]],
                 results: Sequence[tuple[str, str]], local: Mapping[str, StageFn], call: TileCall,
-                pool: concurrent.futures.Executor) -> StageFn:
+                pool: concurrent.futures.Executor, observe: Observer | None = None) -> StageFn:
     """Return the ``StageFn`` of a tiled stage.
 
     Args:
@@ -190,13 +193,25 @@ def schedule_fn(steps: Sequence[Sequence[str]], reads: Mapping[str, Sequence[str
         local: program id -> loaded program, for the programs the coordinator (node 0) runs.
         call: runs a program on node t > 0: ``call(t, program id, inputs)``.
         pool: runs the calls to other nodes while the coordinator computes tile 0.
+        observe: told the seconds of every program of a parallel step, the coordinator's own
+            and each call to another node (``partc.runtime.watch.NodeWatch.observe``).
     """
+
+    def timed(t: int, pid: str, inputs: Mapping) -> dict:
+        start = time.perf_counter()
+        out = call(t, pid, inputs)
+        observe(t, pid, time.perf_counter() - start)
+        return out
 
     def run(tensors: Mapping) -> dict:
         env = dict(tensors)
         for ids in steps:
-            remote = [pool.submit(call, t, pid, {n: env[n] for n in reads[pid]}) for t, pid in enumerate(ids) if t]
+            remote = [pool.submit(timed if observe else call, t, pid, {n: env[n] for n in reads[pid]})
+                      for t, pid in enumerate(ids) if t]
+            start = time.perf_counter()
             env.update(local[ids[0]]({n: env[n] for n in reads[ids[0]]}))
+            if observe and remote:
+                observe(0, ids[0], time.perf_counter() - start)
             for future in remote:
                 env.update(future.result())
         return {name: env[node] for name, node in results}
