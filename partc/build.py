@@ -52,6 +52,7 @@ from partc.partition.model import link_price, program_seconds
 from partc.passes import DEFAULT_PIPELINE
 from partc.pipeline import Pipeline
 from partc.plan import Artifact, StageFn, eager_stage_fn, run_plan
+from partc.runtime.emulate import SYSROOT_SCRIPT, emulated_stage_fn, find_emulator
 from partc.targets import backend, runs_here, target
 from partc.tiling.schedule import local_schedule_fn, step_id
 from partc.version import __version__
@@ -82,6 +83,7 @@ def compile_model(
     tvm_trials: int = 0,
     tuning_db: Path | None = None,
     aoti: bool = False,
+    qemu_sysroot: Path | None = None,
     dump_after: Sequence[str] = (),
     dump_dir: Path = Path("partc-dump"),
     depfile: Path | None = None,
@@ -103,6 +105,9 @@ def compile_model(
         tvm_trials: MetaSchedule trials per task for TVM stages (0: untuned).
         tuning_db: TVM tuning database folder, reused across builds.
         aoti: compile ``export`` stages with AOTInductor for this machine (minutes per stage).
+        qemu_sysroot: the target's Python (``examples/qemu/make-sysroot.sh``) in which to check
+            TVM stages compiled for another architecture, under qemu-user; None checks their
+            PyTorch graph instead.
         dump_after: passes after which to dump the IR (``partc.compilation.compile_plans``).
         dump_dir: where to dump it.
         depfile: write a Makefile-syntax dependency file for make / ninja / CMake.
@@ -112,7 +117,8 @@ def compile_model(
         PartcError: for bad input (model, shapes, cluster, constraints, unsupported layers).
     """
     output = Path(output)
-    ctx = load_cluster(cluster, profiles, BackendOptions(tvm_trials=tvm_trials, tuning_db=tuning_db, aoti=aoti))
+    ctx = load_cluster(cluster, profiles, BackendOptions(tvm_trials=tvm_trials, tuning_db=tuning_db, aoti=aoti,
+                                                         qemu_sysroot=qemu_sysroot))
     compiled = compile_plans(model, input_shapes, ctx, pipeline=pipeline, dump_after=dump_after,
                              dump_dir=dump_dir, progress=progress)
     staging = _staging_folder(output)
@@ -123,7 +129,7 @@ def compile_model(
             progress(f"emitting {pid} with {tier.backend} for {tier.target}")
             artifacts[pid] = backend(tier.backend).emit(replace(stage, name=pid), target(tier.target), staging,
                                                         ctx.options)
-        measured, diffs, scale = _verify(compiled, artifacts, progress)
+        measured, diffs, scale = _verify(compiled, artifacts, ctx.options.qemu_sysroot, progress)
         manifest = _manifest(model, compiled, artifacts, diffs, scale)
         render_deployment(manifest, staging, output.name)
         write_manifest(manifest, staging)  # last: a folder without it is not a build
@@ -216,12 +222,14 @@ def _manifest(
 
 
 def _verify(
-    compiled: Compilation, artifacts: Mapping[str, Artifact], progress: Callable[[str], None]
+    compiled: Compilation, artifacts: Mapping[str, Artifact], sysroot: Path | None, progress: Callable[[str], None]
 ) -> tuple[dict[str, float | None], list[float], float]:
     """Run every plan through the artifacts; time each program; compare with the model.
 
-    An artifact that cannot run here (cross-compiled for another architecture) runs
-    eagerly and is not timed. Returns the median seconds per program (artifacts and tiled
+    An artifact that cannot run here (cross-compiled for another architecture) runs under
+    qemu-user in ``sysroot`` where ``partc.runtime.emulate`` finds it (once per distinct input, compared with
+    its stage run eagerly), else eagerly; either way it is not timed, and progress says which
+    it was. Returns the median seconds per program (artifacts and tiled
     programs' schedules), the largest absolute difference per plan, and the output scale.
     """
     gm, emitted = compiled.gm, compiled.artifacts
@@ -231,10 +239,19 @@ def _verify(
     fns: dict[str, StageFn] = {}
     warmup = 3  # untimed first calls of every program: TorchScript optimises on its second call, ORT lazily
     progress(f"loading {len(artifacts)} artifact(s)")
+    emulated: dict[str, str] = {}  # program id -> what ran it
+    gaps: dict[str, float] = {}  # program id -> largest difference of the emulated module from its eager stage
     for pid, artifact in artifacts.items():
+        foreign = f"{artifact.info.get('arch')} {artifact.backend} module"
         if runs_here(artifact):
             fns[pid] = _timed(backend(artifact.backend).load(artifact), measured, pid, warmup)
+        elif (emulator := find_emulator(artifact, sysroot)) is not None:
+            emulated[pid] = f"{foreign} under {emulator.name}"
+            progress(f"starting {pid} ({emulated[pid]}): checked, not timed")
+            fns[pid] = _checked(emulated_stage_fn(artifact, emulator), eager_stage_fn(emitted[pid]), gaps, pid)
         else:
+            progress(f"{pid} ({foreign}) cannot run here: checking its stage eagerly instead "
+                     f"(to run it under qemu-user: --qemu-sysroot DIR, made by {SYSROOT_SCRIPT} DIR)")
             fns[pid] = eager_stage_fn(emitted[pid])
     with ThreadPoolExecutor(4, thread_name_prefix="partc-tiles") as pool:
         for pid, sch in schedules.items():
@@ -254,8 +271,27 @@ def _verify(
                 outputs = run_plan(plan, plan_fns, inputs)
             diffs.append(max(float(np.abs(outputs[spec.name] - want).max())
                              for spec, want in zip(plan.model_outputs, expected, strict=True)))
+    for pid, how in emulated.items():
+        progress(f"{pid}: the {how} matched its stage run eagerly within {gaps[pid]:.2e}")
     times = {pid: statistics.median(ts) if ts else None for pid, ts in measured.items()}
     return {pid: times.get(pid) for pid in [*emitted, *schedules]}, diffs, scale
+
+
+def _checked(fn: StageFn, eager: StageFn, gaps: dict[str, float], name: str) -> StageFn:
+    """Wrap ``fn`` (an emulated module: slow, and its time means nothing) to run once per distinct
+    input, keeping in ``gaps[name]`` its largest absolute difference from ``eager``."""
+    gaps[name] = 0.0
+    last: list[tuple[Mapping[str, np.ndarray], dict[str, np.ndarray]]] = []
+
+    def run(tensors):
+        if last and all(np.array_equal(tensors[k], last[0][0][k]) for k in tensors):
+            return last[0][1]
+        got, want = fn(tensors), eager(tensors)
+        gaps[name] = max(gaps[name], *(float(np.abs(got[k] - want[k]).max()) for k in want))
+        last[:] = [(dict(tensors), got)]
+        return got
+
+    return run
 
 
 def _timed(fn: StageFn, measured: dict, name: str, warmup: int) -> StageFn:

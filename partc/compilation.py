@@ -203,8 +203,8 @@ def compile_plans(
     notes = tuple(
         f"{t.name} has {t.nodes} nodes but no link {link_name(t.name, t.name)}: only one of them is used; add "
         f"{{from: {t.name}, to: {t.name}, bandwidth: ..., latency: ...}} to the cluster file's links"
-        for t in ctx.tiers if t.nodes > 1 and ctx.link(t.name, t.name) is None
-    )
+        for t in ctx.tiers if t.nodes > 1 and ctx.link(t.name, t.name) is None and not ctx.loaded
+    )  # under a fleet's load, the nodes host the tier's replicas
     for note in notes:
         progress(f"note: {note}")
     gm.meta[META_SPLITS] = {}  # each run split once across the plan passes' variants

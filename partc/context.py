@@ -19,8 +19,10 @@ OBJECTIVES = ("latency", "throughput")  # what a plan minimises: end-to-end late
 class Scaling:
     """How many requests reach a tier and how it serves them (``partc.partition.load`` prices it).
 
-    Distinct from ``Tier.nodes``: nodes are machines that serve one request together (tiles,
-    branches); instances and replicas are copies that serve different requests.
+    Distinct from ``Tier.nodes``, the machines of each instance: a tiled plan serves one request
+    on them together (tiles, branches), otherwise they host its replicas (a replica takes a
+    machine: ``partc.partition.load``); instances and replicas are copies that serve different
+    requests.
 
     Attributes:
         instances: independent copies of the tier, each feeding the next tier (50 cameras);
@@ -111,7 +113,8 @@ class Compression:
 class BackendOptions:
     """Settings for the backends that come from the command line, not the cluster file.
 
-    Each backend reads the fields that concern it in ``emit``.
+    Each backend reads the fields that concern it in ``emit``; compile's check
+    (``partc.build``) reads ``qemu_sysroot``.
 
     Attributes:
         tvm_trials: MetaSchedule trials per untuned task of a TVM stage; 0 tunes nothing.
@@ -119,6 +122,9 @@ class BackendOptions:
             None uses no database.
         aoti: compile ``export`` stages with AOTInductor (native code for this machine;
             minutes per stage) instead of saving the portable ExportedProgram.
+        qemu_sysroot: the target's Python made by ``examples/qemu/make-sysroot.sh``, in which
+            the check runs TVM stages compiled for another architecture under qemu-user
+            (``partc.runtime.emulate``); None checks their PyTorch graph instead.
 
     Raises:
         PartcError: for negative ``tvm_trials``, or ``tvm_trials`` > 0 without ``tuning_db``.
@@ -127,6 +133,7 @@ class BackendOptions:
     tvm_trials: int = 0
     tuning_db: Path | None = None
     aoti: bool = False
+    qemu_sysroot: Path | None = None
 
     def __post_init__(self) -> None:
         if self.tvm_trials < 0:

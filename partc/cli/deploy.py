@@ -12,6 +12,7 @@ import logging
 import statistics
 from pathlib import Path
 
+from partc.cli.model import add_qemu_sysroot_arg
 from partc.errors import PartcError, RunError
 from partc.output import document, with_units
 from partc.progress import Progress
@@ -72,6 +73,7 @@ def _add_run(sub) -> None:
     p.add_argument("--timeline", type=Path, metavar="PNG", help="with --distributed: draw a request through the "
                    "stages, predicted next to measured (the median of the requests after the first)")
     _add_engine_args(p, "the tiers after the first, each started here (or reached with --connect)")
+    add_qemu_sysroot_arg(p, "run")
     _add_security_args(p)
     p.set_defaults(func=_run_run)
 
@@ -179,7 +181,7 @@ def _run_local(args, inputs, progress):
     from partc.runtime.local import load
 
     progress.step(f"loading {args.build}")
-    pipeline = load(args.build)
+    pipeline = load(args.build, args.qemu_sysroot)
     progress.step(f"running {args.requests} request(s) in this process")
     started, latencies = time.perf_counter(), []
     for i in range(args.requests):
@@ -203,12 +205,12 @@ def _run_distributed(args, inputs, progress):
     with contextlib.ExitStack() as stack:
         if not addresses:
             progress.step("starting one worker process per stage on 127.0.0.1")
-            addresses = stack.enter_context(LocalWorkers(args.build, args.token_file)).addresses
+            addresses = stack.enter_context(LocalWorkers(args.build, args.token_file, args.qemu_sysroot)).addresses
         progress.step(f"connecting to {len(addresses)} worker(s)")
         driver = stack.enter_context(connect_build(args.build, addresses, _security(args), window=args.window or 4))
         driver.check()
         progress.step(f"streaming {args.requests} request(s), {args.window or 4} in flight")
-        expected = load(args.build)(inputs) if args.verify else None
+        expected = load(args.build, args.qemu_sysroot)(inputs) if args.verify else None
         started, latencies, outputs = time.perf_counter(), [], None
         sent = []
         measured = []  # each request's measurements, for --timeline
@@ -272,7 +274,7 @@ def _run_fleet(args, manifest, serving) -> int:
             addresses = stack.enter_context(RayTiers(args.build, serving, args.token_file)).addresses
         elif not addresses:
             log.warning("starting one worker process per stage on 127.0.0.1")
-            addresses = stack.enter_context(LocalWorkers(args.build, args.token_file)).addresses
+            addresses = stack.enter_context(LocalWorkers(args.build, args.token_file, args.qemu_sysroot)).addresses
         report = run_fleet(args.build, addresses, devices=args.devices or 1, rate=args.rate, requests=args.requests,
                            poisson=args.arrivals == "poisson", verify=args.verify, security=_security(args),
                            window=args.window or 4)
@@ -340,6 +342,7 @@ def _add_serve(sub) -> None:
                    help="write {stage, address} as JSON here once serving (for scripts)")
     p.add_argument("--json", action="store_true", help="print {stage, address} as JSON on stdout once serving")
     _add_engine_args(p, "the tier's programs as deployments behind a gRPC ingress,")
+    add_qemu_sysroot_arg(p, "run")
     _add_security_args(p)
     p.set_defaults(func=_run_serve)
 
@@ -363,7 +366,7 @@ def _run_serve(args) -> int:
             _tier_serving(args, None, "")
             peers = dict(parse_pair(text, "--peer", "STAGE=HOST:PORT") for text in args.peer)
             server = serve(args.build, args.stage, listen=args.listen, next_address=args.next, peers=peers,
-                           security=_security(args), threads=args.threads)
+                           security=_security(args), threads=args.threads, qemu_sysroot=args.qemu_sysroot)
         log.warning("serving stage %s on %s", server.stage, server.address)
         if args.json:
             print(document("serve", {"stage": server.stage, "address": server.address}), flush=True)

@@ -7,6 +7,7 @@ Each command is a ``_add_<command>(subparsers)`` function that declares its flag
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from partc.errors import PartcError
@@ -31,6 +32,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="write the IR after PASS ('trace' for the traced IR) as JSON and Graphviz dot; repeatable",
     )
     parser.add_argument("--dump-dir", type=Path, default=Path("partc-dump"), help="where --dump-after writes")
+
+
+def add_qemu_sysroot_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--qemu-sysroot DIR``; the environment variable ``PARTC_QEMU_SYSROOT`` is its default, read
+    here and nowhere in the library."""
+    parser.add_argument("--qemu-sysroot", type=Path, default=os.environ.get("PARTC_QEMU_SYSROOT") or None,
+                        metavar="DIR", help=f"{what} TVM stages compiled for another architecture under qemu-user, "
+                        "in the target's Python made by examples/qemu/make-sysroot.sh DIR (default: "
+                        "$PARTC_QEMU_SYSROOT; unset: none)")
 
 
 def _add_inspect(sub) -> None:
@@ -210,6 +220,7 @@ def _add_compile(sub) -> None:
     p.add_argument("--tuning-db", type=Path, metavar="DIR", help="TVM tuning database, reused across builds")
     p.add_argument("--aoti", action="store_true",
                    help="compile 'export' stages with AOTInductor: native code for this machine, minutes per stage")
+    add_qemu_sysroot_arg(p, "check")
     p.add_argument("--depfile", type=Path, metavar="FILE", help="write a Makefile-syntax dependency file")
     p.add_argument("--json", action="store_true", help="print the build's programs, plans and check as JSON")
     p.set_defaults(func=_run_compile)
@@ -223,8 +234,8 @@ def _run_compile(args) -> int:
     with Progress(args.quiet) as progress:
         build = compile_model(
             args.model, args.input_shape, args.cluster, args.output, profiles=parse_profile_args(args.profile),
-            tvm_trials=args.tvm_trials, tuning_db=args.tuning_db, aoti=args.aoti, dump_after=args.dump_after,
-            dump_dir=args.dump_dir, depfile=args.depfile, progress=progress.step,
+            tvm_trials=args.tvm_trials, tuning_db=args.tuning_db, aoti=args.aoti, qemu_sysroot=args.qemu_sysroot,
+            dump_after=args.dump_after, dump_dir=args.dump_dir, depfile=args.depfile, progress=progress.step,
         )
     manifest = build.manifest
     links = manifest.prices

@@ -42,6 +42,7 @@ from partc.runtime.transport import (
     StageServer,
     call_stage,
 )
+from partc.runtime.watch import NodeWatch
 from partc.runtime.wire import Frame, decode, encode, frame_limit
 from partc.runtime.worker import serve_stage
 from partc.tiling.schedule import TileCall
@@ -67,6 +68,7 @@ def serve(
     peers: Mapping[str, str] | None = None,
     security: Security = NO_SECURITY,
     threads: int = 0,
+    qemu_sysroot: Path | None = None,
 ) -> StageServer:
     """Python twin of ``partc serve``: serve ``stage`` of ``build`` over gRPC.
 
@@ -84,6 +86,8 @@ def serve(
             ``stage``; required when it has tiled programs.
         security: token and TLS files, for both this server and its calls to other stages.
         threads: compute threads of its programs (0: the backend's default, every core).
+        qemu_sysroot: the target's Python (``examples/qemu/make-sysroot.sh``) in which a TVM
+            program compiled for another architecture runs here under qemu-user.
 
     Raises:
         ManifestError: for a bad manifest or a missing or tampered artifact.
@@ -100,7 +104,7 @@ def serve(
     identity, answer = identity_route(stage, build)
     pool = ThreadPoolExecutor(8, thread_name_prefix="partc-tiles")
     if mine.index > 0:  # a further node of its tier: one route per tile program, keyed by its position
-        fns = load_programs(stages, [stage], None, pool, threads)
+        fns = load_programs(stages, [stage], None, pool, threads, qemu_sysroot=qemu_sysroot)
         routes = {k: Route(stage, tuple(t.name for t in a.inputs), tuple(t.name for t in a.outputs),
                            results=tuple(t.name for t in a.outputs))
                   for k, (pid, a) in enumerate(mine.programs.items())}
@@ -115,12 +119,16 @@ def serve(
         if not next_address:
             raise PartcError(f"stage {stage!r} forwards to {following!r}: give its address (--next HOST:PORT)")
         routes = {i: replace(r, next_address=next_address) if r.next_stage else r for i, r in routes.items()}
-    call, unreachable = tile_call(stages, mine, dict(peers or {}), security) if mine.schedules else (None, tuple)
-    fns = load_programs(stages, [stage], call, pool, threads)
+    call, unreachable, watch = None, tuple, None
+    if mine.schedules:
+        call, unreachable = tile_call(stages, mine, dict(peers or {}), security)
+        watch = node_watch(manifest, mine.tier)
+    fns = load_programs(stages, [stage], call, pool, threads, watch.observe if watch else None,
+                        qemu_sysroot=qemu_sysroot)
     return serve_stage(routes | {IDENTITY_PLAN: identity},
                        {i: fns[plan.programs[stage]] for i, plan in enumerate(plans) if stage in plan.programs}
                        | {IDENTITY_PLAN: answer}, listen, security, max_message=message_limit(manifest),
-                       unreachable=unreachable)
+                       unreachable=(lambda: sorted({*unreachable(), *watch.slow()})) if watch else unreachable)
 
 
 def _warn_if_open(stage: str, listen: str, security: Security) -> None:
@@ -167,6 +175,17 @@ def tile_call(stages: Sequence[ManifestStage], coordinator: ManifestStage, peers
         return down
 
     return call, unreachable
+
+
+def node_watch(manifest: Manifest, tier: str) -> NodeWatch:
+    """The ``NodeWatch`` of ``tier``'s first node: each program of its nodes predicted as the manifest
+    prices it, a further node's as a call over the tier's link (its tensors' transfers and the call)."""
+    link = next(lk.price for lk in manifest.links if (lk.src, lk.dst) == (tier, tier))
+    nodes = [s for s in manifest.stages if s.tier == tier]
+    predicted = {p.id: p.predicted_s + (link.call + link.transfer_seconds(sum(t.nbytes for t in p.inputs))
+                                        + link.transfer_seconds(sum(t.nbytes for t in p.outputs)) if s.index else 0.0)
+                 for s in nodes for p in s.programs}
+    return NodeWatch({s.index: s.name for s in nodes}, predicted)
 
 
 def message_limit(manifest: Manifest) -> int:
@@ -220,6 +239,7 @@ class LocalWorkers:
 
     build: Path
     token_file: Path | None = None
+    qemu_sysroot: Path | None = None
     addresses: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -235,7 +255,7 @@ class LocalWorkers:
                 process, ready, log_path = spawn_worker(self.build, stage.name, Path(self._scratch.name),
                                                         next_address=next_address if stage.index == 0 else None,
                                                         peers=peers, token_file=self.token_file,
-                                                        processes=self.processes)
+                                                        qemu_sysroot=self.qemu_sysroot, processes=self.processes)
                 address = wait_ready(process, ready, log_path, f"worker for stage {stage.name!r}")["address"]
                 self.addresses[stage.name] = address
                 next_address = address if stage.index == 0 else next_address
@@ -259,6 +279,7 @@ def spawn_worker(
     peers: Mapping[str, str] | None = None,
     threads: int = 0,
     token_file: Path | None = None,
+    qemu_sysroot: Path | None = None,
     prefix: Sequence[str] = (),
     processes: dict[str, subprocess.Popen] | None = None,
 ) -> tuple[subprocess.Popen, Path, Path]:
@@ -277,6 +298,7 @@ def spawn_worker(
     argv += [arg for name, address in (peers or {}).items() for arg in ("--peer", f"{name}={address}")]
     argv += ["--threads", str(threads)] if threads else []
     argv += ["--token-file", str(token_file)] if token_file else []
+    argv += ["--qemu-sysroot", str(qemu_sysroot)] if qemu_sysroot else []
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
     if processes is not None:

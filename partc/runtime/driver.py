@@ -40,6 +40,7 @@ Slow nodes: while the plan runs tiles or branches on further nodes of a tier, th
 the tier's stage every ``CHECK_INTERVAL`` which of them it cannot reach or finds slow
 (``partc.runtime.watch``: measured against predicted, relative to the stage's own node), and
 moves to the best plan without those, as after a failure; requests in flight keep their plan.
+With ``margin`` infinite the driver never moves for speed: not for bandwidth, not for slow nodes.
 
 Recovery: while some stages are down, the driver asks them again whether they are up
 before it submits a request, with back-off (``PROBE_BACKOFF`` seconds after they were found
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -333,8 +335,8 @@ class Driver:
         move to the best plan without those, as after a failed request."""
         selector = self.selector
         plan = selector.plans[selector.current]
-        if not plan.peers or selector.down or time.monotonic() < self._check_at:
-            return
+        if not plan.peers or selector.down or selector.margin == math.inf or time.monotonic() < self._check_at:
+            return  # margin inf: never move for speed (a slow node), only for faults
         self._check_at = time.monotonic() + CHECK_INTERVAL
         tiers = {_tier(n) for n in plan.peers}
         asked = [c for c in self._channels if c.stage in {s.name for s in plan.stages} and _tier(c.stage) in tiers]

@@ -6,6 +6,7 @@ between workers, so a build with a lossy codec gives here what it gives when dis
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -18,13 +19,15 @@ import numpy as np
 from partc.codec import decode, encode, parse_codec
 from partc.errors import ManifestError
 from partc.manifest import Manifest, ManifestStage, manifest_stages, read_manifest
-from partc.plan import StageFn, TensorSpec
+from partc.plan import Artifact, StageFn, TensorSpec
 from partc.runtime.driver import check_inputs
 from partc.runtime.plans import Hop, from_manifest
-from partc.tiling.schedule import TileCall, schedule_fn
+from partc.tiling.schedule import Observer, TileCall, schedule_fn
 
 if TYPE_CHECKING:
     from partc.build import Build
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,9 +127,10 @@ def _through(codec: str, array: np.ndarray) -> np.ndarray:
     return decode(encode(array, parsed), parsed, array.shape, array.dtype)
 
 
-def load(build: Build | Path | str) -> Pipeline:
+def load(build: Build | Path | str, qemu_sysroot: Path | None = None) -> Pipeline:
     """Verify every artifact of ``build`` (what ``partc.compile`` returns, or its folder) against
-    the manifest, then load it.
+    the manifest, then load it (a TVM stage compiled for another architecture under qemu-user in
+    ``qemu_sysroot``: ``load_programs``).
 
     Raises:
         ManifestError: for a malformed manifest, or a missing or tampered artifact.
@@ -136,7 +140,8 @@ def load(build: Build | Path | str) -> Pipeline:
     folder = path if path.is_dir() else path.parent
     stages = manifest_stages(manifest, folder)  # checksums first: nothing unverified is loaded
     primary = manifest.plans[0].programs
-    fns = load_programs(stages, [s.name for s in stages], None, ThreadPoolExecutor(4, thread_name_prefix="partc-tiles"))
+    fns = load_programs(stages, [s.name for s in stages], None, ThreadPoolExecutor(4, thread_name_prefix="partc-tiles"),
+                        qemu_sysroot=qemu_sysroot)
     programs = []
     for stage in stages:
         pid = primary.get(stage.name)
@@ -148,27 +153,36 @@ def load(build: Build | Path | str) -> Pipeline:
 
 
 def load_programs(stages: Sequence[ManifestStage], names: Collection[str], call: TileCall | None,
-                  pool: Executor, threads: int = 0) -> dict[str, StageFn]:
+                  pool: Executor, threads: int = 0, observe: Observer | None = None,
+                  qemu_sysroot: Path | None = None) -> dict[str, StageFn]:
     """Load every program of the stages ``names`` of a build, by program id.
 
     An artifact loads through its backend, with ``threads`` compute threads where the
-    backend takes a number (TorchScript, ONNX; 0: the backend's default, every core); a
+    backend takes a number (TorchScript, ONNX; 0: the backend's default, every core), or,
+    cross-compiled for another architecture, under qemu-user in ``qemu_sysroot`` where
+    ``partc.runtime.emulate`` finds it (with a warning: its times say nothing about the target); a
     tiled program becomes its schedule's ``StageFn``, whose tiles on the tier's other nodes
     go through ``call`` (None: those nodes' programs run in this process and must be among
-    ``names``).
+    ``names``), its parallel steps timed for ``observe`` (``schedule_fn``).
     """
-    from partc.targets import backend
+    from partc.runtime.emulate import emulated_stage_fn, find_emulator
+    from partc.targets import backend, runs_here
 
-    def loader(name: str):
-        chosen = backend(name)
-        return type(chosen)(threads=threads) if threads and hasattr(chosen, "threads") else chosen
+    def load_one(artifact: Artifact) -> StageFn:
+        emulator = None if runs_here(artifact) else find_emulator(artifact, qemu_sysroot)
+        if emulator is not None:
+            log.warning("stage %s: its %s %s module runs under %s here (emulated: not the target's speed)",
+                        artifact.stage, artifact.info["arch"], artifact.backend, emulator.name)
+            return emulated_stage_fn(artifact, emulator)
+        chosen = backend(artifact.backend)
+        return (type(chosen)(threads=threads) if threads and hasattr(chosen, "threads") else chosen).load(artifact)
 
-    fns = {pid: loader(a.backend).load(a) for s in stages if s.name in names for pid, a in s.programs.items()}
+    fns = {pid: load_one(a) for s in stages if s.name in names for pid, a in s.programs.items()}
     reads = {pid: [t.name for t in a.inputs] for s in stages for pid, a in s.programs.items()}
     for stage in stages:
         if stage.name not in names:
             continue
         for pid, entry in stage.schedules.items():
             tiles = call or (lambda t, program, tensors: fns[program](tensors))
-            fns[pid] = schedule_fn(entry.steps, reads, entry.results, fns, tiles, pool)
+            fns[pid] = schedule_fn(entry.steps, reads, entry.results, fns, tiles, pool, observe)
     return fns

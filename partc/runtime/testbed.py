@@ -77,7 +77,9 @@ from partc.runtime.netns import (
     set_rate,
     start_proxy,
 )
-from partc.runtime.transport import Security
+from partc.runtime.ping import IDENTITY_PLAN
+from partc.runtime.transport import GrpcChannel, RetryPolicy, Security, call_stage
+from partc.runtime.wire import Frame, decode, encode
 
 SUBNET = "10.231"  # link i: SUBNET.i.1 (sender) -- SUBNET.i.2 (receiver), inside the namespaces only
 CALIBRATION_WARMUP = 2  # untimed calls of each program before the timed ones
@@ -135,6 +137,7 @@ class Testbed:
         self.namespaces = {name: f"{prefix}-{i}" for i, name in enumerate(nodes)}
         self.addresses: dict[str, str] = {}
         self.peers: dict[str, dict[str, str]] = {}  # a tier's first node -> its further nodes' addresses
+        self.listens: dict[str, str] = {}  # a chain stage -> where its worker listens, in its namespace
         self._cgroups: list[Path] = []
         self._made_ns: list[str] = []
         self.processes: dict[str, subprocess.Popen] = {}
@@ -185,7 +188,7 @@ class Testbed:
         for i, name in enumerate(nodes):  # every address is known up front: start them all at once
             if name == DRIVER:
                 continue
-            listen = WORKER_LISTEN if self._proxied(i) else self._address(i)
+            listen = self.listens[name] = WORKER_LISTEN if self._proxied(i) else self._address(i)
             next_address = self._address(i + 1) if i + 1 < len(nodes) else None
             waits[name] = self._spawn(name, scratch, listen, next_address, self.peers.get(name, {}))
             if self._proxied(i):
@@ -319,11 +322,26 @@ class Testbed:
                 calls[link.name] = statistics.median(extra)
         return calls
 
+    def calibrate_overheads(self) -> dict[str, float]:
+        """Measure what a request costs each stage of the primary plan besides its program and its
+        tensors' transfers: decoding and encoding frames, gRPC; return stage -> seconds.
+
+        A process in the stage's namespace and cgroup calls its worker's identity route
+        (``partc.runtime.ping``: no program, no tensor in, 32 bytes out) as a request would reach
+        it (``CALIBRATION_WARMUP`` untimed calls, the median of ``CALIBRATION_REPEATS``): caller
+        and worker both run under the node's quota.
+
+        Raises:
+            RunError: if a call fails.
+        """
+        stages = self.manifest.plans[0].stages
+        return {name: self._time_in(name, [name, "--identity", self.listens[name]])[name] for name in stages}
+
     def _time_in(self, node: str, args: Sequence[str]) -> dict[str, float]:
         """Run ``python -m partc.runtime.testbed BUILD ARGS`` in ``node``'s cgroup (and, for calls,
         its namespace); return what it prints."""
         argv = [sys.executable, "-m", "partc.runtime.testbed", str(self.build), *args]
-        if "--at" in args:
+        if "--at" in args or "--identity" in args:
             argv = ["ip", "netns", "exec", self.namespaces[node], *argv, *self._token_args()]
         # the shell joins the cgroup, then becomes the timing process: it runs under the quota from its start
         joined = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self._cgroup(node) / "cgroup.procs"), *argv]
@@ -401,6 +419,7 @@ class Testbed:
                       for t in self.manifest.inputs}
         seconds = self.calibrate()
         calls = self.calibrate_calls(seconds)
+        overheads = self.calibrate_overheads()
         primary = self.manifest.plans[0]
         prices = self._prices(calls)
         calibrated_compute = dict(primary.predicted.compute)
@@ -454,9 +473,9 @@ class Testbed:
             measured = samples.get(s.name)
             stages.append(StageRow(s.name, s.target, self.shares[s.name], target_cores(s.target),
                                    program.predicted_s if program else 0.0, stage_calibrated.get(s.name, 0.0),
-                                   statistics.median(measured) if measured else 0.0))
+                                   overheads.get(s.name, 0.0), statistics.median(measured) if measured else 0.0))
         return TestbedReport(requests, os.getloadavg()[0], primary.predicted.latency(self.manifest.prices),
-                             sum(calibrated.compute.values()) + sum(crossed.values()),
+                             sum(calibrated.compute.values()) + sum(crossed.values()) + sum(overheads.values()),
                              statistics.median(latencies), min(latencies), stages, links,
                              [CallRow(name, self._prices()[name].call, call) for name, call in calls.items()])
 
@@ -487,7 +506,9 @@ class Testbed:
 class StageRow:
     """One stage in a ``TestbedReport``: ``share`` cores of this host, of the ``target_cores`` that
     would run at its target's speed; compute seconds predicted for the target (the manifest's),
-    for the emulated node (calibrated) and measured (median per request)."""
+    for the emulated node (calibrated) and measured (median per request); ``overhead_s``: what a
+    request costs the stage besides its program and transfers, measured under its quota
+    (``Testbed.calibrate_overheads``; the calibrated end to end counts it)."""
 
     stage: str
     target: str
@@ -495,6 +516,7 @@ class StageRow:
     target_cores: float
     predicted_s: float
     calibrated_s: float
+    overhead_s: float
     measured_s: float
 
     @property
@@ -578,10 +600,10 @@ class TestbedReport:
                  f"{self.measured_min_s * 1e3:.1f}), measured / calibrated "
                  f"{_ratio(self.measured_s, self.calibrated_s)}",
                  f"{'stage':<12} {'target':<12} {'cores':>5} {'needs':>6} {'target ms':>10} {'calib ms':>9} "
-                 f"{'meas ms':>9} {'meas/calib':>10}"]
+                 f"{'ovh ms':>7} {'meas ms':>9} {'meas/calib':>10}"]
         lines += [f"{s.stage:<12} {s.target:<12} {s.share:5.2f} {s.target_cores:6.2f} {s.predicted_s * 1e3:10.2f} "
-                  f"{s.calibrated_s * 1e3:9.2f} {s.measured_s * 1e3:9.2f} {_ratio(s.measured_s, s.calibrated_s):>10}"
-                  for s in self.stages]
+                  f"{s.calibrated_s * 1e3:9.2f} {s.overhead_s * 1e3:7.2f} {s.measured_s * 1e3:9.2f} "
+                  f"{_ratio(s.measured_s, s.calibrated_s):>10}" for s in self.stages]
         lines.append(f"{'link':<24} {'Mbit/s':>7} {'lat ms':>6} {'pred KB':>8} {'meas KB':>8} {'target ms':>9} "
                      f"{'calib ms':>8} {'meas ms':>8} {'meas Mbit/s':>11}")
         for k in self.links:
@@ -639,18 +661,35 @@ def time_calls(build: Path, stage: str, pids: Sequence[str], peers: Mapping[str,
     return out
 
 
+def time_identity(build: Path, stage: str, address: str, token_file: Path | None) -> dict[str, float]:
+    """Median round-trip seconds of ``stage``'s identity route at ``address``, called from here
+    (``Testbed.calibrate_overheads`` runs this in the stage's namespace and cgroup)."""
+    from partc.profile import time_call
+
+    channel = GrpcChannel(stage, address, Security.from_files(token_file))
+    payload = encode(Frame(0, {}, plan=IDENTITY_PLAN))
+
+    def ask() -> Frame:
+        return decode(call_stage(channel, payload, time.monotonic() + START_TIMEOUT, RetryPolicy(attempts=1)))
+
+    return {stage: time_call(ask, CALIBRATION_WARMUP, CALIBRATION_REPEATS, CALIBRATION_REST)[0]}
+
+
 if __name__ == "__main__":  # what ``calibrate`` and ``calibrate_calls`` run in a node's cgroup
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m partc.runtime.testbed")
     parser.add_argument("build", type=Path)
     parser.add_argument("stage")
-    parser.add_argument("programs", nargs="+")
+    parser.add_argument("programs", nargs="*")
     parser.add_argument("--threads", type=int, default=1, help="time the programs here with this many threads")
     parser.add_argument("--at", type=json.loads, help="time calls to the stage's worker instead: JSON peers map")
+    parser.add_argument("--identity", metavar="ADDRESS", help="time the stage's identity route at ADDRESS instead")
     parser.add_argument("--token-file", type=Path)
     args = parser.parse_args()
-    if args.at is None:
+    if args.identity:
+        times = time_identity(args.build, args.stage, args.identity, args.token_file)
+    elif args.at is None:
         times = time_programs(args.build, args.stage, args.threads, args.programs)
     else:
         times = time_calls(args.build, args.stage, args.programs, args.at, args.token_file)
