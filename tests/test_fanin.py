@@ -10,7 +10,7 @@ from partc.compilation import compile_plans
 from partc.context import Scaling
 from partc.errors import ClusterError
 from partc.manifest import read_manifest
-from partc.partition.load import TierLoad, erlang_c, serve
+from partc.partition.load import SERVE_CALLS, TierLoad, erlang_c, serve, slots, tier_capacity
 from partc.planning import plan_model
 
 
@@ -129,10 +129,61 @@ def test_batching_picks_the_least_latency():
     assert wait[0] == pytest.approx(2 / 120 + 0.08 + 0.02)
 
 
+def test_the_call_into_a_tier_limits_its_capacity():
+    # 15 ms a request, 5 ms of CPU for the call into the tier, one 1-thread replica: 20 ms a request,
+    # 50/s at most; 40/s keeps it 80% busy, and the call is part of what the load adds
+    load = TierLoad("t", 1, 40.0, call=0.005)
+    replicas, batch, utilisation, peak, wait = serve(load, [0.015], [0.0])
+    assert tier_capacity(load, 0.015, 0.0) == pytest.approx(50.0)
+    assert utilisation[0] == pytest.approx(0.8) and peak[0] == pytest.approx(0.8)
+    assert wait[0] == pytest.approx(0.005 + 0.5 * 0.8 * 0.02 / 0.2)  # the call + M/D/1: rho S / (2 (1 - rho))
+    # batches share F = 3 ms but not the call: S(4) = 3 + 4 x (12 + 5) = 71 ms, 4 / 0.071 per second
+    assert tier_capacity(TierLoad("t", 1, 40.0, max_batch=4, call=0.005), 0.015, 0.003) == pytest.approx(4 / 0.071)
+    # a replica on 4 cores: the call's 5 ms of CPU take 1.25 ms of its service
+    assert tier_capacity(TierLoad("t", 1, 40.0, call=0.005, threads=4), 0.015, 0.0) == pytest.approx(1 / 0.01625)
+    # a tier computing nothing is not called
+    assert serve(load, [0.0], [0.0])[3][0] == 0.0 and np.isinf(tier_capacity(load, 0.0, 0.0))
+
+
+def test_replicas_beyond_the_machines_cores_add_nothing():
+    assert (slots(1, 4, 4), slots(1, 4, 1), slots(3, 4, 2), slots(1, 1, 2)) == (1, 4, 6, 1)
+    # 100/s of 20 ms needs 3 replicas at 80% (test_replicas_needed_and_the_md3_wait); on machines
+    # with 2 slots the third would wait for cores: 2 replicas, 100% busy, infeasible
+    free = TierLoad("t", 1, 100.0, 1, 8)
+    bound = TierLoad("t", 1, 100.0, 1, 8, slots=2)
+    assert serve(free, [0.02], [0.0])[0][0] == 3
+    replicas, _, _, peak, wait = serve(bound, [0.02], [0.0])
+    assert replicas[0] == 2 and peak[0] == pytest.approx(1.0) and np.isinf(wait[0])
+    assert tier_capacity(bound, 0.02, 0.0) == pytest.approx(100.0)  # 2 / 20 ms, not 8 / 20 ms
+    assert tier_capacity(free, 0.02, 0.0) == pytest.approx(400.0)
+    # a fixed count above the slots is kept (the cluster file's), but serves as the slots do
+    fixed = serve(TierLoad("t", 1, 50.0, 4, 4, slots=1), [0.01], [0.0])
+    assert fixed[0][0] == 4 and fixed[2][0] == pytest.approx(0.5)
+
+
+def test_the_fleet_load_prices_calls_and_machines():
+    from partc.partition.model import call_seconds, fleet_load
+    from partc.targets import target
+
+    ctx = parse(fleet(", instances: 10, rate: 5/s", ", nodes: 2, replicas: 4, max_batch: 4"))
+    load = fleet_load(compile_plans("tests/models.py:conv_stack", ["1,3,32,32"], ctx).graph, ctx)
+    device, cloud = load.tiers
+    assert (device.call, device.slots) == (0.0, 1)  # the devices call; nothing calls them
+    cores = target("cloud-cpu").cores
+    # Ray Serve (replicas, batches): its ingress, handle call and replica queue; a replica takes a machine
+    assert cloud.call == pytest.approx(SERVE_CALLS * call_seconds(target("cloud-cpu")))
+    assert (cloud.threads, cloud.slots, cloud.servers) == (cores, 2, 2)
+    one = parse(fleet(", instances: 10, rate: 5/s"))
+    cloud = fleet_load(compile_plans("tests/models.py:conv_stack", ["1,3,32,32"], one).graph, one).tiers[1]
+    assert cloud.call == pytest.approx(call_seconds(target("cloud-cpu")))  # one gRPC worker: one call
+
+
 # --- the cut under load -----------------------------------------------------------------------------------------
 
 ONE = fleet()
-FLEET = fleet(", instances: 50, rate: 5/s", ", replicas: {min: 1, max: 4}, max_batch: 8")
+# the cloud's 4 replicas need 4 machines (a replica takes a machine's cores; on one they add nothing)
+# 10/s: at 5/s the cloud's 4 replicas take every camera whole (cost model of 2026-11-30, 84% busy)
+FLEET = fleet(", instances: 50, rate: 10/s", ", nodes: 4, replicas: {min: 1, max: 4}, max_batch: 8")
 OVERLOADED = fleet(", instances: 50, rate: 1000/s", ", replicas: 2")
 RESNET = ("torchvision:resnet18", ["1,3,112,112"])
 
@@ -153,7 +204,7 @@ def test_fifty_cameras_move_the_cut_to_the_devices(tmp_path):
     load = many.cost.load
     assert one.cost.load is None and load.feasible and load.latency_s > many.cost.latency
     cloud = load.tiers[1]
-    assert (cloud.name, cloud.arrival_per_s, cloud.instances) == ("cloud", 250.0, 1)
+    assert (cloud.name, cloud.arrival_per_s, cloud.instances) == ("cloud", 500.0, 1)
     assert 1 <= cloud.replicas <= 4 and cloud.peak_utilisation < 1
     # the one-camera cut would overload the cloud under the fleet's load
     ctx = parse(FLEET)

@@ -3,32 +3,50 @@
 
 The model, stated once (the planner, ``partc plan`` and the manifest use these functions):
 
+- Machines: an instance of a tier is ``nodes`` machines of the tier's target, each of
+  ``cores`` cores (each camera is an instance of one machine). A plan tiled over the nodes
+  uses them together for one request (its stage's seconds are the tiled ones; under load the
+  nodes still count as slots: not modelled); otherwise they host the instance's replicas.
+  A replica runs its program on ``threads`` cores; the target's profile prices a stage on all
+  its cores, so partc's replica takes a whole machine (``threads = cores``). At most
+  ``slots = nodes * max(1, cores // threads)`` batches of an instance run at once
+  (``slots``): replicas beyond that wait for cores and add nothing.
 - Arrivals: the first tier's ``instances`` each send ``rate`` requests per second, Poisson;
   a tier with ``instances`` n receives the total rate spread evenly, ``total / n`` per
   instance. A link carries the rate of one instance of the tier it leaves (each camera has
   its own uplink; an edge's uplink carries all its requests).
 - Service: a tier's stage costs ``S(1)`` seconds for one request (``Prediction.compute``).
-  A batch of b costs ``S(b) = F + b * (S(1) - F)``: ``F``, the part paid once per batch, is
+  A batch of b costs ``S(b) = F + b * (S(1) - F + I)``: ``F``, the part paid once per batch, is
   each node's call overhead (``Load.fixed``: per-node dispatch on a CPU, kernel launch on a
-  GPU, at most the node's seconds); the rest scales with the batch. The first tier serves
-  its own requests one at a time (one replica, batch 1); a link is one server moving one
-  request's tensors in its streaming time.
-- A tier instance with c replicas running batches of b is an M/D/c queue of batches
-  (arrivals ``rate / b``, service ``S(b)``), whose mean wait is the Allen-Cunneen
-  approximation ``Wq = C(c, a) / (c / S(b) - rate / b) * (1 + 0) / 2`` (Poisson arrivals,
-  deterministic service: half the M/M/c wait; exact for c = 1), ``C`` the Erlang C
+  GPU, at most the node's seconds); the rest scales with the batch. ``I = call / threads``
+  (``TierLoad.call_share``) is what a shared tier's machine pays per request besides the
+  stage. ``call`` is the CPU seconds of the calls into the tier: its ingress receiving,
+  decoding, encoding and answering the request, and on Ray Serve also the handle call to a
+  replica and its batch queue; ``WORKER_CALLS`` or ``SERVE_CALLS`` times
+  ``partc.partition.model.call_seconds`` of the tier's target, the figure a tile call costs
+  too. That CPU time is taken from the cores the replicas run on: spread over a replica's
+  ``threads`` cores, it lengthens its service, so that an instance's capacity is its cores'
+  (``slots * threads`` cores do ``rate * (threads * S(b) / b + call)`` core-seconds a second).
+  The first tier serves its own requests one at a time (one replica, batch 1, no ingress);
+  a link is one server moving one request's tensors in its streaming time.
+- A tier instance running batches of b on c servers (``min(replicas, slots)``) is an M/D/c
+  queue of batches (arrivals ``rate / b``, service ``S(b)``), whose mean wait is the
+  Allen-Cunneen approximation ``Wq = C(c, a) / (c / S(b) - rate / b) * (1 + 0) / 2`` (Poisson
+  arrivals, deterministic service: half the M/M/c wait; exact for c = 1), ``C`` the Erlang C
   probability and ``a = rate * S(b) / b`` the offered load. Utilisation
   ``rho = rate * S(b) / (c * b)``.
 - Replicas: the fewest c within [min_replicas, max_replicas] that keep ``rho`` at most
-  ``TARGET_UTILISATION`` with full batches (``max_batch``); max_replicas if none does.
+  ``TARGET_UTILISATION`` with full batches (``max_batch``); if none does, the most that
+  still add servers (``max(min_replicas, min(max_replicas, slots))``).
 - Batch: dynamic batching runs the b in 1..max_batch that gives the least latency at those
   replicas: ``(b - 1) / (2 * rate)`` waiting for the batch to fill, plus ``Wq``, plus ``S(b)``.
-- A plan is infeasible under load when some tier or link has ``rho >= 1`` at max_replicas
-  with full batches (``peak``): its queue grows without bound.
+- A plan is infeasible under load when some tier or link has ``rho >= 1`` at its most servers
+  (``min(max_replicas, slots)``) with full batches (``peak``): its queue grows without bound.
 - Latency of a request = the unloaded latency (``Prediction.latency``) + what the load adds at
-  each tier and link (``wait_s``: filling the batch, queueing, the batch's longer service).
-  Throughput: the fleet's capacity, the fewest requests per second any tier (instances x
-  max_replicas x max_batch / S(max_batch)) or link (instances / streaming time) sustains.
+  each tier and link (``wait_s``: the call into the tier, filling the batch, queueing, the
+  batch's longer service). Throughput: the fleet's capacity, the fewest requests per second
+  any tier (instances x min(max_replicas, slots) x max_batch / S(max_batch)) or link
+  (instances / streaming time) sustains.
 """
 
 from __future__ import annotations
@@ -41,6 +59,11 @@ import numpy as np
 from partc.partition.price import LinkPrice, Prediction
 
 TARGET_UTILISATION = 0.8  # the utilisation replicas are sized for: below it, queues stay short
+# CPU a request costs a tier besides its stage, in calls (``partc.partition.model.call_seconds``):
+# a gRPC worker's ingress is one call (measured 2.6 ms against 2 ms); Ray Serve's ingress, handle
+# call to a replica and the replica's batch queue cost about ten (measured 21-30 ms, median 26,
+# on the same core; benchmarks/results/fanin.md).
+WORKER_CALLS, SERVE_CALLS = 1, 10
 
 
 @dataclass(frozen=True)
@@ -53,6 +76,10 @@ class TierLoad:
         rate: requests per second reaching each instance.
         min_replicas, max_replicas: replicas bounds of each instance.
         max_batch: most requests in one batch.
+        call: CPU seconds each request costs the instance's machine besides its stage (the calls
+            into the tier); 0 for the first tier and links.
+        threads: cores a replica's batch runs on.
+        slots: most batches an instance runs at once (``slots``); None: one per replica.
     """
 
     name: str
@@ -61,6 +88,20 @@ class TierLoad:
     min_replicas: int = 1
     max_replicas: int = 1
     max_batch: int = 1
+    call: float = 0.0
+    threads: int = 1
+    slots: int | None = None
+
+    @property
+    def servers(self) -> int:
+        """Most replicas that run batches at once: those beyond the machines' slots add nothing."""
+        return self.max_replicas if self.slots is None else min(self.max_replicas, self.slots)
+
+    @property
+    def call_share(self) -> float:
+        """Seconds of a replica's service each request's calls take: their CPU seconds, taken
+        from the ``threads`` cores its batch runs on."""
+        return self.call / self.threads
 
 
 @dataclass(frozen=True)
@@ -138,9 +179,15 @@ class LoadCost:
                             key=lambda u: -u.peak_utilisation))
 
 
-def batch_seconds(service: np.ndarray, fixed: np.ndarray, batch: int) -> np.ndarray:
-    """Seconds of a batch of ``batch`` requests: ``fixed`` once, the rest of ``service`` per request."""
-    return fixed + batch * (service - fixed)
+def slots(machines: int, cores: int, threads: int) -> int:
+    """Most batches ``machines`` of ``cores`` cores each run at once, a replica taking ``threads``."""
+    return machines * max(1, cores // threads)
+
+
+def batch_seconds(service: np.ndarray, fixed: np.ndarray, batch, call: np.ndarray | float = 0.0) -> np.ndarray:
+    """Seconds of a batch of ``batch`` requests: ``fixed`` once, the rest of ``service`` and the
+    call into the tier per request."""
+    return fixed + batch * (service - fixed + call)
 
 
 def erlang_c(servers: np.ndarray, offered: np.ndarray) -> np.ndarray:
@@ -166,22 +213,24 @@ def serve(load: TierLoad, service, fixed) -> tuple[np.ndarray, ...]:
     service = np.asarray(service, dtype=float)
     fixed = np.minimum(np.asarray(fixed, dtype=float), service)
     rate, top = load.rate, load.max_batch
-    full = batch_seconds(service, fixed, top)
-    peak = rate * full / (load.max_replicas * top)
+    call = np.where(service > 0, load.call_share, 0.0)  # a tier computing nothing is not called
+    full = batch_seconds(service, fixed, top, call)
+    peak = rate * full / (load.servers * top)
     needed = np.ceil(rate * full / (top * TARGET_UTILISATION) - 1e-9)
-    replicas = np.clip(needed, load.min_replicas, load.max_replicas).astype(np.int64)
+    replicas = np.clip(needed, load.min_replicas, max(load.min_replicas, load.servers)).astype(np.int64)
+    servers = np.minimum(replicas, load.servers)
     best, batch = np.full(service.shape, np.inf), np.ones(service.shape, dtype=np.int64)
     with np.errstate(divide="ignore", invalid="ignore"):
         for b in range(1, top + 1):
-            seconds = batch_seconds(service, fixed, b)
+            seconds = batch_seconds(service, fixed, b, call)
             offered = rate * seconds / b
-            queue = np.where(offered > 0, 0.5 * erlang_c(replicas, offered) / (replicas / seconds - rate / b), 0.0)
+            queue = np.where(offered > 0, 0.5 * erlang_c(servers, offered) / (servers / seconds - rate / b), 0.0)
             added = (b - 1) / (2 * rate) + queue + seconds - service
-            better = (offered < replicas) & (added < best)
+            better = (offered < servers) & (added < best)
             best, batch = np.where(better, added, best), np.where(better, b, batch)
     idle = service <= 0
     best, batch = np.where(idle, 0.0, best), np.where(idle, 1, batch)
-    utilisation = rate * batch_seconds(service, fixed, batch) / (replicas * batch)
+    utilisation = rate * batch_seconds(service, fixed, batch, call) / (servers * batch)
     return replicas, batch, utilisation, peak, best
 
 
@@ -199,23 +248,25 @@ def load_values(
     for k, tier in enumerate(load.tiers):
         *_, peak, wait = serve(tier, compute[:, k], fixed[:, k])
         added, peaks = added + wait, [*peaks, peak]
-        capacity = np.minimum(capacity, _capacity(tier, compute[:, k], fixed[:, k]))
+        capacity = np.minimum(capacity, tier_capacity(tier, compute[:, k], fixed[:, k]))
     for b in range(stream.shape[1]):
         link = load.link(b, "")
         *_, peak, wait = serve(link, stream[:, b], 0.0)
         added, peaks = added + wait, [*peaks, peak]
-        capacity = np.minimum(capacity, _capacity(link, stream[:, b], 0.0))
+        capacity = np.minimum(capacity, tier_capacity(link, stream[:, b], 0.0))
     feasible = (np.max(peaks, axis=0) < 1) if peaks else np.ones(len(latency), dtype=bool)
     with np.errstate(divide="ignore"):
         value = latency + added if objective == "latency" else 1 / capacity
     return np.where(feasible, value, np.inf)
 
 
-def _capacity(load: TierLoad, service, fixed) -> np.ndarray:
-    """Requests per second all instances of a tier (or link) sustain at max replicas, full batches."""
-    full = batch_seconds(np.asarray(service, dtype=float), np.minimum(fixed, service), load.max_batch)
+def tier_capacity(load: TierLoad, service, fixed) -> np.ndarray:
+    """Requests per second all instances of a tier (or link) sustain at their most servers, full
+    batches, for each row of ``service`` and ``fixed`` (a tier computing nothing: unbounded)."""
+    service = np.asarray(service, dtype=float)
+    full = batch_seconds(service, np.minimum(fixed, service), load.max_batch, load.call_share)
     with np.errstate(divide="ignore"):
-        return np.where(full > 0, load.instances * load.max_replicas * load.max_batch / full, np.inf)
+        return np.where(service > 0, load.instances * load.servers * load.max_batch / full, np.inf)
 
 
 def price_load(load: Load, tiers: np.ndarray, prediction: Prediction, links: Sequence[LinkPrice]) -> LoadCost:
@@ -228,13 +279,13 @@ def price_load(load: Load, tiers: np.ndarray, prediction: Prediction, links: Seq
     for k, tier in enumerate(load.tiers):
         service = prediction.compute[tier.name]
         uses.append(_use(tier, service, fixed[k]))
-        capacity = min(capacity, float(_capacity(tier, service, fixed[k])))
+        capacity = min(capacity, float(tier_capacity(tier, service, fixed[k])))
     link_uses = []
     for b, link in enumerate(links):
         server = load.link(b, link.name)
         stream = prediction.stream(link, {})
         link_uses.append(_use(server, stream, 0.0))
-        capacity = min(capacity, float(_capacity(server, stream, 0.0)))
+        capacity = min(capacity, float(tier_capacity(server, stream, 0.0)))
     feasible = all(u.peak_utilisation < 1 for u in (*uses, *link_uses))
     latency = prediction.latency(links) + sum(u.wait_s or 0.0 for u in (*uses, *link_uses)) if feasible else None
     return LoadCost(tuple(uses), tuple(link_uses), latency, capacity, feasible)

@@ -23,7 +23,7 @@ from partc.costmodel import dispatch_scale, load_calibration
 from partc.errors import ClusterError, PartcError
 from partc.ir import META_BYTES, META_PARAM_BYTES, META_PROFILE, META_TIER, compute_nodes, link_name
 from partc.partition.cost import Cost, CostGraph, evaluate
-from partc.partition.load import Load, TierLoad
+from partc.partition.load import SERVE_CALLS, WORKER_CALLS, Load, TierLoad, slots
 from partc.partition.price import CALL_SECONDS, LinkPrice
 from partc.targets import TargetDesc, target
 
@@ -63,17 +63,25 @@ def call_seconds(desc: TargetDesc) -> float:
 def fleet_load(graph: CostGraph, ctx: CompileContext) -> Load | None:
     """The load of ``ctx``'s fleet on ``graph``'s tiers; None when the cluster file gives no rate.
 
-    Each node pays at most ``call_overhead_seconds`` of its tier's target once per batch.
+    Each node pays at most ``call_overhead_seconds`` of its tier's target once per batch. A tier
+    after the first pays ``call_seconds`` of its target per request for each call into it:
+    ``WORKER_CALLS`` when it serves one request at a time (its gRPC worker), ``SERVE_CALLS`` when
+    it has replicas or batches (Ray Serve). A replica takes a whole machine (the profile prices a
+    stage on all the target's cores): an instance runs ``nodes`` batches at once.
     """
     if not ctx.loaded:
         return None
     first = ctx.tiers[0].scaling
     total = first.instances * first.rate
-    tiers = tuple(TierLoad(t.name, t.scaling.instances, total / t.scaling.instances, t.scaling.min_replicas,
-                           t.scaling.max_replicas, t.scaling.max_batch) for t in ctx.tiers)
+    tiers = []
+    for k, t in enumerate(ctx.tiers):
+        s, desc = t.scaling, target(t.target)
+        calls = 0 if k == 0 else WORKER_CALLS if s.max_replicas == s.max_batch == 1 else SERVE_CALLS
+        tiers.append(TierLoad(t.name, s.instances, total / s.instances, s.min_replicas, s.max_replicas, s.max_batch,
+                              calls * call_seconds(desc), desc.cores, slots(t.nodes, desc.cores, desc.cores)))
     overhead = np.array([call_overhead_seconds(target(t.target)) for t in ctx.tiers])
     fixed = np.where(graph.inputs[:, None], 0.0, np.minimum(graph.compute, overhead[None, :]))
-    return Load(tiers, fixed)
+    return Load(tuple(tiers), fixed)
 
 
 def call_overhead_seconds(desc: TargetDesc) -> float:

@@ -101,7 +101,9 @@ class TierServing:
         replicas = ({"num_replicas": self.min_replicas} if self.min_replicas == self.max_replicas else
                     {"autoscaling_config": {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                                             "target_ongoing_requests": self.max_batch}})
-        return {**replicas, "max_ongoing_requests": 2 * self.max_batch,  # a batch runs while the next one fills
+        # a replica takes every request the ingress holds: it queues them into batches itself (when
+        # a full replica turns requests away, Serve's router retries each one, costing CPU per request)
+        return {**replicas, "max_ongoing_requests": INGRESS_THREADS,
                 "ray_actor_options": {"num_cpus": self.cpus, "resources": {tier: TIER_RESOURCE}}}
 
 
