@@ -97,7 +97,7 @@ def target_cores(target_name: str) -> float:
     return target(target_name).peak_gflops / (reference.peak_gflops / reference.cores)
 
 
-def cpu_share(target_name: str, host_cores: int) -> float:
+def cpu_share(target_name: str, host_cores: float) -> float:
     """Cores of this host that emulate ``target_name``'s speed: ``target_cores`` clamped to
     [``MIN_SHARE``, ``host_cores``]; a target beyond this host's cores is not emulated."""
     return min(max(target_cores(target_name), MIN_SHARE), float(host_cores))

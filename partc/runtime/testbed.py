@@ -17,7 +17,9 @@
 - **Tiles.** A tier's further nodes get a namespace each, joined to their coordinator's by
   a veth of their own (``t<k>`` on the coordinator's side), and a CPU quota like any stage.
 - **CPU.** Each worker is moved, once it listens, into the cgroup ``partc-<pid>-<n>-<i>``
-  limited to its stage's share (``cpu_shares`` overrides it per stage). Loading runs
+  limited to its stage's share (``cpu_shares`` overrides it per stage): the cores of this host
+  that run as fast as its target, at most the host's cores shared by the tier's nodes (they
+  compute at once; the stages of a chain take turns). Loading runs
   unthrottled, so start-up stays quick. Proxies run outside the cgroups. A worker computes
   with as many threads as its share rounds up to (``partc serve --threads``): threads beyond
   the quota's cores would burn it in a fraction of each period and stall the rest.
@@ -128,7 +130,9 @@ class Testbed:
         if bad:
             raise PartcError(f"--cpu-share {bad[0]}={overrides[bad[0]]}: a share must be a positive fraction of a core")
         cores = len(os.sched_getaffinity(0))
-        self.shares = {s.name: overrides.get(s.name) or cpu_share(s.target, cores) for s in stages}
+        nodes = {s.tier: sum(t.tier == s.tier for t in stages) for s in stages}
+        # a tier's nodes compute at once (tiles, branches): together they get at most this host's cores
+        self.shares = {s.name: overrides.get(s.name) or cpu_share(s.target, cores / nodes[s.tier]) for s in stages}
         self.hops = hops(self.manifest)
         self.tile_hops = tile_hops(self.manifest)
         self.token_file = token_file
