@@ -89,14 +89,16 @@ def _add_engine_args(parser: argparse.ArgumentParser, what: str) -> None:
                         help="with --engine ray: most requests a replica runs as one batch (default 1)")
 
 
-def _tier_serving(args, manifest, tier: str):
-    """The ``TierServing`` the flags give ``tier`` (``--engine ray``); None for the gRPC engine."""
+def _refuse_ray_flags(args) -> None:
+    """Refuse the Ray Serve scaling flags without ``--engine ray``."""
     given = [f"--{n.replace('_', '-')}" for n in ("replicas", "min_replicas", "max_replicas", "max_batch")
              if getattr(args, n) is not None]
-    if args.engine != "ray":
-        if given:
-            raise PartcError(f"{given[0]} needs --engine ray")
-        return None
+    if given and args.engine != "ray":
+        raise PartcError(f"{given[0]} needs --engine ray")
+
+
+def _tier_serving(args, manifest, tier: str):
+    """The ``TierServing`` of ``tier`` on Ray Serve: the manifest's scaling, overridden by the flags."""
     from partc.runtime.rayserve import tier_serving
 
     return tier_serving(manifest, tier, args.replicas, args.min_replicas, args.max_replicas, args.max_batch)
@@ -118,7 +120,8 @@ def _run_run(args) -> int:
                         ("--timeline", args.timeline)):
         if given and not args.distributed:
             raise PartcError(f"{flag} needs --distributed")
-    serving = _tier_serving(args, manifest, manifest.chain[-1].tier)
+    _refuse_ray_flags(args)
+    serving = _tier_serving(args, manifest, manifest.chain[-1].tier) if args.engine == "ray" else None
     if args.distributed and (args.devices is not None or serving is not None):
         return _run_fleet(args, manifest, serving)
     for flag, value in (("--requests", args.requests), ("--window", args.window or 4)):
@@ -363,7 +366,7 @@ def _run_serve(args) -> int:
                     raise PartcError(f"{flag} needs --engine ray")
             if not args.stage:
                 raise PartcError("--stage is required (with --engine ray: --tier)")
-            _tier_serving(args, None, "")
+            _refuse_ray_flags(args)
             peers = dict(parse_pair(text, "--peer", "STAGE=HOST:PORT") for text in args.peer)
             server = serve(args.build, args.stage, listen=args.listen, next_address=args.next, peers=peers,
                            security=_security(args), threads=args.threads, qemu_sysroot=args.qemu_sysroot)
