@@ -40,7 +40,15 @@ from pathlib import Path
 
 import torch
 
-from partc.costmodel import Calibration, fit_calibration, predict_graph, predict_profile_total, write_calibration
+from partc.costmodel import (
+    MEMORY_EFFICIENCY_MIN,
+    Calibration,
+    fit_calibration,
+    predict_graph,
+    predict_profile_total,
+    write_calibration,
+)
+from partc.ir import META_FLOPS, compute_nodes
 from partc.profile import Profile, host_fingerprint, profile_model, read_profile, write_profile
 from partc.report import trace_model
 from partc.targets import TARGETS, TargetDesc
@@ -64,6 +72,8 @@ SCISSION_MS = {  # PRIOR_ART.md section 3: measured totals (Keras) on Scission's
     "densenet121": {"rpi4": 1241, "edge-x86": 275, "cloud-cpu": 122.7, "cloud-gpu": 73.4},
 }
 SCISSION_SHAPES = {"inception_v3": "1,3,299,299"}  # Keras' own input size; the others take 224x224
+RATIOS = {"device:edge": ("rpi4", "edge-x86"), "edge:cloud-cpu": ("edge-x86", "cloud-cpu"),
+          "device:cloud-cpu": ("rpi4", "cloud-cpu")}  # the aim covers the first two; the third locates a miss
 RATIO_BOUND = 0.25  # predicted tier ratios within 25% of the measured ones
 ABSOLUTE_BOUND = 2.0  # predicted totals within 2x of the measured ones
 
@@ -230,8 +240,10 @@ def scission_table(cal: Calibration) -> list[dict]:
     for name, measured in SCISSION_MS.items():
         gm = trace_model(f"torchvision:{name}", [SCISSION_SHAPES.get(name, "1,3,224,224")])
         predicted = {t: sum(predict_graph(cal, gm, TARGETS[t]).values()) * 1e3 for t in measured}
-        row = {"model": name, "predicted_ms": predicted, "measured_ms": measured}
-        for label, (a, b) in {"device:edge": ("rpi4", "edge-x86"), "edge:cloud-cpu": ("edge-x86", "cloud-cpu")}.items():
+        nodes = compute_nodes(gm)
+        row = {"model": name, "predicted_ms": predicted, "measured_ms": measured, "nodes": len(nodes),
+               "gflop": sum(n.meta[META_FLOPS] for n in nodes) / 1e9}
+        for label, (a, b) in RATIOS.items():
             want, got = measured[a] / measured[b], predicted[a] / predicted[b]
             row[label] = {"predicted": got, "measured": want, "error_pct": (got / want - 1) * 100}
         row["worst_factor"] = max(max(p / measured[t], measured[t] / p) for t, p in predicted.items())
@@ -239,13 +251,20 @@ def scission_table(cal: Calibration) -> list[dict]:
     return rows
 
 
+def _head(*columns: str) -> list[str]:
+    """A Markdown table's header: the first column left-aligned, the others right-aligned."""
+    return ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+
+
 def scission_markdown(rows: list[dict]) -> list[str]:
     """The Scission check as Markdown lines."""
     names = list(next(iter(SCISSION_MS.values())))
     ratios_ok = sum(abs(r[k]["error_pct"]) <= RATIO_BOUND * 100
                     for r in rows for k in ("device:edge", "edge:cloud-cpu"))
-    cells_ok = sum(max(p / r["measured_ms"][t], r["measured_ms"][t] / p) <= ABSOLUTE_BOUND
-                   for r in rows for t, p in r["predicted_ms"].items())
+    within = [(t, max(p / r["measured_ms"][t], r["measured_ms"][t] / p) <= ABSOLUTE_BOUND)
+              for r in rows for t, p in r["predicted_ms"].items()]
+    cells_ok = sum(ok for _, ok in within)
+    cpu_ok = sum(ok for t, ok in within if TARGETS[t].kind == "cpu")
     lines = [
         "",
         "## Against Scission's measured times (PRIOR_ART.md section 3)",
@@ -255,22 +274,50 @@ def scission_markdown(rows: list[dict]) -> list[str]:
         "rpi4 = Raspberry Pi 4, edge-x86 = i5-2500, cloud-cpu = i7-6700K, cloud-gpu = the 6700K's GPU "
         "(Scission does not name it; described as a T4). Aim: ratios within 25%, absolute within 2x.",
         "",
-        "| model | " + " | ".join(names) + " | device:edge pred / meas (err) | edge:cloud-cpu pred / meas (err) "
-        "| worst absolute factor |",
-        "|---|" + "---:|" * (len(names) + 3),
+        *_head("model", *names, *(f"{k} pred / meas (err)" for k in RATIOS), "worst absolute factor"),
     ]
     for r in rows:
         cells = [f"{r['predicted_ms'][t]:.1f} / {r['measured_ms'][t]}" for t in names]
         ratios = [f"{r[k]['predicted']:.2f} / {r[k]['measured']:.2f} ({r[k]['error_pct']:+.0f}%)"
-                  for k in ("device:edge", "edge:cloud-cpu")]
+                  for k in RATIOS]
         lines.append(f"| {r['model']} | " + " | ".join(cells + ratios) + f" | {r['worst_factor']:.2f}x |")
     lines += [
         "",
         f"Ratios within 25%: {ratios_ok} of {2 * len(rows)}; totals within 2x: {cells_ok} of "
-        f"{len(rows) * len(names)}. Scission measured Keras/TensorFlow, partc predicts its own PyTorch-based "
-        "stages; TensorFlow's per-layer overhead (tens to hundreds of us on the GPU: mobilenet_v2 34.7 ms "
-        "for 0.6 GFLOP) is not in partc's model, so GPU totals of small-kernel models are far below "
-        "Scission's.",
+        f"{len(rows) * len(names)} (on the CPU targets: {cpu_ok} of {len(rows) * (len(names) - 1)}).",
+        "",
+        "Where the aim is missed, the measurements are not explained by the machines' rates: the GFLOP/s "
+        "Scission's Keras reached (model GFLOP / measured seconds) as a fraction of each target's sustained "
+        "sgemm rate (`peak_gflops`):",
+        "",
+        *_head("model", "GFLOP", *names),
+    ]
+    for r in rows:
+        rates = [r["gflop"] / (r["measured_ms"][t] / 1e3) for t in names]
+        cells = [f"{rate:.0f} ({rate / TARGETS[t].peak_gflops:.0%})" for rate, t in zip(rates, names, strict=True)]
+        lines.append(f"| {r['model']} | {r['gflop']:.1f} | " + " | ".join(cells) + " |")
+    gpu = [(r["measured_ms"]["cloud-gpu"] - r["predicted_ms"]["cloud-gpu"]) / r["nodes"] * 1e3 for r in rows]
+    lines += [
+        "",
+        "- edge : cloud-cpu is predicted low for every model. Rates alone cannot give VGG16's 3.42: it is "
+        "above the machines' peak ratio (4 x 4.0 GHz x 32 / 4 x 3.3 GHz x 16 = 512 / 211 = 2.43) and their "
+        "bandwidth ratio (34.1 / 21.3 GB/s = 1.6); the i5 ran it at 44% of its sustained sgemm rate, the i7 "
+        "at 61%. For the other models Keras reached the same fraction on both (resnet50 21 / 22%), so its "
+        "whole time scaled like compute (2.0-3.0x), while partc prices its PyTorch stages' memory-bound "
+        "nodes by bandwidth (28 / 16 GB/s = 1.75x) and their per-node overhead by single-thread speed "
+        "(1.47x), as the calibration host measures them.",
+        "- device : edge is predicted high for the compute-heavy models: the Pi reached about twice the "
+        "fraction of its rate that the i5 did (resnet50 43 vs 21%). device : cloud-cpu, which leaves the "
+        "edge out, is within "
+        f"{max(abs(r['device:cloud-cpu']['error_pct']) for r in rows):.0f}% for every model: the i5's "
+        "measurements, not the Pi's or the i7's, sit apart from the machines' rates. Describing `edge-x86` "
+        "by what Keras reached would describe TensorFlow 2.1 on it, not the i5-2500; partc predicts its own "
+        "PyTorch stages, whose convolutions run at about the sgemm rate on the calibration host (`conv2d` "
+        "compute efficiency above).",
+        "- cloud-gpu describes a T4 running PyTorch (20 us launch and dispatch per node); Scission does not "
+        "name its GPU and measured Keras layer by layer: the difference between its totals and the "
+        "prediction is " + ", ".join(f"{r['model']} {g:.0f}" for r, g in zip(rows, gpu, strict=True))
+        + " us per node, Keras' per-layer call, not the GPU's work. The GPU column is shown, not aimed at.",
     ]
     return lines
 
@@ -318,11 +365,18 @@ def markdown(rows: list[dict], targets: list[dict], cal: Calibration, meta: dict
         "",
         "## Fitted classes (all models)",
         "",
-        "| class | compute efficiency | memory efficiency | overhead us |",
-        "|---|---:|---:|---:|",
+        "Compute efficiency: fitted on the class's nodes above the reference's ridge point (sgemm rate / "
+        "copy bandwidth), relative to the sgemm rate; memory efficiency: on the others, relative to copy "
+        "bandwidth; a side without nodes takes the default's. Op efficiency: a memory side slower than "
+        f"{MEMORY_EFFICIENCY_MIN} of copy is limited by its instructions, priced by compute (bytes per FLOP "
+        "of the target's sgemm rate; empty: none).",
+        "",
+        "| class | compute efficiency | memory efficiency | op efficiency | overhead us |",
+        "|---|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {k} | {v.compute_efficiency:.3f} | {v.memory_efficiency:.3f} | {v.overhead_us:.1f} |"
+        f"| {k} | {v.compute_efficiency:.3f} | {v.memory_efficiency:.3f} | "
+        f"{f'{v.op_efficiency:.4f}' if v.op_efficiency else ''} | {v.overhead_us:.1f} |"
         for k, v in sorted(cal.classes.items())
     ]
     names = sorted(TARGETS)
@@ -333,8 +387,7 @@ def markdown(rows: list[dict], targets: list[dict], cal: Calibration, meta: dict
         "Scission's numbers are Keras/TensorFlow on its own machines (PRIOR_ART.md section 3): compare the "
         "ratios between targets, not the absolute values.",
         "",
-        "| model | " + " | ".join(names) + " |",
-        "|---|" + "---:|" * len(names),
+        *_head("model", *names),
     ]
     for row in targets:
         cells = [

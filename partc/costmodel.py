@@ -3,8 +3,8 @@
 A roofline per cost class (``partc.kind``), calibrated against measurements on a
 reference host and scaled to the target's description::
 
-    t(node, T) = max(flops / (P_T * e_k), bytes / (B_T * m_k)) + c_k * d_T / d_ref          (CPU)
-    t(node, T) = max(flops / (P_T * e_k * u_T), bytes / (B_T * m_k)) + L_T                   (GPU)
+    t(node, T) = max(flops / (P_T * e_k), bytes / (B_T * m_k), bytes / (P_T * o_k)) + c_k * d_T / d_ref     (CPU)
+    t(node, T) = max(flops / (P_T * e_k * u_T), bytes / (B_T * m_k), bytes / (P_T * o_k)) + L_T             (GPU)
 
 - ``flops`` is ``partc.flops``; ``bytes`` is what the node moves: the bytes of its inputs
   (``partc.bytes`` of the nodes it reads) + its output (``partc.bytes``) + its
@@ -13,18 +13,26 @@ reference host and scaled to the target's description::
   ``memory_bandwidth_gbs``, ``clock_ghz`` and ``launch_overhead_us``
   (``partc.targets.TargetDesc``).
 - ``e_k``, ``m_k`` (compute and memory efficiency, relative to the reference host's
-  sgemm rate and copy bandwidth) and ``c_k`` (per-node overhead on the reference host:
-  Python and ATen dispatch) are fitted by ``fit_calibration`` on measured profiles, per
-  cost class ``k`` (``cost_class``: the op, with convolutions split into depthwise,
-  grouped, 1x1 and the rest). A class with too few measured nodes falls back to its
-  kind's fit, then to one fit over all nodes.
-- The compute and the memory term are each fitted where they bind: a class's nodes whose
-  compute term is the larger fit ``e_k``, the others ``m_k`` (the split starts at the
-  reference's ridge point ``P_ref / B_ref`` and is redone with the fitted efficiencies
-  until it settles). A single fit of max() over all nodes let the memory term explain
-  3x3 convolutions (memory efficiency 0.036), so their times scaled with bandwidth, not
-  with compute. A class without nodes on one side takes that term from its kind's fit,
-  then the default; efficiencies stay within ``EFFICIENCY_BOUNDS``.
+  sgemm rate and copy bandwidth), ``o_k`` (bytes per FLOP of peak: the instruction
+  limit of a memory-side op too slow to be limited by memory, 0 for none) and ``c_k``
+  (per-node overhead on the reference host: Python and ATen dispatch) are fitted by
+  ``fit_calibration`` on measured profiles, per cost class ``k`` (``cost_class``: the op,
+  with convolutions split into depthwise, grouped, 1x1 and the rest). A class with too
+  few measured nodes falls back to its kind's fit, then to one fit over all nodes.
+- The compute and the memory term are each fitted where they bind, by the hardware: a
+  class's nodes of arithmetic intensity (flops / bytes) above the reference's ridge point
+  ``P_ref / B_ref`` fit ``e_k``, the others ``m_k``. Fitting max() over all nodes (or
+  rebinning by the fitted terms) let the memory term explain the slow small layers of
+  3x3 convolutions (memory efficiency 0.04-0.08), so their times scaled with bandwidth,
+  not with compute. A class without nodes on one side has no evidence for that term and
+  takes it from the default fit (all nodes of that side), not from a sibling class of its
+  kind (a 3x3 convolution would inherit the depthwise ones' slow memory side).
+- A memory-side class that moves its bytes at less than ``MEMORY_EFFICIENCY_MIN`` of the
+  reference's copy bandwidth is not limited by memory but by its instructions (max
+  pooling: 0.05 of copy): ``m_k`` is held at that floor and the rest of its time becomes
+  ``o_k``, which scales with the target's compute rate. On the reference both give the
+  measured time; on a target with another balance of compute and bandwidth the op follows
+  the one that limits it.
 - ``d_T / d_ref`` scales the per-node overhead: ``d`` is a machine's per-node dispatch
   time (``TargetDesc.dispatch_us``, e.g. fitted by ``fit_target`` from a profile measured
   on it); when a target gives none, ``f_ref / f_T`` (dispatch is single-threaded, so it
@@ -40,8 +48,9 @@ that predictions are deterministic: nothing is measured at compile time. Its sch
 (``schema_version`` 1): ``reference`` (a target description: the fields of
 ``TargetDesc``, sgemm rate and copy bandwidth as measured on the host), ``classes``
 (cost class, ``kind:KIND`` or ``default`` -> ``compute_efficiency``,
-``memory_efficiency``, ``overhead_us``), ``models`` (the profiles it was fitted on) and
-``host`` (the fingerprint of ``partc.profile.host_fingerprint``).
+``memory_efficiency``, ``overhead_us`` and ``op_efficiency``, 0 when absent), ``models``
+(the profiles it was fitted on) and ``host`` (the fingerprint of
+``partc.profile.host_fingerprint``).
 """
 
 from __future__ import annotations
@@ -70,8 +79,8 @@ SCHEMA_VERSION = 1
 DEFAULT = "default"  # the fit used for nodes whose cost class and kind have no fit of their own
 FREE_KINDS = ("input", "output")  # never cost anything
 MIN_NODES = 8  # a cost class (or kind) needs this many measured nodes for its own fit
-MAX_ROUNDS = 6  # fit, rebin nodes by the term that binds, refit: at most this many rounds
 EFFICIENCY_BOUNDS = (0.02, 2.0)  # fraction of sgemm rate / copy bandwidth (above 1: caches, better kernels)
+MEMORY_EFFICIENCY_MIN = 0.25  # slower than this fraction of copy bandwidth, an op is limited by its instructions
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class ClassFit:
     compute_efficiency: float
     memory_efficiency: float
     overhead_us: float
+    op_efficiency: float = 0.0  # o_k: bytes per FLOP of peak of an instruction-limited memory side; 0: none
 
 
 @dataclass(frozen=True)
@@ -150,6 +160,8 @@ def predict_seconds(
         utilisation = min(1.0, max(out_bytes // 4, 1) / target.saturation_items)
     compute = flops / (target.peak_gflops * 1e9 * fit.compute_efficiency * utilisation)
     memory = nbytes / (target.memory_bandwidth_gbs * 1e9 * fit.memory_efficiency)
+    if fit.op_efficiency > 0:
+        memory = max(memory, nbytes / (target.peak_gflops * 1e9 * fit.op_efficiency))
     dispatch = fit.overhead_us * 1e-6 * dispatch_scale(cal.reference, target) if target.kind == "cpu" else 0.0
     return max(compute, memory) + dispatch + target.launch_overhead_us * 1e-6
 
@@ -186,9 +198,9 @@ def fit_calibration(
 
     Each cost class and each kind (key ``kind:KIND``) with at least ``MIN_NODES``
     measured nodes gets its own fit; ``default`` is fitted on all nodes together. The
-    compute efficiency is fitted on the compute-bound nodes, the memory efficiency on the
-    memory-bound ones (see the module docstring); a side without nodes inherits the
-    kind's fit, then the default. The fit
+    compute efficiency is fitted on the nodes above the reference's ridge point, the
+    memory efficiency on the others (see the module docstring); a side without nodes
+    takes the default's term. The fit
     minimises the squared error of predicted node times relative to
     sqrt(measured x 1 ms): large nodes weigh more than small ones
     (they make up the total), small ones still pin the per-node overhead. It is
@@ -211,30 +223,28 @@ def fit_calibration(
         classes[key] = _fit_class(groups[key], reference, default)
     for key, group in sorted(groups.items()):
         if len(group) >= MIN_NODES and not key.startswith("kind:"):
-            classes[key] = _fit_class(group, reference, classes.get(f"kind:{group[0].kind}", default))
+            classes[key] = _fit_class(group, reference, default)
     return Calibration(reference, classes, tuple(p.model for p in profiles), host)
 
 
 def _fit_class(timings: Iterable[NodeTiming], reference: TargetDesc, fallback: ClassFit | None) -> ClassFit:
-    """Fit one class: ``e`` on its compute-bound nodes, ``m`` on its memory-bound ones, one overhead."""
+    """Fit one class: ``e`` on its nodes above the reference's ridge point, ``m`` (or ``o``) on the others."""
     timings = list(timings)
     flops = np.array([t.flops for t in timings], dtype=float) / (reference.peak_gflops * 1e9)
     nbytes = np.array([_timing_bytes(t) for t in timings], dtype=float) / (reference.memory_bandwidth_gbs * 1e9)
     measured = np.array([t.median_s for t in timings])
-    e = fallback.compute_efficiency if fallback else 0.5
-    m = fallback.memory_efficiency if fallback else 0.5
-    overhead = max(float(np.min(measured)), 1e-6)
-    bound = flops > nbytes  # compute-bound at the reference's ridge point, to start with
-    for _ in range(MAX_ROUNDS):  # fit each term on the nodes where it binds; rebin with the fitted rates
-        e, m, overhead = _fit_round(flops, nbytes, measured, bound, (e, m, overhead))
-        rebinned = flops / e > nbytes / m
-        if (rebinned == bound).all():
-            break
-        bound = rebinned
-    return ClassFit(e, m, overhead * 1e6)
+    start = (fallback.compute_efficiency, fallback.memory_efficiency) if fallback else (0.5, 0.5)
+    bound = flops > nbytes  # arithmetic intensity above the reference's ridge point: compute-bound
+    e, m, overhead = _fit_terms(flops, nbytes, measured, bound, (*start, max(float(np.min(measured)), 1e-6)))
+    if fallback and bound.all():  # no memory-side node: the fallback's memory side, whole
+        return ClassFit(e, fallback.memory_efficiency, overhead * 1e6, fallback.op_efficiency)
+    if m >= MEMORY_EFFICIENCY_MIN:
+        return ClassFit(e, m, overhead * 1e6)
+    op = m * reference.memory_bandwidth_gbs / reference.peak_gflops  # the same time, priced by compute
+    return ClassFit(e, MEMORY_EFFICIENCY_MIN, overhead * 1e6, op)
 
 
-def _fit_round(
+def _fit_terms(
     flops: np.ndarray, nbytes: np.ndarray, measured: np.ndarray, bound: np.ndarray, start: tuple[float, float, float]
 ) -> tuple[float, float, float]:
     """Fit (e, m, overhead s): ``e`` on the ``bound`` (compute-bound) nodes, ``m`` on the others.

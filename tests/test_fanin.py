@@ -182,7 +182,7 @@ def test_the_fleet_load_prices_calls_and_machines():
 
 ONE = fleet()
 # the cloud's 4 replicas need 4 machines (a replica takes a machine's cores; on one they add nothing)
-# 10/s: at 5/s the cloud's 4 replicas take every camera whole (cost model of 2026-11-30, 84% busy)
+# 10/s: at 5/s the cloud's 4 replicas take every camera's whole model (84% busy)
 FLEET = fleet(", instances: 50, rate: 10/s", ", nodes: 4, replicas: {min: 1, max: 4}, max_batch: 8")
 OVERLOADED = fleet(", instances: 50, rate: 1000/s", ", replicas: 2")
 RESNET = ("torchvision:resnet18", ["1,3,112,112"])

@@ -119,7 +119,9 @@ def test_branches_run_exactly_through_artifacts_and_across_workers(model, nodes,
     primary = manifest.plans[0]
     edge = manifest.stage("edge.0").program(primary.programs["edge.0"])
     assert any(len(step) > 1 for step in edge.steps)  # some step runs on several nodes
-    assert {s.name for s in manifest.stages} >= {f"edge.{t}" for t in range(1, nodes)}
+    # another node runs a branch; how many of them pays is the costs' choice (inception_v3 on 3 Pis: 2)
+    stages = {s.name for s in manifest.stages}
+    assert "edge.1" in stages and stages <= {"device.0"} | {f"edge.{t}" for t in range(nodes)}
     x = np.random.default_rng(0).standard_normal((1, 3, 96, 96), dtype=np.float32)
     with torch.no_grad():
         want = load_model(f"torchvision:{model}")(torch.from_numpy(x)).numpy()

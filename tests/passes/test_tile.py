@@ -445,7 +445,8 @@ def test_split_parts_run_as_alternating_steps_across_the_nodes(torchvision_graph
     (stage,) = plan.stages
     schedule = schedule_stage(stage)
     steps = [len(step.programs) for step in schedule.steps]
-    assert steps.count(4) > 1 and all(a != b for a, b in itertools.pairwise(steps)), steps  # local, tiles, local, ...
+    tiled = [n for n in steps if n > 1]  # e.g. [1, 4, 1, 2, 1]: a deeper, smaller part pays for 2 tiles, not 4
+    assert len(tiled) > 1 and max(tiled) == 4 and all(a != b for a, b in itertools.pairwise(steps)), steps
     fns = {step_id("p", i, t): eager_stage_fn(program)
            for i, step in enumerate(schedule.steps) for t, program in enumerate(step.programs)}  # fmt: skip
     spec = InputSpec((1, 3, 128, 128))
