@@ -184,7 +184,8 @@ def slots(machines: int, cores: int, threads: int) -> int:
     return machines * max(1, cores // threads)
 
 
-def batch_seconds(service: np.ndarray, fixed: np.ndarray, batch, call: np.ndarray | float = 0.0) -> np.ndarray:
+def batch_seconds(service: np.ndarray, fixed: np.ndarray, batch: int | np.ndarray,
+                  call: np.ndarray | float = 0.0) -> np.ndarray:
     """Seconds of a batch of ``batch`` requests: ``fixed`` once, the rest of ``service`` and the
     call into the tier per request."""
     return fixed + batch * (service - fixed + call)
