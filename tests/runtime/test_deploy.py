@@ -153,7 +153,7 @@ def test_a_tiled_stage_runs_its_tiles_on_the_tiers_other_node(tmp_path, capsys):
         (switch,) = driver.switches
         assert switch.old == "p0" and "degrading to a plan without edge.1" in switch.reason
         fallback = driver.selector.plans[driver.selector.current]
-        assert not fallback.peers and fallback.stages[-1].name == "edge.0"  # the edge tier on its one node
+        assert not fallback.peers  # the build's best plan without edge.1 (one edge node, or none)
         started = spawn_worker(build, "edge.1", tmp_path, listen=workers.addresses["edge.1"],
                                processes=workers.processes)
         wait_ready(*started, "the restarted edge.1")
