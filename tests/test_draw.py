@@ -64,10 +64,12 @@ def _check_partition(gm, tiers) -> pydot.Dot:
 
 
 @pytest.fixture(scope="module")
-def tiled():
-    """resnet18 at 64x64 on examples/edge4.yaml: the edge's four nodes run tiles."""
-    ctx = load_cluster(EXAMPLES / "edge4.yaml")
-    return compile_plans("torchvision:resnet18", ["1,3,64,64"], ctx), ctx
+def tiled(tmp_path_factory):
+    """resnet18 at 128x128 on examples/edge4.yaml, the device forbidden: the edge's four nodes run tiles."""
+    path = tmp_path_factory.mktemp("draw") / "edge4.yaml"
+    path.write_text((EXAMPLES / "edge4.yaml").read_text() + "constraints: {forbid: [device]}\n")
+    ctx = load_cluster(path)
+    return compile_plans("torchvision:resnet18", ["1,3,128,128"], ctx), ctx
 
 
 @pytest.mark.slow

@@ -235,7 +235,9 @@ def test_resnet18_three_tiers(tmp_path):
     torch.manual_seed(0)
     gm = trace_model(resnet18(weights=None).eval(), ["1,3,64,64"])
     np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32))
-    text = three_tier(pin="{device: [conv1, bn1, relu, maxpool]}", uplink="2Mbit/s, latency: 5ms")
+    # the stem on the device, layer1 on the edge: the maxpool output (64 kB) crosses the 2 Mbit/s uplink
+    text = three_tier(pin="{device: [conv1, bn1, relu, maxpool], edge: [layer1.0.conv1]}",
+                      uplink="2Mbit/s, latency: 5ms")
     text = text.replace("latency: 20ms}", "latency: 20ms, codecs: [none, none+zstd-1, fp16+zstd-1, int8+zstd-1]}")
     text = text.replace("latency: 5ms}", "latency: 5ms, codecs: [none, int8+zstd-1]}")
     path = tmp_path / "cluster.yaml"
