@@ -481,7 +481,8 @@ class Testbed:
         return TestbedReport(requests, os.getloadavg()[0], primary.predicted.latency(self.manifest.prices),
                              sum(calibrated.compute.values()) + sum(crossed.values()) + sum(overheads.values()),
                              statistics.median(latencies), min(latencies), stages, links,
-                             [CallRow(name, self._prices()[name].call, call) for name, call in calls.items()])
+                             [CallRow(lk.name, lk.call, calls[lk.name])
+                              for lk in self.manifest.links if lk.name in calls])
 
     def __exit__(self, *exc: object) -> None:
         stop_processes(self.processes)
