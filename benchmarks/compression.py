@@ -3,9 +3,12 @@
 For torchvision resnet50 and mobilenet_v2 (``weights=None``, seeded, 1x3x224x224) on
 ``--inputs`` seeded random images:
 
-1. codecs on the tensor a cut would send at four depths: size ratio (raw / wire bytes) and
-   encode / decode MB/s of raw bytes, measured here by ``partc.compression.measure_codecs``
-   (summed over the inputs);
+1. codecs on the tensor a cut would send at four depths: size ratio (raw / wire bytes, by
+   ``partc.compression.measure_codecs``) and encode / decode MB/s of raw bytes, timed here (one
+   encode and one decode per tensor and input, summed) next to the speed the cost model's
+   shipped calibration gives its reference host (``partc.costmodel.codec_rates``: what
+   compress-cut-tensors prices links with, scaled to their targets), so that a reader sees
+   whether the model and this host agree;
 2. the plan the default pipeline chooses on a device (rpi4) -> cloud (cloud-cpu) cluster at
    1, 5 and 20 Mbit/s (10 ms latency): predicted latency with the link's codecs ``[none]``
    (what select-cuts gives) and with ``[none, none+zstd-1, fp16+zstd-1, int8+zstd-1]``
@@ -34,9 +37,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import fx
 
+from partc.codec import decode, encode, parse_codec
 from partc.compression import calibration_inputs, measure_codecs
 from partc.context import CompileContext, Compression, Link, Tier
+from partc.costmodel import codec_rates, load_calibration
 from partc.ir import META_LINK_CODECS, link_name
 from partc.partition.cost import evaluate, format_size
 from partc.partition.model import assigned_cost, priced
@@ -65,26 +71,57 @@ PLAN_HEADER = [
     "Mbit/s", "cut, none", "bytes", "latency ms, none", "cut, compressed", "codec", "ratio", "top-1 agreement",
     "latency ms, compressed", "speed-up", "pass s",
 ]
+SPEED_HEADER = ["codec", "encode MB/s here", "encode MB/s, model", "decode MB/s here", "decode MB/s, model"]
 BUDGET = 0.99
 
 
 def codec_rows(gm, inputs, depths: dict[str, str]) -> tuple[list[list[str]], dict[str, list[float]]]:
-    """Ratio per depth and codec; and per codec the summed raw bytes and encode / decode seconds."""
+    """Ratio per depth and codec; and per codec the summed raw bytes and encode / decode seconds (``timed``)."""
     by_name = {n.name: n for n in gm.graph.nodes}
     tensors = {label: by_name[node].all_input_nodes[0].name for label, node in depths.items()}
     measured = measure_codecs(gm, inputs, CODECS, only=set(tensors.values()))
-    rows, speed = [], {c: [0.0, 0.0, 0.0] for c in CODECS}
+    rows = []
     for label, name in tensors.items():
         i = measured.names.index(name)
         shape = "x".join(map(str, by_name[name].meta["partc.shape"][1:]))
         row = [f"after {label} (`{name}`)", shape, format_size(measured.raw[i] / measured.samples)]
-        for codec in CODECS:
-            row.append(f"{measured.raw[i] / measured.wire[codec][i]:.2f}")
-            speed[codec][0] += measured.raw[i]
-            speed[codec][1] += measured.encode_s[codec][i]
-            speed[codec][2] += measured.decode_s[codec][i]
-        rows.append(row)
-    return rows, speed
+        rows.append(row + [f"{measured.raw[i] / measured.wire[codec][i]:.2f}" for codec in CODECS])
+    return rows, timed(gm, inputs, set(tensors.values()))
+
+
+def timed(gm, inputs, names: set[str]) -> dict[str, list[float]]:
+    """Per codec: raw bytes and encode / decode seconds, summed over the tensors ``names`` on every call of
+    ``inputs`` (one encode and one decode each, one thread), timed on this host."""
+    parsed = [parse_codec(c) for c in CODECS]
+    warm = np.zeros((1, 8), np.float32)
+    for codec in parsed:  # the first call imports zstd / lz4: keep that out of the timings
+        decode(encode(warm, codec), codec, warm.shape, warm.dtype)
+    speed = {c: [0.0, 0.0, 0.0] for c in CODECS}
+    for call in inputs:
+        interpreter = fx.Interpreter(gm, garbage_collect_values=False)
+        with torch.no_grad():
+            interpreter.run(*call)
+        for array in (interpreter.env[n].numpy() for n in gm.graph.nodes if n.name in names):
+            for codec in parsed:
+                start = time.perf_counter()
+                payload = encode(array, codec)
+                middle = time.perf_counter()
+                decode(payload, codec, array.shape, array.dtype)
+                speed[codec.name][0] += array.nbytes
+                speed[codec.name][1] += middle - start
+                speed[codec.name][2] += time.perf_counter() - middle
+    return speed
+
+
+def speed_rows(speed: dict[str, list[float]]) -> list[list[str]]:
+    """Per codec: MB/s timed here, and as the shipped calibration prices its reference host."""
+    cal = load_calibration()
+    rows = []
+    for codec, (raw, enc, dec) in speed.items():
+        model = codec_rates(cal, codec, cal.reference, cal.reference)
+        rows.append([codec, f"{raw / enc / 1e6:.0f}", f"{model[0] / 1e6:.0f}", f"{raw / dec / 1e6:.0f}",
+                     f"{model[1] / 1e6:.0f}"])
+    return rows
 
 
 def cluster(mbits: float, codecs: tuple[str, ...], calibration: Path) -> CompileContext:
@@ -145,8 +182,8 @@ def main() -> int:
         f"`python benchmarks/compression.py --inputs {args.inputs}`, {started}, {platform.machine()}, "
         f"{os.cpu_count()} cores, torch at 2 threads. torchvision models with `weights=None` (seeded) at "
         f"1x3x224x224, on {args.inputs} seeded random images: the ratios are those of randomly initialised "
-        "activations (about half of every ReLU output is zero). Speeds are MB/s of raw bytes on this shared "
-        "host, one thread per codec call: compare them with each other.",
+        "activations (about half of every ReLU output is zero). Speeds are MB/s of raw bytes, one thread per "
+        "codec call: timed on this shared host, and the cost model's calibrated speed on its reference host.",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         calibration = Path(tmp) / "calib.npy"
@@ -156,10 +193,8 @@ def main() -> int:
             inputs = calibration_inputs(gm, Compression(BUDGET, str(calibration)))
             rows, speed = codec_rows(gm, inputs, depths)
             ratio_table = format_table([["cut tensor", "shape", "raw", *CODECS], *rows])
-            speed_rows = [
-                [c, f"{raw / enc / 1e6:.0f}", f"{raw / dec / 1e6:.0f}"] for c, (raw, enc, dec) in speed.items()
-            ]
-            speed_table = format_table([["codec", "encode MB/s", "decode MB/s"], *speed_rows], right=(1, 2))
+            speeds = [SPEED_HEADER, *speed_rows(speed)]
+            speed_table = format_table(speeds, right=(1, 2, 3, 4))
             plans, summaries = plan_rows(gm, calibration)
             plan_table = format_table([PLAN_HEADER, *plans])
             print(f"\n{model}\n{ratio_table}\n\n{speed_table}\n\n{plan_table}")
@@ -171,9 +206,11 @@ def main() -> int:
                 "",
                 *markdown([["cut tensor", "shape", "raw", *CODECS], *rows]),
                 "",
-                "Encode and decode speed per codec over those four tensors (raw bytes / seconds):",
+                "Encode and decode speed per codec over those four tensors (raw bytes / seconds), timed here "
+                "and as the cost model's shipped calibration prices its reference host (single-threaded; "
+                "compress-cut-tensors scales it to each link's sending and receiving targets):",
                 "",
-                *markdown([["codec", "encode MB/s", "decode MB/s"], *speed_rows]),
+                *markdown(speeds),
                 "",
                 f"Plan on device (rpi4) -> cloud (cloud-cpu), 10 ms link, predicted by the cost model: codecs `[none]` "
                 f"(select-cuts) vs `[{', '.join(PLAN_CODECS)}]` (compress-cut-tensors, budget {BUDGET}); "

@@ -13,18 +13,26 @@ Steps:
    sgemm GFLOP/s and copy bandwidth at the same thread count. Results are cached in
    ``benchmarks/results/profiles/NAME.json`` (the format ``partc profile`` writes) and
    ``benchmarks/results/host_peak.json``.
-2. Fit the calibration on all models and write it to ``targets/calibration.json``, the
-   data the ``annotate-profile`` pass ships with.
+2. Time every codec stage (``partc.codec``: the QUANT stages ``none``, ``fp16``, ``int8``,
+   ``int8c``; the PACK stages ``zstd-1`` .. ``zstd-22``, ``lz4``) single-threaded on a
+   realistic activation (``measure_codec_stages``), cached in
+   ``benchmarks/results/codec_rates.json``.
+   Fit the calibration on all models and write it, with the codec stages' speeds, to
+   ``targets/calibration.json``, the data the ``annotate-profile`` and
+   ``compress-cut-tensors`` passes ship with.
 3. Leave one model out: fit on the others, predict the left-out model's whole-model
    latency (sum of predicted node times), compare with its measured whole-model median.
 4. Predict Scission's five models (``SCISSION_MS``, PRIOR_ART.md section 3) on the four
    targets that describe its machines, from their traced graphs, and compare with its
    measured totals: absolute (within 2x?) and the device : edge and edge : cloud-cpu
-   ratios (within 25%?).
+   ratios (within 25%?); once from the shipped descriptions, once in Scission's workflow,
+   each machine fitted to its times of the other four models
+   (``partc.costmodel.fit_target_to_totals``).
 5. Write ``benchmarks/results/cost_model.md`` (tables) and ``cost_model.json`` (numbers).
 
 With the cached profiles it takes seconds; ``--remeasure`` profiles ten torchvision models
-three times and takes about five minutes on 2 cores.
+three times and takes about five minutes on 2 cores, and times the codec stages again in about
+five more (zstd's levels 13-22 compress at 1-2 MB/s).
 """
 
 from __future__ import annotations
@@ -36,14 +44,21 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
+import torchvision
 
+from partc.codec import decode, encode, pack, parse_codec, unpack
 from partc.costmodel import (
     MEMORY_EFFICIENCY_MIN,
     Calibration,
+    CodecRate,
     fit_calibration,
+    fit_target_to_totals,
     predict_graph,
     predict_profile_total,
     write_calibration,
@@ -74,6 +89,10 @@ SCISSION_MS = {  # PRIOR_ART.md section 3: measured totals (Keras) on Scission's
 SCISSION_SHAPES = {"inception_v3": "1,3,299,299"}  # Keras' own input size; the others take 224x224
 RATIOS = {"device:edge": ("rpi4", "edge-x86"), "edge:cloud-cpu": ("edge-x86", "cloud-cpu"),
           "device:cloud-cpu": ("rpi4", "cloud-cpu")}  # the aim covers the first two; the third locates a miss
+QUANTS = ("none", "fp16", "int8", "int8c")  # partc.codec's QUANT stages
+PACKS = (*(f"zstd-{level}" for level in range(1, 23)), "lz4")  # and its PACK stages
+CODEC_REPEATS = 7  # timed calls per codec stage and payload, after one warm-up call ...
+CODEC_BUDGET_S = 1.0  # ... but only three once they took this long (zstd's top levels take seconds a call)
 RATIO_BOUND = 0.25  # predicted tier ratios within 25% of the measured ones
 ABSOLUTE_BOUND = 2.0  # predicted totals within 2x of the measured ones
 
@@ -179,6 +198,80 @@ def load_or_measure(remeasure: bool, threads: int) -> tuple[dict, dict]:
     return {name: read_profile(path) for name, path in paths.items()}, peaks
 
 
+def activation() -> np.ndarray:
+    """What codecs are timed on: resnet18's stem ReLU output (1x64x112x112 float32, 3.2 MB) with seeded
+    random weights on a seeded random image; about half of it is zero, as after a ReLU of a trained model."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.relu(model.bn1(model.conv1(image))).numpy()
+
+
+def measure_codec_stages() -> dict:
+    """Single-threaded encode and decode speed of every codec stage on ``activation()``.
+
+    A QUANT stage (``partc.codec.encode`` / ``decode`` with that quant alone) in raw float32 bytes
+    per second; a PACK stage (``partc.codec.pack`` / ``unpack``) in its input bytes per second, on
+    each QUANT stage's payload (``pack_by_quant``, with the ratio) and, for the calibration
+    (``stages``), their harmonic mean: every QUANT stage's payload weighs the same. Speeds are
+    rounded to three significant digits.
+    """
+    x = activation()
+    stages, by_quant, payloads = {}, {}, {}
+    for quant in QUANTS:
+        codec = parse_codec(quant)
+        payloads[quant] = encode(x, codec)
+        stages[quant] = _stage_rate(x.nbytes, partial(encode, x, codec),
+                                    partial(decode, payloads[quant], codec, x.shape, x.dtype))
+    for name in PACKS:
+        codec = parse_codec(f"none+{name}")
+        by_quant[name] = {}
+        for quant, payload in payloads.items():
+            packed = pack(payload, codec)
+            unpacking = partial(unpack, packed, codec, len(payload))
+            rate = _stage_rate(len(payload), partial(pack, payload, codec), unpacking)
+            by_quant[name][quant] = {**rate, "ratio": round(len(payload) / len(packed), 3)}
+            print(f"codec stage {name} on {quant}: encode {rate['encode_bytes_per_s'] / 1e6:.1f} MB/s, decode "
+                  f"{rate['decode_bytes_per_s'] / 1e6:.1f} MB/s", file=sys.stderr)
+        stages[name] = {key: _3g(len(QUANTS) / sum(1 / r[key] for r in by_quant[name].values()))
+                        for key in ("encode_bytes_per_s", "decode_bytes_per_s")}
+    return {"tensor": "resnet18 stem ReLU output, seeded (benchmarks/cost_model.py activation)", "bytes": x.nbytes,
+            "zeros": round(float((x == 0).mean()), 4), "repeats": CODEC_REPEATS, "budget_s": CODEC_BUDGET_S,
+            "stages": stages, "pack_by_quant": by_quant}
+
+
+def _stage_rate(nbytes: int, encoding: Callable[[], object], decoding: Callable[[], object]) -> dict:
+    return {"encode_bytes_per_s": _3g(nbytes / _median_s(encoding)),
+            "decode_bytes_per_s": _3g(nbytes / _median_s(decoding))}
+
+
+def _median_s(call: Callable[[], object]) -> float:
+    """Median seconds of ``call`` over ``CODEC_REPEATS`` timed calls after a warm-up one (see ``CODEC_BUDGET_S``)."""
+    call()
+    samples: list[float] = []
+    while len(samples) < CODEC_REPEATS and (len(samples) < 3 or sum(samples) < CODEC_BUDGET_S):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _3g(value: float) -> float:
+    return float(f"{value:.3g}")
+
+
+def load_or_measure_codecs(remeasure: bool) -> dict[str, CodecRate]:
+    """Codec stage speeds from ``benchmarks/results/codec_rates.json`` unless ``remeasure`` (or missing)."""
+    path = RESULTS / "codec_rates.json"
+    if remeasure or not path.is_file():
+        load_before = round(os.getloadavg()[0], 2)
+        measured = measure_codec_stages()
+        load = {"load_before": load_before, "load_after": round(os.getloadavg()[0], 2)}
+        path.write_text(json.dumps({**measured, **load}, indent=1) + "\n")
+    return {stage: CodecRate(**rate) for stage, rate in json.loads(path.read_text())["stages"].items()}
+
+
 def reference_target(host: dict, measured: dict) -> TargetDesc:
     """This host as a target description: sgemm rate and copy bandwidth as measured."""
     threads = measured["threads"]
@@ -234,21 +327,55 @@ def target_table(cal: Calibration, profiles: dict) -> list[dict]:
     return rows
 
 
-def scission_table(cal: Calibration) -> list[dict]:
-    """Predicted vs Scission's measured totals (ms) and tier ratios, per model, from the traced graphs."""
+def scission_graphs() -> dict:
+    """Scission's five models traced at its input sizes, by name."""
+    return {name: trace_model(f"torchvision:{name}", [SCISSION_SHAPES.get(name, "1,3,224,224")])
+            for name in SCISSION_MS}
+
+
+def scission_table(cal: Calibration, graphs: dict) -> list[dict]:
+    """Predicted vs Scission's measured totals (ms) and tier ratios, per model, from the traced graphs.
+
+    Two predictions per model: ``described`` from the shipped target descriptions, and ``fitted`` from
+    each target fitted (``fit_target_to_totals``) to Scission's times of the *other* four models on that
+    machine (its workflow: benchmark once on each resource, then plan; the model predicted is never fitted on).
+    """
     rows = []
     for name, measured in SCISSION_MS.items():
-        gm = trace_model(f"torchvision:{name}", [SCISSION_SHAPES.get(name, "1,3,224,224")])
-        predicted = {t: sum(predict_graph(cal, gm, TARGETS[t]).values()) * 1e3 for t in measured}
+        gm = graphs[name]
+        fitted = {t: fit_target_to_totals(cal, {o: (graphs[o], SCISSION_MS[o][t] / 1e3) for o in SCISSION_MS
+                                                 if o != name}, TARGETS[t]) for t in measured}
         nodes = compute_nodes(gm)
-        row = {"model": name, "predicted_ms": predicted, "measured_ms": measured, "nodes": len(nodes),
-               "gflop": sum(n.meta[META_FLOPS] for n in nodes) / 1e9}
-        for label, (a, b) in RATIOS.items():
-            want, got = measured[a] / measured[b], predicted[a] / predicted[b]
-            row[label] = {"predicted": got, "measured": want, "error_pct": (got / want - 1) * 100}
-        row["worst_factor"] = max(max(p / measured[t], measured[t] / p) for t, p in predicted.items())
-        rows.append(row)
+        rows.append({
+            "model": name, "measured_ms": measured, "nodes": len(nodes),
+            "gflop": sum(n.meta[META_FLOPS] for n in nodes) / 1e9,
+            "described": _against(measured, {t: _total_ms(cal, gm, TARGETS[t]) for t in measured}),
+            "fitted": _against(measured, {t: _total_ms(cal, gm, desc) for t, desc in fitted.items()}),
+        })
     return rows
+
+
+def scission_fitted_targets(cal: Calibration, graphs: dict) -> dict[str, TargetDesc]:
+    """Each of Scission's machines fitted to all five models' measured times (the rates the workflow finds)."""
+    names = next(iter(SCISSION_MS.values()))
+    return {t: fit_target_to_totals(cal, {m: (graphs[m], SCISSION_MS[m][t] / 1e3) for m in SCISSION_MS}, TARGETS[t])
+            for t in names}
+
+
+def _total_ms(cal: Calibration, gm, desc: TargetDesc) -> float:
+    return sum(predict_graph(cal, gm, desc).values()) * 1e3
+
+
+def _against(measured: dict, predicted: dict) -> dict:
+    """Predicted totals next to measured ones: the tier ratios' errors and the worst absolute factor."""
+    row = {"predicted_ms": predicted}
+    for label, (a, b) in RATIOS.items():
+        want, got = measured[a] / measured[b], predicted[a] / predicted[b]
+        row[label] = {"predicted": got, "measured": want, "error_pct": (got / want - 1) * 100}
+    row["worst_factor"] = max(max(p / measured[t], measured[t] / p) for t, p in predicted.items())
+    row["worst_cpu_factor"] = max(max(p / measured[t], measured[t] / p) for t, p in predicted.items()
+                                  if TARGETS[t].kind == "cpu")
+    return row
 
 
 def _head(*columns: str) -> list[str]:
@@ -256,39 +383,72 @@ def _head(*columns: str) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
 
 
-def scission_markdown(rows: list[dict]) -> list[str]:
-    """The Scission check as Markdown lines."""
+def _scission_check(rows: list[dict], key: str) -> list[str]:
+    """One prediction kind (``described`` or ``fitted``) against Scission's times, as a table and a tally."""
     names = list(next(iter(SCISSION_MS.values())))
-    ratios_ok = sum(abs(r[k]["error_pct"]) <= RATIO_BOUND * 100
-                    for r in rows for k in ("device:edge", "edge:cloud-cpu"))
-    within = [(t, max(p / r["measured_ms"][t], r["measured_ms"][t] / p) <= ABSOLUTE_BOUND)
-              for r in rows for t, p in r["predicted_ms"].items()]
-    cells_ok = sum(ok for _, ok in within)
-    cpu_ok = sum(ok for t, ok in within if TARGETS[t].kind == "cpu")
+    lines = _head("model", *names, *(f"{k} pred / meas (err)" for k in RATIOS), "worst factor, all / CPU")
+    for r in rows:
+        x = r[key]
+        cells = [f"{x['predicted_ms'][t]:.1f} / {r['measured_ms'][t]}" for t in names]
+        ratios = [f"{x[k]['predicted']:.2f} / {x[k]['measured']:.2f} ({x[k]['error_pct']:+.0f}%)" for k in RATIOS]
+        lines.append(f"| {r['model']} | " + " | ".join(cells + ratios)
+                     + f" | {x['worst_factor']:.2f}x / {x['worst_cpu_factor']:.2f}x |")
+    errors = [abs(r[key][k]["error_pct"]) for r in rows for k in ("device:edge", "edge:cloud-cpu")]
+    factors = [(t, max(p / r["measured_ms"][t], r["measured_ms"][t] / p))
+               for r in rows for t, p in r[key]["predicted_ms"].items()]
+    cpu = [f for t, f in factors if TARGETS[t].kind == "cpu"]
+    return lines + [
+        "",
+        f"Ratios within 25%: {sum(e <= RATIO_BOUND * 100 for e in errors)} of {len(errors)} (worst "
+        f"{max(errors):.0f}%); totals "
+        f"within 2x: {sum(f <= ABSOLUTE_BOUND for _, f in factors)} of {len(factors)} (on the CPU targets: "
+        f"{sum(f <= ABSOLUTE_BOUND for f in cpu)} of {len(cpu)}, worst {max(cpu):.2f}x).",
+    ]
+
+
+def scission_markdown(rows: list[dict], fitted: dict[str, TargetDesc]) -> list[str]:
+    """The Scission check as Markdown lines; ``fitted``: each machine fitted to all five models."""
+    names = list(next(iter(SCISSION_MS.values())))
     lines = [
         "",
         "## Against Scission's measured times (PRIOR_ART.md section 3)",
         "",
-        "Predicted (partc's cost model, shipped calibration and target descriptions) / measured (Scission, "
-        "Keras on TensorFlow 2.1) whole-model ms; inception_v3 at 299x299, the others at 224x224. Targets: "
-        "rpi4 = Raspberry Pi 4, edge-x86 = i5-2500, cloud-cpu = i7-6700K, cloud-gpu = the 6700K's GPU "
-        "(Scission does not name it; described as a T4). Aim: ratios within 25%, absolute within 2x.",
+        "Scission's measured whole-model ms (Keras on TensorFlow 2.1) on its four machines; inception_v3 at "
+        "299x299, the others at 224x224. Targets: rpi4 = Raspberry Pi 4, edge-x86 = i5-2500, cloud-cpu = "
+        "i7-6700K, cloud-gpu = the 6700K's GPU (Scission does not name it; described as a T4). Aim: the "
+        "device : edge and edge : cloud-cpu ratios within 25%, totals within 2x.",
         "",
-        *_head("model", *names, *(f"{k} pred / meas (err)" for k in RATIOS), "worst absolute factor"),
+        "### Scission's workflow: each machine fitted to the other four models' times",
+        "",
+        "Scission benchmarks each resource once and plans from what it measured. Here each machine's three "
+        "rates (peak GFLOP/s, bandwidth, per-node dispatch; GPU: launch) are fitted "
+        "(`partc.costmodel.fit_target_to_totals`, the target description as prior) to Scission's times of "
+        "the four *other* models on it, then predict the fifth: the model in each row is never fitted on.",
+        "",
+        *_scission_check(rows, "fitted"),
+        "",
+        "Fitted to all five models (what a user fitting these machines gets), against the descriptions:",
+        "",
+        *_head("target", "peak GFLOP/s", "bandwidth GB/s", "dispatch us", "launch us"),
     ]
-    for r in rows:
-        cells = [f"{r['predicted_ms'][t]:.1f} / {r['measured_ms'][t]}" for t in names]
-        ratios = [f"{r[k]['predicted']:.2f} / {r[k]['measured']:.2f} ({r[k]['error_pct']:+.0f}%)"
-                  for k in RATIOS]
-        lines.append(f"| {r['model']} | " + " | ".join(cells + ratios) + f" | {r['worst_factor']:.2f}x |")
+    for t in names:
+        d, f = TARGETS[t], fitted[t]
+        lines.append(f"| {t} | {f.peak_gflops:.0f} ({d.peak_gflops:.0f}) | {f.memory_bandwidth_gbs:.1f} "
+                     f"({d.memory_bandwidth_gbs:.1f}) | {f.dispatch_us:.1f} ({d.dispatch_us:.1f}) | "
+                     f"{f.launch_overhead_us:.0f} ({d.launch_overhead_us:.0f}) |")
     lines += [
         "",
-        f"Ratios within 25%: {ratios_ok} of {2 * len(rows)}; totals within 2x: {cells_ok} of "
-        f"{len(rows) * len(names)} (on the CPU targets: {cpu_ok} of {len(rows) * (len(names) - 1)}).",
+        "The fitted machines are slower than their sgemm and STREAM figures: they describe what Keras reached "
+        f"on them (the i5 at {fitted['edge-x86'].peak_gflops / TARGETS['edge-x86'].peak_gflops:.0%} of its "
+        f"described rate, the Pi's per-layer call {fitted['rpi4'].dispatch_us / TARGETS['rpi4'].dispatch_us:.1f}x "
+        "its described dispatch), which is what a plan for that software needs.",
         "",
-        "Where the aim is missed, the measurements are not explained by the machines' rates: the GFLOP/s "
-        "Scission's Keras reached (model GFLOP / measured seconds) as a fraction of each target's sustained "
-        "sgemm rate (`peak_gflops`):",
+        "### The shipped target descriptions (datasheet rates, no measurement on the machine)",
+        "",
+        *_scission_check(rows, "described"),
+        "",
+        "The descriptions miss the aim for the compute-heavy models: the GFLOP/s Scission's Keras reached "
+        "(model GFLOP / measured seconds) as a fraction of each target's sustained sgemm rate (`peak_gflops`):",
         "",
         *_head("model", "GFLOP", *names),
     ]
@@ -296,28 +456,20 @@ def scission_markdown(rows: list[dict]) -> list[str]:
         rates = [r["gflop"] / (r["measured_ms"][t] / 1e3) for t in names]
         cells = [f"{rate:.0f} ({rate / TARGETS[t].peak_gflops:.0%})" for rate, t in zip(rates, names, strict=True)]
         lines.append(f"| {r['model']} | {r['gflop']:.1f} | " + " | ".join(cells) + " |")
-    gpu = [(r["measured_ms"]["cloud-gpu"] - r["predicted_ms"]["cloud-gpu"]) / r["nodes"] * 1e3 for r in rows]
+    gpu = [(r["measured_ms"]["cloud-gpu"] - r["described"]["predicted_ms"]["cloud-gpu"]) / r["nodes"] * 1e3
+           for r in rows]
     lines += [
         "",
-        "- edge : cloud-cpu is predicted low for every model. Rates alone cannot give VGG16's 3.42: it is "
-        "above the machines' peak ratio (4 x 4.0 GHz x 32 / 4 x 3.3 GHz x 16 = 512 / 211 = 2.43) and their "
-        "bandwidth ratio (34.1 / 21.3 GB/s = 1.6); the i5 ran it at 44% of its sustained sgemm rate, the i7 "
-        "at 61%. For the other models Keras reached the same fraction on both (resnet50 21 / 22%), so its "
-        "whole time scaled like compute (2.0-3.0x), while partc prices its PyTorch stages' memory-bound "
-        "nodes by bandwidth (28 / 16 GB/s = 1.75x) and their per-node overhead by single-thread speed "
-        "(1.47x), as the calibration host measures them.",
-        "- device : edge is predicted high for the compute-heavy models: the Pi reached about twice the "
-        "fraction of its rate that the i5 did (resnet50 43 vs 21%). device : cloud-cpu, which leaves the "
-        "edge out, is within "
-        f"{max(abs(r['device:cloud-cpu']['error_pct']) for r in rows):.0f}% for every model: the i5's "
-        "measurements, not the Pi's or the i7's, sit apart from the machines' rates. Describing `edge-x86` "
-        "by what Keras reached would describe TensorFlow 2.1 on it, not the i5-2500; partc predicts its own "
-        "PyTorch stages, whose convolutions run at about the sgemm rate on the calibration host (`conv2d` "
-        "compute efficiency above).",
-        "- cloud-gpu describes a T4 running PyTorch (20 us launch and dispatch per node); Scission does not "
-        "name its GPU and measured Keras layer by layer: the difference between its totals and the "
-        "prediction is " + ", ".join(f"{r['model']} {g:.0f}" for r, g in zip(rows, gpu, strict=True))
-        + " us per node, Keras' per-layer call, not the GPU's work. The GPU column is shown, not aimed at.",
+        "- The i5 ran VGG16 at 44% of its sustained sgemm rate, the i7 at 61%, the Pi at 73%; VGG16's measured "
+        "edge : cloud ratio (3.42) is above the machines' peak ratio (512 / 211 GFLOP/s = 2.43) and bandwidth "
+        "ratio (1.6). From datasheets partc predicts its own PyTorch stages, whose convolutions run at about "
+        "the sgemm rate on the calibration host; the i5's Keras times sit apart from its rates, so ratios "
+        "through the edge miss while device : cloud-cpu, which leaves it out, is within "
+        f"{max(abs(r['described']['device:cloud-cpu']['error_pct']) for r in rows):.0f}% for every model.",
+        "- cloud-gpu describes a T4 running PyTorch (20 us launch and dispatch per node); Scission measured "
+        "Keras layer by layer: the difference between its totals and the description's prediction is "
+        + ", ".join(f"{r['model']} {g:.0f}" for r, g in zip(rows, gpu, strict=True))
+        + " us per node, Keras' per-layer call, not the GPU's work; the fitted GPU's launch takes it up.",
     ]
     return lines
 
@@ -395,25 +547,29 @@ def markdown(rows: list[dict], targets: list[dict], cal: Calibration, meta: dict
             for n in names
         ]
         lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
-    lines += scission_markdown(meta["scission"])
+    lines += scission_markdown(meta["scission"], {t: TargetDesc(**d) for t, d in meta["scission_fitted"].items()})
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--remeasure", action="store_true",
-                        help="profile every model again (overwrites benchmarks/results/profiles/ and host_peak.json)")
+                        help="profile every model and time the codec stages again (overwrites benchmarks/results/"
+                        "profiles/, host_peak.json and codec_rates.json)")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS})")
     args = parser.parse_args()
     profiles, peaks = load_or_measure(args.remeasure, args.threads)
     host = host_fingerprint()
     reference = reference_target(host, peaks)
     cal = fit_calibration(list(profiles.values()), reference, host)
+    cal = dataclasses.replace(cal, codecs=load_or_measure_codecs(args.remeasure))
     write_calibration(cal, CALIBRATION)
     rows = leave_one_out(profiles, reference)
+    graphs = scission_graphs()
     targets = target_table(cal, profiles)
     meta = {"host": host, "threads": peaks["threads"], "load_before": peaks["load_before"],
-            "load_after": peaks["load_after"], "scission": scission_table(cal)}
+            "load_after": peaks["load_after"], "scission": scission_table(cal, graphs),
+            "scission_fitted": {t: dataclasses.asdict(d) for t, d in scission_fitted_targets(cal, graphs).items()}}
     (RESULTS / "cost_model.md").write_text(markdown(rows, targets, cal, meta))
     (RESULTS / "cost_model.json").write_text(json.dumps(
         {**meta, "rounds": ROUNDS, "warmup": WARMUP, "repeats": REPEATS, "leave_one_out": rows,

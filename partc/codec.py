@@ -56,6 +56,11 @@ class Codec:
         """Whether decoding restores the tensor exactly."""
         return self.quant == "none"
 
+    @property
+    def quant_fraction(self) -> float:
+        """Bytes the QUANT step writes per raw float32 byte: 1, 0.5 or 0.25 (int8's scales aside)."""
+        return {"none": 1.0, "fp16": 0.5}.get(self.quant, 0.25)
+
     def max_error(self, array: np.ndarray) -> float:
         """The largest absolute error decoding may show on ``array`` (0 if lossless).
 
@@ -96,13 +101,15 @@ def parse_codec(name: str) -> Codec:
 
 @dataclass(frozen=True)
 class LinkCodec:
-    """The codec one link's tensors cross with, as ``compress-cut-tensors`` chose and measured it.
+    """The codec one link's tensors cross with, as ``compress-cut-tensors`` chose and priced it.
 
     Attributes:
         codec: the codec's name (``none``: tensors cross raw).
-        ratio: raw bytes / wire bytes, over the tensors the plan sends (1.0 for ``none``).
-        encode_bytes_per_s: raw bytes encoded per second on the compiling host (None: free).
-        decode_bytes_per_s: likewise for decoding.
+        ratio: raw bytes / wire bytes, measured on the tensors the plan sends (1.0 for ``none``).
+        encode_bytes_per_s: raw bytes encoded per second on the link's sending tier's target, as
+            the cost model prices it (``partc.costmodel.codec_rates``; None: free), not measured on
+            the compiling host.
+        decode_bytes_per_s: likewise for decoding, on the receiving tier's target.
         agreement: top-1 agreement with the uncompressed model on the calibration inputs
             (None: lossless, or not checked).
         samples: how many calibration inputs the figures were measured on.
@@ -129,11 +136,12 @@ class LinkCodec:
         """
         if self.codec == "none":
             return bandwidth
-        seconds = 1 / (self.ratio * bandwidth)
-        for speed in (self.encode_bytes_per_s, self.decode_bytes_per_s):
-            if speed is not None:
-                seconds += 1 / speed
-        return 1 / seconds
+        return 1 / (1 / (self.ratio * bandwidth) + self.coding_seconds_per_byte)
+
+    @property
+    def coding_seconds_per_byte(self) -> float:
+        """Encode plus decode seconds per raw byte (a speed of None is free)."""
+        return sum(1 / speed for speed in (self.encode_bytes_per_s, self.decode_bytes_per_s) if speed is not None)
 
     def to_json(self) -> dict:
         """Return the manifest form (``cluster.links[].codec``)."""
@@ -165,7 +173,7 @@ def encode(array: np.ndarray, codec: Codec) -> bytes:
         scale = np.where(high > low, (high - low) / 255, 1).astype(np.float32)
         q = np.rint((array - _broadcast(array, low)) / _broadcast(array, scale))
         payload = scale.tobytes() + low.astype(np.float32).tobytes() + np.clip(q, 0, 255).astype(np.uint8).tobytes()
-    return _pack(payload, codec)
+    return pack(payload, codec)
 
 
 def decode(data: bytes | memoryview, codec: Codec, shape: tuple[int, ...], dtype: str | np.dtype) -> np.ndarray:
@@ -183,7 +191,7 @@ def decode(data: bytes | memoryview, codec: Codec, shape: tuple[int, ...], dtype
     quant = codec.quant if dtype.kind == "f" else "none"
     size = payload_size(codec, shape, dtype)
     count = math.prod(shape)
-    payload = _unpack(data, codec, size)
+    payload = unpack(data, codec, size)
     _expect(payload, size, codec)
     if quant in ("int8", "int8c"):
         channels = shape[1] if quant == "int8c" else 1
@@ -235,7 +243,8 @@ def _broadcast(array: np.ndarray, per: np.ndarray) -> np.ndarray:
     return per.reshape((1, per.size) + (1,) * (array.ndim - 2))
 
 
-def _pack(payload: bytes, codec: Codec) -> bytes:
+def pack(payload: bytes, codec: Codec) -> bytes:
+    """Apply ``codec``'s PACK step (if any) to the quantised ``payload``."""
     if codec.pack == "zstd":
         import zstandard
 
@@ -247,8 +256,13 @@ def _pack(payload: bytes, codec: Codec) -> bytes:
     return payload
 
 
-def _unpack(data: bytes | memoryview, codec: Codec, size: int) -> bytes | memoryview:
-    """Undo the PACK step, decompressing ``size`` + 1 bytes at most: one more tells a payload that is too big."""
+def unpack(data: bytes | memoryview, codec: Codec, size: int) -> bytes | memoryview:
+    """Undo ``codec``'s PACK step, decompressing ``size`` + 1 bytes at most: one more tells a payload that
+    is too big.
+
+    Raises:
+        PartcError: if ``data`` is corrupt or does not decompress to exactly ``size`` bytes.
+    """
     if not codec.pack:
         return data
     try:

@@ -342,13 +342,14 @@ class _Planner:
         return found
 
     def own_codecs(self, tiers: np.ndarray) -> dict[str, LinkCodec]:
-        """Each link's codec as measured on the tensors ``tiers`` sends over it, where that differs
-        from the codec measured on the cut it was chosen for (``compress-cut-tensors``)."""
+        """Each link's codec with its ratio measured on the tensors ``tiers`` sends over it, where that
+        differs from the codec on the cut it was chosen for (``compress-cut-tensors``); its speeds are
+        the chosen codec's (the cost model's for the link's targets)."""
         measured = self.gm.meta.get(META_CODEC_MEASUREMENTS)
         if measured is None:
             return {}
         chosen = [link.codec for link in self.links]
-        own = cut_codecs(measured, self.raw, [c.codec for c in chosen], tiers)
+        own = cut_codecs(measured, self.raw, chosen, tiers)
         return {link.name: replace(mine, agreement=theirs.agreement) for link, mine, theirs in zip(
             self.links, own, chosen, strict=True) if (mine.ratio, mine.encode_bytes_per_s, mine.decode_bytes_per_s)
                 != (theirs.ratio, theirs.encode_bytes_per_s, theirs.decode_bytes_per_s)}

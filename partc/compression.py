@@ -1,14 +1,16 @@
-"""Feature-map compression at cut points: measure codecs on real tensors, price links, check top-1.
+"""Feature-map compression at cut points: measure codec ratios on real tensors, price links, check top-1.
 
 The codecs themselves live in ``partc.codec`` (one implementation each); this module
-runs the model on calibration inputs and measures them:
+runs the model on calibration inputs and measures how much they shrink its tensors:
 
 - ``calibration_inputs``: the cluster's ``compression.calibration`` batch (or the seeded
   example inputs), split into model calls of the traced batch size;
-- ``measure_codecs``: every node's output tensor (nodes with ``META_BYTES`` > 0) encoded and
-  decoded with every codec: wire bytes and seconds, summed over at most ``MEASURE_SAMPLES``
-  calibration inputs; ``Measurements.entry`` aggregates them (bytes-weighted) over a set of
-  nodes into one ``META_LINK_CODECS`` entry;
+- ``measure_codecs``: every node's output tensor (nodes with ``META_BYTES`` > 0) encoded with
+  every codec: raw and wire bytes, summed over at most ``MEASURE_SAMPLES`` calibration inputs;
+  ``Measurements.entry`` aggregates them (bytes-weighted) over a set of nodes into one
+  ``META_LINK_CODECS`` entry. Nothing is timed: a link's encode and decode speeds are the cost
+  model's for its sending and receiving targets (``partc.costmodel.codec_rates``), so the same
+  inputs give the same entries;
 - ``run_pipeline`` runs the model as the partitioned pipeline does, each tensor crossing a
   link decoded from that link's codec, hop by hop (a tensor going two tiers down is decoded
   and encoded again in between, as the runtime's workers do); ``top1_agreement`` compares
@@ -23,7 +25,6 @@ absolute error is ``Codec.max_error``'s business, not this module's.
 from __future__ import annotations
 
 import importlib
-import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ from partc.errors import ClusterError, PartcError
 from partc.ir import META_BYTES
 from partc.partition.cost import CostGraph
 
-MEASURE_SAMPLES = 8  # most calibration inputs that ratios and speeds are measured on
+MEASURE_SAMPLES = 8  # most calibration inputs that ratios are measured on
 
 
 @dataclass(frozen=True)
@@ -49,44 +50,40 @@ class Measurements:
         samples: how many calibration inputs (samples, first-axis rows) were measured.
         raw: (n,) raw bytes of each node's output tensors (0: no tensor, nothing to send).
         wire: codec name -> (n,) encoded bytes.
-        encode_s: codec name -> (n,) seconds spent encoding.
-        decode_s: codec name -> (n,) seconds spent decoding.
     """
 
     names: tuple[str, ...]
     samples: int
     raw: np.ndarray
     wire: dict[str, np.ndarray]
-    encode_s: dict[str, np.ndarray]
-    decode_s: dict[str, np.ndarray]
 
-    def entry(self, codec: str, mask: np.ndarray | None = None) -> LinkCodec:
-        """Return ``codec`` as measured over the nodes in ``mask`` (all: None).
+    def entry(self, link: LinkCodec, mask: np.ndarray | None = None) -> LinkCodec:
+        """Return ``link`` (a codec at its speeds) with its ratio measured over the nodes in ``mask`` (all: None).
 
-        ``ratio`` is raw bytes / wire bytes and the speeds raw bytes per second, summed over
-        the nodes (bytes-weighted); codec ``none`` has ratio 1.0 and speeds None (free), and so
-        has any codec when the nodes hold no bytes. ``agreement`` is None (set it once checked).
+        ``ratio`` is raw bytes / wire bytes, summed over the nodes (bytes-weighted); codec
+        ``none`` has ratio 1.0 and speeds None (free), and so has any codec when the nodes hold
+        no bytes. ``agreement`` is None (set it once checked).
         """
         mask = np.ones(len(self.raw), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
         raw = float(self.raw[mask].sum())
-        if codec == "none" or raw == 0:
+        if link.codec == "none" or raw == 0:
             return LinkCodec(samples=self.samples)
         return LinkCodec(
-            codec=codec,
-            ratio=raw / float(self.wire[codec][mask].sum()),
-            encode_bytes_per_s=raw / max(float(self.encode_s[codec][mask].sum()), 1e-9),
-            decode_bytes_per_s=raw / max(float(self.decode_s[codec][mask].sum()), 1e-9),
+            codec=link.codec,
+            ratio=raw / float(self.wire[link.codec][mask].sum()),
+            encode_bytes_per_s=link.encode_bytes_per_s,
+            decode_bytes_per_s=link.decode_bytes_per_s,
             samples=self.samples,
         )
 
 
 def cut_codecs(
-    measured: Measurements, graph: CostGraph, codecs: Sequence[str], tiers: np.ndarray
+    measured: Measurements, graph: CostGraph, links: Sequence[LinkCodec], tiers: np.ndarray
 ) -> tuple[LinkCodec, ...]:
-    """Each link's codec (``codecs[b]`` on link b) measured on the tensors ``tiers`` sends over it
-    (``none`` where it sends none); ``measured`` holds the nodes of ``graph``."""
+    """Each link's codec (``links[b]``'s on link b, at its speeds) with its ratio measured on the tensors
+    ``tiers`` sends over it (``none`` where it sends none); ``measured`` holds the nodes of ``graph``."""
     reach = graph.last_consumer(tiers)
-    return tuple(measured.entry(codec, (tiers <= b) & (reach > b)) for b, codec in enumerate(codecs))
+    return tuple(measured.entry(link, (tiers <= b) & (reach > b)) for b, link in enumerate(links))
 
 
 def calibration_inputs(
@@ -156,7 +153,7 @@ def measure_codecs(
     codecs: Sequence[str],
     only: Collection[str] | None = None,
 ) -> Measurements:
-    """Encode and decode every node's output with every codec on the first calls of ``inputs``.
+    """Encode every node's output with every codec on the first calls of ``inputs``; nothing is timed.
 
     Calls are measured until ``MEASURE_SAMPLES`` samples are covered. Only nodes with
     ``META_BYTES`` > 0 whose value is a tensor (or a tuple or list of tensors) are measured,
@@ -170,8 +167,6 @@ def measure_codecs(
     index = {n: i for i, n in enumerate(nodes)}
     raw = np.zeros(len(nodes))
     wire = {c.name: np.zeros(len(nodes)) for c in parsed}
-    encode_s = {c.name: np.zeros(len(nodes)) for c in parsed}
-    decode_s = {c.name: np.zeros(len(nodes)) for c in parsed}
 
     def visit(node: fx.Node, value) -> None:
         if node not in index or node.meta.get(META_BYTES, 0) <= 0 or (only is not None and node.name not in only):
@@ -180,18 +175,8 @@ def measure_codecs(
         for array in _arrays(value):
             raw[i] += array.nbytes
             for codec in parsed:
-                t0 = time.perf_counter()
-                payload = encode(array, codec)
-                t1 = time.perf_counter()
-                decode(payload, codec, array.shape, array.dtype)
-                t2 = time.perf_counter()
-                wire[codec.name][i] += len(payload)
-                encode_s[codec.name][i] += t1 - t0
-                decode_s[codec.name][i] += t2 - t1
+                wire[codec.name][i] += len(encode(array, codec))
 
-    warm = np.zeros((1, 8), np.float32)
-    for codec in parsed:  # the first call imports zstd / lz4: keep that out of the timings
-        decode(encode(warm, codec), codec, warm.shape, warm.dtype)
     samples = 0
     for call in inputs:
         if samples >= MEASURE_SAMPLES:
@@ -199,7 +184,7 @@ def measure_codecs(
         with torch.no_grad():
             _Capture(gm, visit).run(*call)
         samples += len(call[0]) if call and call[0].dim() else 1
-    return Measurements(tuple(n.name for n in nodes), samples, raw, wire, encode_s, decode_s)
+    return Measurements(tuple(n.name for n in nodes), samples, raw, wire)
 
 
 def run_pipeline(

@@ -45,20 +45,31 @@ reference host and scaled to the target's description::
 The fitted numbers ship as ``targets/calibration.json`` (written by
 ``benchmarks/cost_model.py``), together with the reference host's own description, so
 that predictions are deterministic: nothing is measured at compile time. Its schema
-(``schema_version`` 1): ``reference`` (a target description: the fields of
+(``schema_version`` 2): ``reference`` (a target description: the fields of
 ``TargetDesc``, sgemm rate and copy bandwidth as measured on the host), ``classes``
 (cost class, ``kind:KIND`` or ``default`` -> ``compute_efficiency``,
-``memory_efficiency``, ``overhead_us`` and ``op_efficiency``, 0 when absent), ``models``
+``memory_efficiency``, ``overhead_us`` and ``op_efficiency``, 0 when absent), ``codecs``
+(codec stage -> ``encode_bytes_per_s``, ``decode_bytes_per_s``: see below), ``models``
 (the profiles it was fitted on) and ``host`` (the fingerprint of
 ``partc.profile.host_fingerprint``).
+
+Feature-map codecs (``partc.codec``) are priced from the same file. A codec is a QUANT stage
+(``none``, ``fp16``, ``int8``, ``int8c``) then an optional PACK stage (``zstd-1`` ..
+``zstd-22``, ``lz4``); ``codecs`` holds each stage's single-threaded speed on the reference
+host: a QUANT stage's in raw float32 bytes per second, a PACK stage's in its input (quantised)
+bytes per second. Encoding ``raw`` bytes takes ``raw / q + raw * f / p`` seconds on the
+reference (``q``, ``p``: the stages' encode speeds; ``f``: ``Codec.quant_fraction``, 1, 0.5 or
+0.25), decoding likewise. Codec work is single-threaded CPU work, so on target ``T`` it takes
+``d_T / d_ref`` times as long, encoding on the sending tier's target and decoding on the
+receiving one's (``codec_rates``); codec ``none`` is free.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,6 +79,7 @@ import yaml
 from scipy.optimize import least_squares
 from torch import fx
 
+from partc.codec import parse_codec
 from partc.errors import PartcError
 from partc.ir import META_BYTES, META_FLOPS, META_KIND, META_OP, META_PARAM_BYTES
 from partc.targets import TargetDesc
@@ -75,12 +87,13 @@ from partc.targets import TargetDesc
 if TYPE_CHECKING:
     from partc.profile import NodeTiming, Profile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT = "default"  # the fit used for nodes whose cost class and kind have no fit of their own
 FREE_KINDS = ("input", "output")  # never cost anything
 MIN_NODES = 8  # a cost class (or kind) needs this many measured nodes for its own fit
 EFFICIENCY_BOUNDS = (0.02, 2.0)  # fraction of sgemm rate / copy bandwidth (above 1: caches, better kernels)
 MEMORY_EFFICIENCY_MIN = 0.25  # slower than this fraction of copy bandwidth, an op is limited by its instructions
+TOTALS_PRIOR = 0.3  # fit_target_to_totals: a rate 35% off its description weighs as a model predicted 10% off
 
 
 @dataclass(frozen=True)
@@ -94,24 +107,34 @@ class ClassFit:
 
 
 @dataclass(frozen=True)
+class CodecRate:
+    """Single-threaded speed of one codec stage on the reference host (see the module docstring)."""
+
+    encode_bytes_per_s: float
+    decode_bytes_per_s: float
+
+
+@dataclass(frozen=True)
 class Calibration:
-    """A fitted cost model: the reference host and per-class parameters."""
+    """A fitted cost model: the reference host, per-class parameters and codec stage speeds."""
 
     reference: TargetDesc
     classes: dict[str, ClassFit]
     models: tuple[str, ...] = ()
     host: dict[str, str | int] | None = None
+    codecs: dict[str, CodecRate] = field(default_factory=dict)
 
     def fit_of(self, cost_class: str, kind: str) -> ClassFit:
         """Return the fit for ``cost_class``, else for ``kind``, else the default fit."""
         return self.classes.get(cost_class) or self.classes.get(f"kind:{kind}") or self.classes[DEFAULT]
 
     def to_json(self) -> dict:
-        """Return the calibration as its schema-version-1 JSON dict."""
+        """Return the calibration as its schema's JSON dict."""
         return {
             "schema_version": SCHEMA_VERSION,
             "reference": asdict(self.reference),
             "classes": {k: asdict(v) for k, v in sorted(self.classes.items())},
+            "codecs": {k: asdict(v) for k, v in sorted(self.codecs.items())},
             "models": list(self.models),
             "host": self.host,
         }
@@ -143,6 +166,33 @@ def dispatch_scale(reference: TargetDesc, target: TargetDesc) -> float:
     if target.dispatch_us > 0 and reference.dispatch_us > 0:
         return target.dispatch_us / reference.dispatch_us
     return reference.clock_ghz / target.clock_ghz
+
+
+def codec_rates(
+    cal: Calibration, codec: str, sender: TargetDesc, receiver: TargetDesc
+) -> tuple[float | None, float | None]:
+    """Raw bytes per second ``codec`` encodes on ``sender`` and decodes on ``receiver`` (module docstring).
+
+    Codec ``none`` is free: (None, None).
+
+    Raises:
+        PartcError: for an unknown codec name, or a stage ``cal`` has no speed for.
+    """
+    parsed = parse_codec(codec)
+    if parsed.name == "none":
+        return None, None
+    stages = [(parsed.quant, 1.0)]
+    if parsed.pack:
+        stages.append((f"zstd-{parsed.level}" if parsed.pack == "zstd" else parsed.pack, parsed.quant_fraction))
+    missing = [stage for stage, _ in stages if stage not in cal.codecs]
+    if missing:
+        raise PartcError(
+            f"calibration: codecs: no speed for codec stage {missing[0]!r} (of {parsed.name}); "
+            "run benchmarks/cost_model.py"
+        )
+    encode = sum(share / cal.codecs[stage].encode_bytes_per_s for stage, share in stages)
+    decode = sum(share / cal.codecs[stage].decode_bytes_per_s for stage, share in stages)
+    return 1 / (encode * dispatch_scale(cal.reference, sender)), 1 / (decode * dispatch_scale(cal.reference, receiver))
 
 
 def predict_seconds(
@@ -286,6 +336,7 @@ def load_calibration(path: Path | None = None) -> Calibration:
             classes={k: ClassFit(**v) for k, v in data["classes"].items()},
             models=tuple(data["models"]),
             host=data["host"],
+            codecs={k: CodecRate(**v) for k, v in data["codecs"].items()},
         )
     except FileNotFoundError:
         raise PartcError(f"{resource}: calibration file not found; run benchmarks/cost_model.py") from None
@@ -317,6 +368,56 @@ def fit_target(cal: Calibration, profiles: Sequence[Profile], base: TargetDesc) 
         raise PartcError("fit target: no measured nodes to fit on")
     measured = np.array([t.median_s for t in timings])
     scale = np.sqrt(measured * 1e-3) + 1e-6
+
+    def residuals(desc: TargetDesc) -> np.ndarray:
+        predicted = [predict_seconds(cal, t.cost_class, t.kind, t.flops, _timing_bytes(t), desc, t.bytes)
+                     for t in timings]
+        return (np.array(predicted) - measured) / scale
+
+    models = ", ".join(sorted({p.model for p in profiles}))
+    first = profiles[0]
+    return _fit_rates(
+        cal, base, residuals, 0.0,
+        f"fitted by partc.costmodel.fit_target to measured profiles of {models} on "
+        f"{first.host.get('cpu', 'unknown')} at {first.threads} threads ({first.created}): rates that make "
+        "the shipped calibration's per-node predictions match the measured medians.",
+    )
+
+
+def fit_target_to_totals(cal: Calibration, totals: Mapping[str, tuple[fx.GraphModule, float]],
+                         base: TargetDesc) -> TargetDesc:
+    """Fit a target description to whole-model seconds measured on that machine.
+
+    ``totals`` maps a model's name to its traced graph (annotated as for
+    ``predict_graph``) and the seconds one inference took on the machine: what a
+    benchmark of whole models (Scission's per-model times) gives when no per-node
+    profile exists. Fits the same three rates as ``fit_target`` to the models' log
+    errors, with ``base``'s rates as a prior: a few totals do not pin three rates (five
+    of Scission's models put its i7 at 3,600 GFLOP/s and 12 GB/s without one), so each
+    rate's log distance from ``base`` is a residual too, weighted ``TOTALS_PRIOR``.
+
+    Raises:
+        PartcError: if ``totals`` is empty or holds a time that is not positive.
+    """
+    if not totals or any(seconds <= 0 for _, seconds in totals.values()):
+        raise PartcError("fit target: needs at least one model measured in a positive time")
+    graphs = [gm for gm, _ in totals.values()]
+    measured = np.array([seconds for _, seconds in totals.values()])
+
+    def residuals(desc: TargetDesc) -> np.ndarray:
+        return np.log([sum(predict_graph(cal, gm, desc).values()) for gm in graphs] / measured)
+
+    return _fit_rates(
+        cal, base, residuals, TOTALS_PRIOR,
+        f"fitted by partc.costmodel.fit_target_to_totals to whole-model times of {', '.join(sorted(totals))} "
+        "measured on the machine: rates that make the shipped calibration's predicted totals match them.",
+    )
+
+
+def _fit_rates(cal: Calibration, base: TargetDesc, residuals: Callable[[TargetDesc], np.ndarray],
+               prior: float, source: str) -> TargetDesc:
+    """``base`` with the peak, bandwidth and dispatch (GPU: launch) rates that minimise ``residuals(desc)``
+    and ``prior`` x each rate's log distance from ``base``'s, rounded; ``source`` goes first in its source."""
     gpu = base.kind == "gpu"
     base_dispatch = base.launch_overhead_us if gpu else (base.dispatch_us or cal.reference.dispatch_us or 10.0)
 
@@ -326,25 +427,13 @@ def fit_target(cal: Calibration, profiles: Sequence[Profile], base: TargetDesc) 
         fields["launch_overhead_us" if gpu else "dispatch_us"] = float(dispatch)
         return replace(base, **fields)
 
-    def residuals(x: np.ndarray) -> np.ndarray:
-        desc = candidate(x)
-        predicted = [predict_seconds(cal, t.cost_class, t.kind, t.flops, _timing_bytes(t), desc, t.bytes)
-                     for t in timings]
-        return (np.array(predicted) - measured) / scale
-
     start = np.log([base.peak_gflops, base.memory_bandwidth_gbs, max(base_dispatch, 0.01)])
-    fit = least_squares(residuals, start, method="trf", bounds=(np.log([1e-2, 1e-2, 1e-3]), np.log([1e6, 1e5, 1e5])))
+    fit = least_squares(lambda x: np.concatenate([residuals(candidate(x)), prior * (x - start)]), start, method="trf",
+                        bounds=(np.log([1e-2, 1e-2, 1e-3]), np.log([1e6, 1e5, 1e5])))
     desc = candidate(fit.x)
     rounded = {"peak_gflops": round(desc.peak_gflops, 2), "memory_bandwidth_gbs": round(desc.memory_bandwidth_gbs, 2),
                "dispatch_us": round(desc.dispatch_us, 2), "launch_overhead_us": round(desc.launch_overhead_us, 2)}
-    models = ", ".join(sorted({p.model for p in profiles}))
-    first = profiles[0]
-    return replace(
-        desc, **rounded,
-        source=f"fitted by partc.costmodel.fit_target to measured profiles of {models} on "
-        f"{first.host.get('cpu', 'unknown')} at {first.threads} threads ({first.created}): rates that make "
-        f"the shipped calibration's per-node predictions match the measured medians. {base.source}".strip(),
-    )
+    return replace(desc, **rounded, source=f"{source} {base.source}".strip())
 
 
 def target_yaml(desc: TargetDesc) -> str:

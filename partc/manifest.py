@@ -9,7 +9,8 @@ Schema (``schema_version`` 4; keys sorted; sizes in bytes, times in seconds)::
                       links: [{from, to, bandwidth, latency, call, bandwidth in bytes/s; call: a call's
                                                                    fixed seconds (LinkPrice.call)
                                codec: {codec, ratio, encode_bytes_per_s, decode_bytes_per_s,
-                                       agreement, samples}}]}
+                                       agreement, samples}}]}      speeds: the cost model's on the
+                                                                   sending / receiving tier's target
     stages           [{name, tier, index, backend, target,         one worker each
                        programs: [{id, artifact, sha256, bytes, inputs: [TENSOR],
                                    outputs: [TENSOR], predicted_s, info}],
@@ -51,11 +52,14 @@ program; a stage of the chain without a program in ``programs`` relays tensors. 
 figures at the cluster file's bandwidths (``reached``: the links whose latency it pays);
 link = "src->dst". ``artifact`` is
 relative to the manifest's folder. The manifest holds nothing measured while compiling but
-the codecs' figures, so the same inputs give the same bytes (the artifacts' times on the
+the codecs' ratios and agreement (on the seeded or given calibration inputs, not timed), so the
+same inputs give the same bytes (the artifacts' times on the
 compiling host are in ``partc.build.Build.measured`` and ``partc compile``'s output).
 ``transfers[].from`` is null for a model input. A link's ``codec`` is what tensors cross
 it with (``compress-cut-tensors``; ``none`` unless the cluster file allows another), with
-its measured ratio, speeds and top-1 agreement; plans are priced with it. ``verification``
+its measured ratio and top-1 agreement and its encode / decode speeds as the cost model
+prices them on the link's sending / receiving tier's target (``partc.costmodel.codec_rates``);
+plans are priced with it. ``verification``
 runs the artifacts without codecs: the codecs' cost in accuracy is their ``agreement``.
 """
 

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from partc.codec import decode, encode, parse_codec
+from partc.codec import decode, encode, pack, parse_codec, payload_size, unpack
 from partc.errors import PartcError
 
 CODECS = [
@@ -79,3 +79,16 @@ def test_compression_ratios_on_a_relu_feature_map():
     assert size["fp16"] == fmap.nbytes // 2
     assert size["int8"] == fmap.nbytes // 4 + 8
     assert size["int8+zstd-1"] < size["int8"] * 0.8  # the zeros compress
+
+
+@pytest.mark.parametrize("name", ["none+zstd-3", "fp16+lz4", "int8+zstd-1", "int8c+lz4"])
+def test_stages_compose_and_quant_fraction_sizes_the_pack_input(name):
+    """What the cost model prices a codec by: the QUANT step writes ``quant_fraction`` of the raw bytes
+    (int8's scales aside), and the PACK step alone turns those bytes into the payload and back."""
+    c = parse_codec(name)
+    fmap = np.maximum(np.random.default_rng(0).standard_normal((1, 16, 8, 8), dtype=np.float32), 0)
+    quantised = encode(fmap, parse_codec(c.quant))
+    scales = 8 * (16 if c.quant == "int8c" else 1) if c.quant.startswith("int8") else 0
+    assert len(quantised) == payload_size(c, fmap.shape, fmap.dtype) == c.quant_fraction * fmap.nbytes + scales
+    assert encode(fmap, c) == pack(quantised, c)
+    assert bytes(unpack(pack(quantised, c), c, len(quantised))) == quantised

@@ -1,12 +1,22 @@
-"""partc.compression: codec measurements, effective bandwidth, calibration inputs, the compressed pipeline."""
+"""partc.compression: codec measurements, codec speeds and effective bandwidth, calibration inputs, the
+compressed pipeline, and builds that compress: the same bytes every time, speeds of the link's targets."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from clusters import two_tier
 from models import conv_stack, residual
 
+from partc.build import compile_model
 from partc.codec import NO_CODEC, LinkCodec, parse_codec
 from partc.compression import (
     MEASURE_SAMPLES,
@@ -16,8 +26,10 @@ from partc.compression import (
     top1_agreement,
 )
 from partc.context import Compression
-from partc.errors import ClusterError
+from partc.costmodel import CodecRate, codec_rates, dispatch_scale, load_calibration
+from partc.errors import ClusterError, PartcError
 from partc.report import trace_model
+from partc.targets import TARGETS
 
 
 def calibration_batch() -> np.ndarray:
@@ -47,12 +59,39 @@ def test_measurements_give_ratios_per_node_and_per_cut():
     assert measured.wire["fp16"][conv] == measured.raw[conv] / 2
     assert measured.wire["int8"][conv] == measured.raw[conv] / 4 + 8  # one scale and zero point
     mask = np.arange(len(measured.names)) == conv
-    entry = measured.entry("int8", mask)
+    entry = measured.entry(LinkCodec("int8", encode_bytes_per_s=1e8, decode_bytes_per_s=2e8), mask)
     assert entry.codec == "int8" and entry.ratio == pytest.approx(8192 * 4 / (8192 + 8))
-    assert entry.encode_bytes_per_s > 0 and entry.decode_bytes_per_s > 0
+    assert (entry.encode_bytes_per_s, entry.decode_bytes_per_s) == (1e8, 2e8)  # the link's, not timed
     assert entry.agreement is None and entry.samples == 1
-    assert measured.entry("none", mask) == LinkCodec(samples=1)
-    assert measured.entry("int8", np.zeros(len(mask), dtype=bool)).codec == "none"  # nothing crosses
+    assert measured.entry(NO_CODEC, mask) == LinkCodec(samples=1)
+    assert measured.entry(LinkCodec("int8"), np.zeros(len(mask), dtype=bool)).codec == "none"  # nothing crosses
+
+
+def test_codec_speeds_are_the_calibrated_stages_scaled_to_each_end():
+    rpi4, x86 = TARGETS["rpi4"], TARGETS["edge-x86"]
+    cal = load_calibration()
+    stages = {"int8": CodecRate(4e9, 8e9), "zstd-1": CodecRate(2e8, 5e8), "lz4": CodecRate(3e8, 1e9)}
+    cal = replace(cal, codecs=stages)
+    ref = cal.reference
+    assert codec_rates(cal, "int8+zstd", ref, ref) == pytest.approx(
+        (1 / (1 / 4e9 + 0.25 / 2e8), 1 / (1 / 8e9 + 0.25 / 5e8))
+    )
+    encode, decode = codec_rates(cal, "int8+lz4", rpi4, x86)  # encoded on the Pi, decoded on the x86
+    assert encode == pytest.approx(1 / (1 / 4e9 + 0.25 / 3e8) / dispatch_scale(ref, rpi4))
+    assert decode == pytest.approx(1 / (1 / 8e9 + 0.25 / 1e9) / dispatch_scale(ref, x86))
+    assert codec_rates(cal, "none", rpi4, x86) == (None, None)
+    with pytest.raises(PartcError, match=r"calibration: codecs: no speed for codec stage 'fp16' \(of fp16\+zstd-1\)"):
+        codec_rates(cal, "fp16+zstd", rpi4, x86)
+
+
+def test_the_shipped_calibration_prices_every_codec_name():
+    cal = load_calibration()
+    packs = ["", "+lz4", *(f"+zstd-{level}" for level in range(1, 23))]
+    for name in (
+        quant + pack for quant in ("none", "fp16", "int8", "int8c") for pack in packs if quant + pack != "none"
+    ):
+        encode, decode = codec_rates(cal, name, TARGETS["rpi4"], TARGETS["cloud-cpu"])
+        assert 0 < encode < decode < float("inf"), name  # decoding is faster, and on the faster machine
 
 
 def test_lossless_codecs_are_bit_exact_across_two_links():
@@ -114,3 +153,53 @@ def test_calibration_that_does_not_fit(tmp_path, batch, message):
     assert str(info.value).startswith(f"cluster.yaml: compression.calibration: {message}")
     with pytest.raises(ClusterError, match="cluster.yaml: compression.calibration: cannot import nope:f"):
         calibration_inputs(_conv_stack(), Compression(0.99, "nope:f"), "cluster.yaml")
+
+
+COMPRESSING = two_tier("bandwidth: 1Mbit/s, latency: 1ms, codecs: [none, none+zstd-1]") + (
+    "constraints:\n  pin: {device: [conv1], cloud: [conv2]}\n"  # a 16x32x32 feature map crosses: compression pays
+)
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _link_codec(build) -> dict:
+    return json.loads((build.path / "manifest.json").read_text())["cluster"]["links"][0]["codec"]
+
+
+def test_compiling_a_compressing_cluster_twice_gives_identical_bytes(tmp_path):
+    """Two ``partc compile`` runs, as a build system makes them (a process each, other hash seeds): the
+    codec's ratio is measured, its speeds priced, nothing timed, so every file is the same."""
+    (tmp_path / "cluster.yaml").write_text(COMPRESSING)
+    model, cluster = f"{Path(__file__).parent / 'models.py'}:sparse", str(tmp_path / "cluster.yaml")
+    for run in ("1", "2"):
+        argv = ["compile", model, "--input-shape", "1,4,32,32", "--cluster", cluster, "-o", str(tmp_path / run / "b")]
+        command = [sys.executable, "-m", "partc.cli", *argv, "-q"]
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": run})
+        assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (_files(tmp_path / run / "b") for run in ("1", "2"))
+    assert first.keys() == second.keys() and "manifest.json" in first
+    assert [name for name in first if first[name] != second[name]] == []
+    codec = json.loads(first["manifest.json"])["cluster"]["links"][0]["codec"]
+    assert codec["codec"] == "none+zstd-1" and codec["encode_bytes_per_s"] > 0
+
+
+def test_a_slower_sender_encodes_slower_by_its_dispatch_scale(tmp_path):
+    """The same cluster, the sending tier on rpi4 or on edge-x86: the link's encode speed in the manifest
+    follows the sender by exactly the cost model's single-thread ratio; decoding stays the receiver's."""
+    entries = {}
+    for sender in ("rpi4", "edge-x86"):
+        path = tmp_path / f"{sender}.yaml"
+        path.write_text(
+            COMPRESSING.replace("codecs: [none, none+zstd-1]", "codecs: [none+zstd-1]").replace(
+                "target: rpi4", f"target: {sender}"
+            )
+        )
+        entries[sender] = _link_codec(compile_model("tests/models.py:sparse", ["1,4,32,32"], path, tmp_path / sender))
+    assert entries["rpi4"]["codec"] == entries["edge-x86"]["codec"] == "none+zstd-1"
+    reference = load_calibration().reference
+    slower = dispatch_scale(reference, TARGETS["rpi4"]) / dispatch_scale(reference, TARGETS["edge-x86"])
+    assert slower > 1
+    assert entries["edge-x86"]["encode_bytes_per_s"] / entries["rpi4"]["encode_bytes_per_s"] == pytest.approx(slower)
+    assert entries["edge-x86"]["decode_bytes_per_s"] == entries["rpi4"]["decode_bytes_per_s"]

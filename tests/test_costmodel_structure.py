@@ -15,13 +15,16 @@ from partc.costmodel import (
     dispatch_scale,
     fit_calibration,
     fit_target,
+    fit_target_to_totals,
     load_calibration,
+    predict_graph,
     predict_profile_total,
     predict_seconds,
     target_yaml,
 )
-from partc.errors import ClusterError
+from partc.errors import ClusterError, PartcError
 from partc.profile import NodeTiming, Profile, read_profile
+from partc.report import trace_model
 from partc.targets import TARGETS, parse_description, target
 
 REFERENCE = dataclasses.replace(TARGETS["cloud-cpu"], name="ref", peak_gflops=100.0, memory_bandwidth_gbs=10.0,
@@ -118,22 +121,42 @@ def _cost_model_benchmark():
 
 @pytest.mark.slow
 def test_scission_tier_ratios_from_the_shipped_calibration():
-    """Scission's five models on its machines, predicted from the shipped calibration and targets (no profiling).
+    """Scission's five models on its machines, from the shipped calibration (no profiling here).
 
-    The misses and why: benchmarks/results/cost_model.md. Scission's i5 edge sits apart from the machines' rates,
-    so ratios that leave it out hold within 25% and those through it within 60%.
+    Fitted (its workflow, each model predicted by machines fitted to the other four): the issue's bar, ratios within
+    25% and CPU totals within 2x. From the datasheet descriptions: the misses and why are in
+    benchmarks/results/cost_model.md (Scission's i5 edge sits apart from the machines' rates).
     """
-    rows = {r["model"]: r for r in _cost_model_benchmark().scission_table(load_calibration())}
+    bench = _cost_model_benchmark()
+    rows = {r["model"]: r for r in bench.scission_table(load_calibration(), bench.scission_graphs())}
     assert set(rows) == {"vgg16", "resnet50", "inception_v3", "mobilenet_v2", "densenet121"}
     for name, row in rows.items():
-        predicted = row["predicted_ms"]
+        fitted, described = row["fitted"], row["described"]
+        assert all(abs(fitted[ratio]["error_pct"]) <= 25 for ratio in ("device:edge", "edge:cloud-cpu")), name
+        assert fitted["worst_cpu_factor"] <= 2, name
+        predicted = described["predicted_ms"]
         assert predicted["rpi4"] > predicted["edge-x86"] > predicted["cloud-cpu"] > predicted["cloud-gpu"], name
-        assert abs(row["device:cloud-cpu"]["error_pct"]) <= 25, name
-        assert abs(row["device:edge"]["error_pct"]) <= 60 and abs(row["edge:cloud-cpu"]["error_pct"]) <= 60, name
+        assert abs(described["device:cloud-cpu"]["error_pct"]) <= 25, name
         for tier in ("rpi4", "cloud-cpu"):
             assert 1 / 2.5 <= predicted[tier] / row["measured_ms"][tier] <= 2.5, (name, tier)
-    for name in ("mobilenet_v2", "densenet121"):
-        assert all(abs(rows[name][ratio]["error_pct"]) <= 25 for ratio in ("device:edge", "edge:cloud-cpu"))
+
+
+def test_fit_target_to_whole_model_times_predicts_another_model():
+    graphs = {name: trace_model(f"torchvision:{name}", ["1,3,64,64"])
+              for name in ("resnet18", "mobilenet_v2", "squeezenet1_0", "googlenet")}
+    board = dataclasses.replace(REFERENCE, name="board", peak_gflops=40.0, memory_bandwidth_gbs=6.0, dispatch_us=20.0)
+    seconds = {name: sum(predict_graph(TRUTH, gm, board).values()) for name, gm in graphs.items()}
+    base = dataclasses.replace(REFERENCE, name="board")
+    fitted = fit_target_to_totals(TRUTH, {n: (graphs[n], seconds[n]) for n in ("resnet18", "mobilenet_v2",
+                                                                               "squeezenet1_0")}, base)
+    assert fitted.source.startswith("fitted by partc.costmodel.fit_target_to_totals to whole-model times of "
+                                    "mobilenet_v2, resnet18, squeezenet1_0")
+    before = sum(predict_graph(TRUTH, graphs["googlenet"], base).values())
+    after = sum(predict_graph(TRUTH, graphs["googlenet"], fitted).values())
+    # the prior (the base's rates, 2.5x off) holds the fit back a little: within 15%, from over 50% off
+    assert abs(after / seconds["googlenet"] - 1) < 0.15 < 0.5 < abs(before / seconds["googlenet"] - 1)
+    with pytest.raises(PartcError, match="at least one model measured in a positive time"):
+        fit_target_to_totals(TRUTH, {"resnet18": (graphs["resnet18"], 0.0)}, base)
 
 
 def test_fit_target_recovers_a_machines_rates():

@@ -93,6 +93,13 @@ def tiled_step_seconds(
     return max(compute[0], received)
 
 
+def remote_call_seconds(program: float, sent: float, returned: float, link: LinkPrice) -> float:
+    """Return the seconds of one call to another node of a tier, from sending its ``sent`` input bytes
+    to holding its ``returned`` output bytes, its program taking ``program`` seconds there: a tiled
+    step whose only tile runs on that node (``tiled_step_seconds``)."""
+    return tiled_step_seconds([0.0, program], [0, sent], [0, returned], link)
+
+
 @dataclass(frozen=True)
 class Prediction:
     """The predicted cost of one plan, re-priceable at other bandwidths.

@@ -26,6 +26,7 @@ import numpy as np
 
 from partc.errors import PartcError, RunError
 from partc.manifest import Manifest, ManifestStage, manifest_stages, read_manifest
+from partc.partition.price import remote_call_seconds
 from partc.runtime.bundle import bundle, is_bundle, unpack  # noqa: F401  (bundle: the API twin of partc bundle)
 from partc.runtime.driver import Driver, connect, stage_routes
 from partc.runtime.local import load_programs
@@ -182,8 +183,8 @@ def node_watch(manifest: Manifest, tier: str) -> NodeWatch:
     prices it, a further node's as a call over the tier's link (its tensors' transfers and the call)."""
     link = next(lk.price for lk in manifest.links if (lk.src, lk.dst) == (tier, tier))
     nodes = [s for s in manifest.stages if s.tier == tier]
-    predicted = {p.id: p.predicted_s + (link.call + link.transfer_seconds(sum(t.nbytes for t in p.inputs))
-                                        + link.transfer_seconds(sum(t.nbytes for t in p.outputs)) if s.index else 0.0)
+    predicted = {p.id: remote_call_seconds(p.predicted_s, sum(t.nbytes for t in p.inputs),
+                                           sum(t.nbytes for t in p.outputs), link) if s.index else p.predicted_s
                  for s in nodes for p in s.programs}
     return NodeWatch({s.index: s.name for s in nodes}, predicted)
 

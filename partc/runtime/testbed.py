@@ -53,7 +53,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -61,13 +60,12 @@ import numpy as np
 
 from partc.errors import PartcError, RunError
 from partc.ir import link_name
-from partc.manifest import ProgramEntry, StageEntry, manifest_stages, read_manifest
-from partc.partition.price import LinkPrice, tiled_step_seconds
-from partc.runtime.deploy import START_TIMEOUT, connect_build, spawn_worker, stop_processes, tile_call, wait_ready
+from partc.manifest import ProgramEntry, StageEntry, read_manifest
+from partc.partition.price import LinkPrice, remote_call_seconds, tiled_step_seconds
+from partc.runtime.deploy import START_TIMEOUT, connect_build, spawn_worker, stop_processes, wait_ready
 from partc.runtime.driver import Driver
 from partc.runtime.layout import DRIVER, Hop, chain, cpu_share, hops, target_cores, tile_hops
 from partc.runtime.netns import (
-    CFS_PERIOD_US,
     add_namespace,
     add_veth,
     check_privileges,
@@ -79,16 +77,8 @@ from partc.runtime.netns import (
     set_rate,
     start_proxy,
 )
-from partc.runtime.ping import IDENTITY_PLAN
-from partc.runtime.transport import GrpcChannel, RetryPolicy, Security, call_stage
-from partc.runtime.wire import Frame, decode, encode
 
 SUBNET = "10.231"  # link i: SUBNET.i.1 (sender) -- SUBNET.i.2 (receiver), inside the namespaces only
-CALIBRATION_WARMUP = 2  # untimed calls of each program before the timed ones
-CALIBRATION_REPEATS = 5  # timed calls; the median counts
-# Untimed seconds after each calibration call: two CFS periods refill a node's quota, as the waits
-# between requests sent one at a time (``measure``) do; back to back, calls would drain it.
-CALIBRATION_REST = 2 * CFS_PERIOD_US * 1e-6
 PORT = 50051  # where a stage is reached on its veth (its proxy, or its worker on an unshaped hop)
 WORKER_LISTEN = "127.0.0.1:50052"  # a proxied worker, on its namespace's loopback
 
@@ -283,9 +273,9 @@ class Testbed:
         """Time every program of the primary plan on the node that runs it; return program id -> seconds.
 
         Each node's programs run in a process of their own inside the node's cgroup, with the
-        node's thread count, on seeded inputs of their compiled shapes: ``CALIBRATION_WARMUP``
-        untimed calls, then the median of ``CALIBRATION_REPEATS``, each call followed by
-        ``CALIBRATION_REST`` (the node's quota refills between requests). Nodes are timed one after
+        node's thread count, on seeded inputs of their compiled shapes (``partc.runtime.calibrate``:
+        ``CALIBRATION_WARMUP`` untimed calls, then the median of ``CALIBRATION_REPEATS``, each call
+        followed by ``CALIBRATION_REST``: the node's quota refills between requests). Nodes are timed one after
         the other, while the workers wait, so they do not share this host's cores.
 
         Raises:
@@ -319,9 +309,9 @@ class Testbed:
                 trips = self._time_in(coordinator, [peer, *programs.get(peer, ()), "--at", json.dumps(peers)])
                 for pid, trip in trips.items():
                     program = stage.program(pid)
-                    moved = link.transfer_seconds(sum(t.nbytes for t in program.inputs))
-                    moved += link.transfer_seconds(sum(t.nbytes for t in program.outputs))
-                    extra.append(max(0.0, trip - seconds[pid] - moved))
+                    priced = remote_call_seconds(seconds[pid], sum(t.nbytes for t in program.inputs),
+                                                 sum(t.nbytes for t in program.outputs), replace(link, call=0.0))
+                    extra.append(max(0.0, trip - priced))
             if extra:
                 calls[link.name] = statistics.median(extra)
         return calls
@@ -342,9 +332,9 @@ class Testbed:
         return {name: self._time_in(name, [name, "--identity", self.listens[name]])[name] for name in stages}
 
     def _time_in(self, node: str, args: Sequence[str]) -> dict[str, float]:
-        """Run ``python -m partc.runtime.testbed BUILD ARGS`` in ``node``'s cgroup (and, for calls,
+        """Run ``python -m partc.runtime.calibrate BUILD ARGS`` in ``node``'s cgroup (and, for calls,
         its namespace); return what it prints."""
-        argv = [sys.executable, "-m", "partc.runtime.testbed", str(self.build), *args]
+        argv = [sys.executable, "-m", "partc.runtime.calibrate", str(self.build), *args]
         if "--at" in args or "--identity" in args:
             argv = ["ip", "netns", "exec", self.namespaces[node], *argv, *self._token_args()]
         # the shell joins the cgroup, then becomes the timing process: it runs under the quota from its start
@@ -623,79 +613,3 @@ class TestbedReport:
 
 def _ratio(measured: float, predicted: float) -> str:
     return f"{measured / predicted:.2f}" if predicted else "-"
-
-
-def time_programs(build: Path, stage: str, threads: int, pids: Sequence[str]) -> dict[str, float]:
-    """Median seconds of each program ``pids`` of ``stage`` in ``build``, run here with ``threads``
-    threads on seeded inputs of its compiled shapes (``Testbed.calibrate`` runs this in a node's cgroup)."""
-    from partc.profile import time_call
-    from partc.runtime.local import load_programs
-
-    manifest = read_manifest(build)
-    (entry,) = [s for s in manifest_stages(manifest, build, verify=[stage]) if s.name == stage]
-    entry = replace(entry, programs={pid: entry.programs[pid] for pid in pids}, schedules={})
-    rng = np.random.default_rng(0)
-    with ThreadPoolExecutor(1) as pool:
-        fns = load_programs([entry], [stage], None, pool, threads)
-        out = {}
-        for pid in pids:
-            tensors = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in entry.programs[pid].inputs}
-            out[pid] = time_call(lambda fn=fns[pid], x=tensors: fn(x), CALIBRATION_WARMUP, CALIBRATION_REPEATS,
-                                 CALIBRATION_REST)[0]
-    return out
-
-
-def time_calls(build: Path, stage: str, pids: Sequence[str], peers: Mapping[str, str],
-               token_file: Path | None) -> dict[str, float]:
-    """Median round-trip seconds of each program ``pids`` of ``stage`` called from here through its
-    worker, as its tier's first node calls it (``peers``: that node's ``--peer`` addresses;
-    ``Testbed.calibrate_calls`` runs this in the first node's namespace and cgroup)."""
-    from partc.profile import time_call
-
-    manifest = read_manifest(build)
-    stages = manifest_stages(manifest, build, verify=())
-    node = manifest.stage(stage)
-    first = next(s for s in stages if s.tier == node.tier and s.index == 0)
-    call, _ = tile_call(stages, first, peers, Security.from_files(token_file))
-    rng = np.random.default_rng(0)
-    out = {}
-    for pid in pids:
-        tensors = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in node.program(pid).inputs}
-        out[pid] = time_call(lambda p=pid, x=tensors: call(node.index, p, x),
-                             CALIBRATION_WARMUP, CALIBRATION_REPEATS, CALIBRATION_REST)[0]
-    return out
-
-
-def time_identity(build: Path, stage: str, address: str, token_file: Path | None) -> dict[str, float]:
-    """Median round-trip seconds of ``stage``'s identity route at ``address``, called from here
-    (``Testbed.calibrate_overheads`` runs this in the stage's namespace and cgroup)."""
-    from partc.profile import time_call
-
-    channel = GrpcChannel(stage, address, Security.from_files(token_file))
-    payload = encode(Frame(0, {}, plan=IDENTITY_PLAN))
-
-    def ask() -> Frame:
-        return decode(call_stage(channel, payload, time.monotonic() + START_TIMEOUT, RetryPolicy(attempts=1)))
-
-    return {stage: time_call(ask, CALIBRATION_WARMUP, CALIBRATION_REPEATS, CALIBRATION_REST)[0]}
-
-
-if __name__ == "__main__":  # what ``calibrate`` and ``calibrate_calls`` run in a node's cgroup
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m partc.runtime.testbed")
-    parser.add_argument("build", type=Path)
-    parser.add_argument("stage")
-    parser.add_argument("programs", nargs="*")
-    parser.add_argument("--threads", type=int, default=1, help="time the programs here with this many threads")
-    parser.add_argument("--at", type=json.loads, help="time calls to the stage's worker instead: JSON peers map")
-    parser.add_argument("--identity", metavar="ADDRESS", help="time the stage's identity route at ADDRESS instead")
-    parser.add_argument("--token-file", type=Path)
-    args = parser.parse_args()
-    if args.identity:
-        times = time_identity(args.build, args.stage, args.identity, args.token_file)
-    elif args.at is None:
-        times = time_programs(args.build, args.stage, args.threads, args.programs)
-    else:
-        times = time_calls(args.build, args.stage, args.programs, args.at, args.token_file)
-    sys.stdout.write(json.dumps(times))
