@@ -89,7 +89,7 @@ def markdown(rows: list[dict], command: str, size: int, share: float, load: tupl
         f"worker gets {share} cores of this host (the edge-x86 target is not emulated: it would need more cores "
         "than this host has); the edge tier's nodes are joined by 1 Gbit/s, 0.2 ms. *Target*: the manifest's "
         "prediction for the edge-x86 target. *Calibrated*: every program of the plan timed under its node's quota "
-        "(warm, median of 5), parallel steps priced by `tiled_step_seconds` over the shaped edge link. "
+        "(warm, median of 9), parallel steps priced by `tiled_step_seconds` over the shaped edge link. "
         "*Measured*: the edge stage's compute per request as its worker reports it (median), its calls to the "
         "other nodes included. Speed-ups are over the same model on one edge node.",
         "",

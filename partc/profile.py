@@ -67,6 +67,7 @@ from partc.ir import META_BYTES, META_FLOPS, META_KIND, META_OP, META_PARAM_BYTE
 from partc.trace import InputSpec
 
 SCHEMA_VERSION = 1
+GOLDEN_RATIO = (1 + 5**0.5) / 2
 SPREAD_BOUND = 2.0  # p90 / p10 of a node's samples above this: the host interfered with the measurement
 SPREAD_MIN_S = 100e-6  # nodes shorter than this are left out of the spread check (timer and cache noise)
 SPREAD_SHARE = 0.10  # warn when nodes holding this share of the summed median are spread beyond the bound
@@ -353,17 +354,22 @@ class _NodeTimer(fx.Interpreter):
         return result
 
 
-def time_call(fn: Callable[[], object], warmup: int, repeats: int, rest: float = 0.0) -> tuple[float, float, float]:
+def time_call(fn: Callable[[], object], warmup: int, repeats: int, rest: float = 0.0,
+              period: float = 0.0) -> tuple[float, float, float]:
     """Median, 10th and 90th percentile seconds of ``repeats`` calls of ``fn``, after ``warmup``
     untimed ones (first calls allocate, pick kernels and fill caches), as profiles are timed;
-    ``rest`` untimed seconds after each call (a process under a CPU quota refills it there)."""
+    ``rest`` untimed seconds after each call (a process under a CPU quota refills it there), plus
+    a share of ``period`` that differs from call to call (the golden ratio's multiples): calls then
+    start at phases spread over a CPU quota's period, as requests do, not all at the one phase a
+    fixed rest locks them to (a call about as long as the quota runs unthrottled at some phases
+    and throttled at others)."""
     samples = []
     for i in range(warmup + repeats):
         start = time.perf_counter()
         fn()
         if i >= warmup:
             samples.append(time.perf_counter() - start)
-        time.sleep(rest)
+        time.sleep(rest + period * (i * GOLDEN_RATIO % 1))
     return _stats(samples)
 
 

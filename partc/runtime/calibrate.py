@@ -4,7 +4,8 @@
 seconds of each program of the stage run here (``--threads``), of each called through the
 stage's worker from its tier's first node (``--at PEERS``), or of the stage's identity route
 (``--identity ADDRESS``): ``CALIBRATION_WARMUP`` untimed calls, then the median of
-``CALIBRATION_REPEATS``, each followed by ``CALIBRATION_REST`` (``partc.profile.time_call``), on
+``CALIBRATION_REPEATS``, each followed by ``CALIBRATION_REST`` and a share of ``PERIOD`` that
+spreads the calls' phases over the quota's period (``partc.profile.time_call``), on
 seeded inputs of the programs' compiled shapes.
 """
 
@@ -31,10 +32,12 @@ from partc.runtime.transport import GrpcChannel, RetryPolicy, Security, call_sta
 from partc.runtime.wire import Frame, decode, encode
 
 CALIBRATION_WARMUP = 2  # untimed calls of each program before the timed ones
-CALIBRATION_REPEATS = 5  # timed calls; the median counts
-# Untimed seconds after each calibration call: two CFS periods refill a node's quota, as the waits
-# between requests sent one at a time (``measure``) do; back to back, calls would drain it.
-CALIBRATION_REST = 2 * CFS_PERIOD_US * 1e-6
+CALIBRATION_REPEATS = 9  # timed calls; the median counts
+PERIOD = CFS_PERIOD_US * 1e-6  # a node's CPU quota period: calls start at phases spread over it
+# Untimed seconds after each calibration call (and a share of PERIOD): two CFS periods refill a
+# node's quota, as the waits between requests sent one at a time (``measure``) do; back to back,
+# calls would drain it.
+CALIBRATION_REST = 2 * PERIOD
 
 
 def time_programs(build: Path, stage: str, threads: int, pids: Sequence[str]) -> dict[str, float]:
@@ -46,7 +49,7 @@ def time_programs(build: Path, stage: str, threads: int, pids: Sequence[str]) ->
     with ThreadPoolExecutor(1) as pool:
         fns = load_programs([entry], [stage], None, pool, threads)
         return {pid: time_call(lambda fn=fns[pid], x=tensors: fn(x), CALIBRATION_WARMUP, CALIBRATION_REPEATS,
-                               CALIBRATION_REST)[0]
+                               CALIBRATION_REST, PERIOD)[0]
                 for pid, tensors in _seeded_inputs({pid: entry.programs[pid].inputs for pid in pids}).items()}
 
 
@@ -68,7 +71,7 @@ def time_calls(build: Path, stage: str, pids: Sequence[str], peers: Mapping[str,
     first = next(s for s in stages if s.tier == node.tier and s.index == 0)
     call, _ = tile_call(stages, first, peers, Security.from_files(token_file))
     return {pid: time_call(lambda p=pid, x=tensors: call(node.index, p, x),
-                           CALIBRATION_WARMUP, CALIBRATION_REPEATS, CALIBRATION_REST)[0]
+                           CALIBRATION_WARMUP, CALIBRATION_REPEATS, CALIBRATION_REST, PERIOD)[0]
             for pid, tensors in _seeded_inputs({pid: node.program(pid).inputs for pid in pids}).items()}
 
 
@@ -81,7 +84,7 @@ def time_identity(build: Path, stage: str, address: str, token_file: Path | None
     def ask() -> Frame:
         return decode(call_stage(channel, payload, time.monotonic() + START_TIMEOUT, RetryPolicy(attempts=1)))
 
-    return {stage: time_call(ask, CALIBRATION_WARMUP, CALIBRATION_REPEATS, CALIBRATION_REST)[0]}
+    return {stage: time_call(ask, CALIBRATION_WARMUP, CALIBRATION_REPEATS, CALIBRATION_REST, PERIOD)[0]}
 
 
 if __name__ == "__main__":  # what the testbed runs in a node's cgroup

@@ -62,6 +62,8 @@ from partc.errors import PartcError, RunError
 from partc.ir import link_name
 from partc.manifest import ProgramEntry, StageEntry, read_manifest
 from partc.partition.price import LinkPrice, remote_call_seconds, tiled_step_seconds
+from partc.profile import GOLDEN_RATIO
+from partc.runtime.calibrate import PERIOD
 from partc.runtime.deploy import START_TIMEOUT, connect_build, spawn_worker, stop_processes, wait_ready
 from partc.runtime.driver import Driver
 from partc.runtime.layout import DRIVER, Hop, chain, cpu_share, hops, target_cores, tile_hops
@@ -393,7 +395,9 @@ class Testbed:
     def measure(self, requests: int = 10, inputs: Mapping[str, np.ndarray] | None = None,
                 warmup: int = 2) -> TestbedReport:
         """Calibrate (``calibrate``), then run ``warmup`` + ``requests`` requests one after another
-        (no pipelining) and compare.
+        (no pipelining; after each a pause of a share of the quotas' period that differs from
+        request to request, so that requests start at phases spread over it as the calibration's
+        calls do, not at the one phase a steady cadence locks them to) and compare.
 
         ``inputs`` default to the compiled shapes' seeded example. The warm-up requests run
         on a driver of their own; the timed ones on a fresh driver after one untimed request.
@@ -441,12 +445,13 @@ class Testbed:
             before = {k: (e.total_bytes, e.total_seconds, e.count) for k, e in driver.links.items()}
             latencies = []
             samples: dict[str, list[float]] = {}
-            for _ in range(requests):
+            for i in range(requests):
                 start = time.perf_counter()
                 driver.run_one(inputs)
                 latencies.append(time.perf_counter() - start)
                 for name, estimate in driver.compute.items():
                     samples.setdefault(name, []).append(estimate.value)
+                time.sleep(PERIOD * (i * GOLDEN_RATIO % 1))  # requests start at phases spread over the quotas' period
             links = []
             for hop in self.hops:
                 key = f"{hop.src}->{hop.dst}"
