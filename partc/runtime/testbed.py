@@ -311,9 +311,9 @@ class Testbed:
                 trips = self._time_in(coordinator, [peer, *programs.get(peer, ()), "--at", json.dumps(peers)])
                 for pid, trip in trips.items():
                     program = stage.program(pid)
-                    priced = remote_call_seconds(seconds[pid], sum(t.nbytes for t in program.inputs),
-                                                 sum(t.nbytes for t in program.outputs), replace(link, call=0.0))
-                    extra.append(max(0.0, trip - priced))
+                    bare = remote_call_seconds(seconds[pid], sum(t.nbytes for t in program.inputs),
+                                               sum(t.nbytes for t in program.outputs), replace(link, call=0.0))
+                    extra.append(max(0.0, trip - bare))
             if extra:
                 calls[link.name] = statistics.median(extra)
         return calls
