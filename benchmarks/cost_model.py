@@ -64,7 +64,7 @@ from partc.costmodel import (
     write_calibration,
 )
 from partc.ir import META_FLOPS, compute_nodes
-from partc.profile import Profile, host_fingerprint, profile_model, read_profile, write_profile
+from partc.profile import Profile, host_fingerprint, profile_model, read_profile, time_call, write_profile
 from partc.report import trace_model
 from partc.targets import TARGETS, TargetDesc
 
@@ -92,7 +92,7 @@ RATIOS = {"device:edge": ("rpi4", "edge-x86"), "edge:cloud-cpu": ("edge-x86", "c
 QUANTS = ("none", "fp16", "int8", "int8c")  # partc.codec's QUANT stages
 PACKS = (*(f"zstd-{level}" for level in range(1, 23)), "lz4")  # and its PACK stages
 CODEC_REPEATS = 7  # timed calls per codec stage and payload, after one warm-up call ...
-CODEC_BUDGET_S = 1.0  # ... but only three once they took this long (zstd's top levels take seconds a call)
+CODEC_BUDGET_S = 1.0  # ... but only three when the warm-up took a third of this (zstd's top levels: seconds a call)
 RATIO_BOUND = 0.25  # predicted tier ratios within 25% of the measured ones
 ABSOLUTE_BOUND = 2.0  # predicted totals within 2x of the measured ones
 
@@ -247,14 +247,12 @@ def _stage_rate(nbytes: int, encoding: Callable[[], object], decoding: Callable[
 
 
 def _median_s(call: Callable[[], object]) -> float:
-    """Median seconds of ``call`` over ``CODEC_REPEATS`` timed calls after a warm-up one (see ``CODEC_BUDGET_S``)."""
-    call()
-    samples: list[float] = []
-    while len(samples) < CODEC_REPEATS and (len(samples) < 3 or sum(samples) < CODEC_BUDGET_S):
-        start = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    """Median seconds of ``call`` (``partc.profile.time_call``) over ``CODEC_REPEATS`` timed calls after a
+    warm-up one, or three when the warm-up took a third of ``CODEC_BUDGET_S``."""
+    start = time.perf_counter()
+    call()  # the warm-up, timed to size the rest
+    slow = 3 * (time.perf_counter() - start) >= CODEC_BUDGET_S
+    return time_call(call, 0, 3 if slow else CODEC_REPEATS)[0]
 
 
 def _3g(value: float) -> float:

@@ -67,7 +67,6 @@ from partc.ir import META_BYTES, META_FLOPS, META_KIND, META_OP, META_PARAM_BYTE
 from partc.trace import InputSpec
 
 SCHEMA_VERSION = 1
-GOLDEN_RATIO = (1 + 5**0.5) / 2
 SPREAD_BOUND = 2.0  # p90 / p10 of a node's samples above this: the host interfered with the measurement
 SPREAD_MIN_S = 100e-6  # nodes shorter than this are left out of the spread check (timer and cache noise)
 SPREAD_SHARE = 0.10  # warn when nodes holding this share of the summed median are spread beyond the bound
@@ -359,7 +358,7 @@ def time_call(fn: Callable[[], object], warmup: int, repeats: int, rest: float =
     """Median, 10th and 90th percentile seconds of ``repeats`` calls of ``fn``, after ``warmup``
     untimed ones (first calls allocate, pick kernels and fill caches), as profiles are timed;
     ``rest`` untimed seconds after each call (a process under a CPU quota refills it there), plus
-    a share of ``period`` that differs from call to call (the golden ratio's multiples): calls then
+    a share of ``period`` that differs from call to call (``phase_pause``): calls then
     start at phases spread over a CPU quota's period, as requests do, not all at the one phase a
     fixed rest locks them to (a call about as long as the quota runs unthrottled at some phases
     and throttled at others)."""
@@ -369,8 +368,15 @@ def time_call(fn: Callable[[], object], warmup: int, repeats: int, rest: float =
         fn()
         if i >= warmup:
             samples.append(time.perf_counter() - start)
-        time.sleep(rest + period * (i * GOLDEN_RATIO % 1))
+        time.sleep(rest + phase_pause(i, period))
     return _stats(samples)
+
+
+def phase_pause(i: int, period: float) -> float:
+    """The untimed share of ``period`` seconds to wait after the ``i``-th of calls made one at a time:
+    the golden ratio's multiples, so that successive calls start at phases spread evenly over a CPU
+    quota's period (``time_call``, ``partc.runtime.testbed.Testbed.measure``)."""
+    return period * (i * (1 + 5**0.5) / 2 % 1)
 
 
 def _stats(samples: Sequence[float]) -> tuple[float, float, float]:

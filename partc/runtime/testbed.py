@@ -62,7 +62,7 @@ from partc.errors import PartcError, RunError
 from partc.ir import link_name
 from partc.manifest import ProgramEntry, StageEntry, read_manifest
 from partc.partition.price import LinkPrice, remote_call_seconds, tiled_step_seconds
-from partc.profile import GOLDEN_RATIO
+from partc.profile import phase_pause
 from partc.runtime.calibrate import PERIOD
 from partc.runtime.deploy import START_TIMEOUT, connect_build, spawn_worker, stop_processes, wait_ready
 from partc.runtime.driver import Driver
@@ -451,7 +451,7 @@ class Testbed:
                 latencies.append(time.perf_counter() - start)
                 for name, estimate in driver.compute.items():
                     samples.setdefault(name, []).append(estimate.value)
-                time.sleep(PERIOD * (i * GOLDEN_RATIO % 1))  # requests start at phases spread over the quotas' period
+                time.sleep(phase_pause(i, PERIOD))  # requests start at phases spread over the quotas' period
             links = []
             for hop in self.hops:
                 key = f"{hop.src}->{hop.dst}"
