@@ -29,8 +29,18 @@ constraints:
   pin: {device: [conv1]}
 """
 
+# a slow uplink that allows compression: the codec's speeds are priced on the link's targets, in plan as in compile
+COMPRESSING = """\
+tiers:
+  - {name: device, target: rpi4, backend: torchscript}
+  - {name: cloud, target: cloud-cpu, backend: onnx}
+links:
+  - {from: device, to: cloud, bandwidth: 5Mbit/s, latency: 10ms, codecs: [none, none+zstd-1]}
+"""
+
 CASES = {
     "resnet50": ("torchvision:resnet50", "1,3,64,64", None),
+    "resnet18-compressed": ("torchvision:resnet18", "1,3,64,64", COMPRESSING),
     "googlenet": ("torchvision:googlenet", "1,3,64,64", EXAMPLE.read_text().replace("[conv1]", "['conv1.*']")),
     "resnet18-tiled": ("torchvision:resnet18", "1,3,112,112", TILED),
 }
